@@ -1,0 +1,186 @@
+"""One strict, typed config tree: YAML file + dotted `key=value` overrides.
+
+Unknown keys, wrong types and impossible values are rejected before any work starts, with one line
+naming the key (`ConfigError`, exit code 2). Config objects are frozen: values derived from them
+(absolute URLs, the learning rate scaled to the global batch) get their own names elsewhere and the
+config itself is never mutated as run state.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from imagenet_ray.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+@functools.cache
+def classification_model_names() -> frozenset[str]:
+    import torchvision.models
+
+    return frozenset(torchvision.models.list_models(module=torchvision.models))
+
+
+class DataSection(_Strict):
+    url: str = Field(".demo/prepared", description="prepared dataset (directory holding _manifest.json)")
+    train_crop: int = Field(64, ge=8, description="RandomResizedCrop output size")
+    val_resize: int = Field(73, ge=8, description="shorter side before the center crop")
+    val_crop: int = Field(64, ge=8, description="center crop size")
+    batch_size: int = Field(32, gt=0, description="images per worker per step")
+    val_batch_size: int = Field(64, gt=0)
+    local_shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's shuffle buffer (0 = off)")
+    prefetch_batches: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "DataSection":
+        if self.val_crop > self.val_resize:
+            raise ValueError(f"val_crop ({self.val_crop}) must not exceed val_resize ({self.val_resize})")
+        return self
+
+
+class ModelSection(_Strict):
+    name: str = Field("resnet18", description="any torchvision classification model")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in classification_model_names():
+            raise ValueError(f"unknown model {name!r} (not a torchvision classification model)")
+        return name
+
+
+class OptimSection(_Strict):
+    lr: float = Field(0.1, gt=0, description="peak learning rate per 256 images (scaled linearly to the global batch)")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-5, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainSection(_Strict):
+    epochs: int = Field(3, gt=0)
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    storage_path: str = Field(".demo/runs", description="checkpoints go to <storage_path>/<name>")
+    checkpoints_to_keep: int = Field(2, gt=0)
+    max_failures: int = Field(0, ge=0)
+
+
+class MlflowSection(_Strict):
+    tracking_uri: str = Field("sqlite:///.demo/mlflow.db", description="sqlite:///path, http://host:port or a path")
+    experiment: str = Field("imagenet-ray", min_length=1)
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field("local", min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="run name")
+    seed: int = 0
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    mlflow: MlflowSection = MlflowSection()
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{key}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{source}: {key}: {msg}{shown}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` → (['a','b','c'], value parsed as a YAML scalar)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Return a copy of `tree` with each dotted override applied; unknown keys fail."""
+    result = _deep_copy(tree)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = ExperimentConfig
+        target = result
+        for depth, part in enumerate(path):
+            fields = node.model_fields if isinstance(node, type) and issubclass(node, BaseModel) else None
+            if fields is None or part not in fields:
+                raise ConfigError(f"override {text!r}: unknown config key '{'.'.join(path[: depth + 1])}'")
+            node = fields[part].annotation
+            if depth == len(path) - 1:
+                target[part] = value
+            else:
+                existing = target.get(part)
+                if not isinstance(existing, dict):
+                    existing = {}
+                    target[part] = existing
+                target = existing
+    return result
+
+
+def _deep_copy(tree: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load a YAML config (or the embedded defaults when path is None) and apply overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {source} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: invalid YAML ({' '.join(str(exc).split())[:200]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping")
+        tree = loaded
+    tree = apply_overrides(tree, list(overrides))
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """{'optim.lr': 0.1, ...}: the config as flat params (for MLflow)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.model_dump().items():
+        _flatten_into(out, f"{prefix}{key}", value)
+    return out
+
+
+def _flatten_into(out: dict, key: str, value: Any) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten_into(out, f"{key}.{k}", v)
+    else:
+        out[key] = value
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

@@ -1,0 +1,168 @@
+"""URL → (pyarrow filesystem, path), plus the few file operations the project needs.
+
+Every component (prepare, Ray Data reads, Ray Train checkpoints) goes through `resolve`, so one set
+of rules decides where data lives. URLs may be `s3://bucket/prefix`, `gs://bucket/prefix`,
+`file:///abs/path` or plain paths. S3 endpoint and credentials come from the standard AWS
+environment variables (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION); nothing is hard-coded.
+
+pyarrow's native filesystems are used (rather than fsspec wrappers) because Ray Data and Ray Train
+take them directly and they stream without a Python layer in the hot path.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from imagenet_ray.errors import UserError
+
+_REMOTE_SCHEMES = ("s3", "gs", "gcs")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URL: the filesystem to use and the path inside it."""
+
+    url: str
+    fs: pafs.FileSystem
+    path: str
+
+    def child(self, *parts: str) -> "Location":
+        return Location(join(self.url, *parts), self.fs, posixpath.join(self.path, *parts))
+
+
+def is_remote(url: str) -> bool:
+    return urlparse(url).scheme in _REMOTE_SCHEMES
+
+
+def join(url: str, *parts: str) -> str:
+    return posixpath.join(url.rstrip("/") if url not in ("/",) else url, *parts)
+
+
+def s3_filesystem_from_env() -> pafs.S3FileSystem:
+    """An S3 filesystem configured from the standard AWS environment variables."""
+    kwargs: dict = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "https"
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs["access_key"] = key
+        kwargs["secret_key"] = secret
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    elif endpoint:
+        # A custom endpoint (MinIO, SeaweedFS, ...) has no region to discover.
+        kwargs["region"] = "us-east-1"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(url: str) -> Location:
+    """Map a URL or path to a pyarrow filesystem and a path within it."""
+    if not url:
+        raise UserError("empty URL")
+    parsed = urlparse(url)
+    scheme = parsed.scheme
+    if scheme == "s3":
+        if not parsed.netloc:
+            raise UserError(f"{url}: missing bucket name")
+        return Location(url, s3_filesystem_from_env(), f"{parsed.netloc}{parsed.path}".rstrip("/"))
+    if scheme in ("gs", "gcs"):
+        if not parsed.netloc:
+            raise UserError(f"{url}: missing bucket name")
+        return Location(url, pafs.GcsFileSystem(), f"{parsed.netloc}{parsed.path}".rstrip("/"))
+    if scheme == "file":
+        path = os.path.abspath(parsed.path)
+    elif scheme == "" or (len(scheme) == 1 and os.name == "nt"):
+        path = os.path.abspath(url)
+    else:
+        raise UserError(f"{url}: unsupported URL scheme {scheme!r} (use s3://, gs://, file:// or a path)")
+    return Location(path if scheme == "" else url, pafs.LocalFileSystem(), path)
+
+
+def describe_os_error(url: str, exc: BaseException) -> str:
+    """Turn a pyarrow/OS error into one readable line naming the URL."""
+    text = " ".join(str(exc).split())
+    lowered = text.lower()
+    if "access_denied" in lowered or "access denied" in lowered or "403" in lowered or "invalidaccesskeyid" in lowered \
+            or "signaturedoesnotmatch" in lowered:
+        return (f"{url}: access denied by the storage server (check AWS_ACCESS_KEY_ID / "
+                f"AWS_SECRET_ACCESS_KEY and the endpoint)")
+    if "nosuchbucket" in lowered or "bucket does not exist" in lowered:
+        return f"{url}: bucket does not exist"
+    if "curlcode: 7" in lowered or "couldn't connect" in lowered or "connection refused" in lowered \
+            or "could not connect" in lowered:
+        return f"{url}: cannot connect to the storage endpoint ({text[:160]})"
+    return f"{url}: {text[:300]}"
+
+
+def list_files(loc: Location) -> list[pafs.FileInfo]:
+    """All files below `loc` (recursive). Empty list when nothing is there."""
+    try:
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.File:
+            return [info]
+        if info.type == pafs.FileType.NotFound and not is_remote(loc.url):
+            return []
+        selector = pafs.FileSelector(loc.path, recursive=True, allow_not_found=True)
+        return [i for i in loc.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    except OSError as exc:
+        raise UserError(describe_os_error(loc.url, exc)) from None
+
+
+def read_bytes(loc: Location) -> bytes:
+    try:
+        with loc.fs.open_input_stream(loc.path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise UserError(f"{loc.url}: not found") from None
+    except OSError as exc:
+        raise UserError(describe_os_error(loc.url, exc)) from None
+
+
+def exists(loc: Location) -> bool:
+    try:
+        return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise UserError(describe_os_error(loc.url, exc)) from None
+
+
+def write_bytes_atomic(loc: Location, data: bytes) -> None:
+    """Write a whole object so that readers never see a partial one.
+
+    Object stores publish a PUT only once complete; on local disks write a temporary sibling and
+    rename it into place.
+    """
+    try:
+        if isinstance(loc.fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(loc.path) or ".", exist_ok=True)
+            tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, loc.path)
+        else:
+            with loc.fs.open_output_stream(loc.path) as out:
+                out.write(data)
+    except OSError as exc:
+        raise UserError(describe_os_error(loc.url, exc)) from None
+
+
+def ensure_dir(loc: Location) -> None:
+    """Create a local directory (object stores need none); creates an S3 bucket if missing."""
+    try:
+        loc.fs.create_dir(loc.path, recursive=True)
+    except OSError as exc:
+        raise UserError(describe_os_error(loc.url, exc)) from None

@@ -1,0 +1,45 @@
+"""Full training state ↔ a checkpoint directory (reported to Ray Train, which persists it)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def write_checkpoint_dir(directory: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         epoch: int, step: int, mlflow_run_id: str | None, config_yaml: str) -> None:
+    """Write the state after `epoch` completed epochs into `directory`."""
+    directory = Path(directory)
+    torch.save({
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "mlflow_run_id": mlflow_run_id,
+        "rng": rng_state(),
+        "config_yaml": config_yaml,
+    }, directory / STATE_FILE)
+    (directory / CONFIG_FILE).write_text(config_yaml)
+
+
+def read_checkpoint_dir(directory: str | os.PathLike) -> dict[str, Any]:
+    # weights_only=False: the state holds RNG states (numpy arrays, tuples) we wrote ourselves.
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(checkpoint) -> dict[str, Any]:
+    """State dict from a `ray.train.Checkpoint`."""
+    with checkpoint.as_directory() as d:
+        return read_checkpoint_dir(d)

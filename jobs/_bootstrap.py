@@ -1,0 +1,8 @@
+"""Make the package importable when a job runs from an uploaded working dir (`--working-dir .`)."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
