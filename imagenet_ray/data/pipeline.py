@@ -56,9 +56,8 @@ def build_train_dataset(prepared: PreparedDataset, crop: int, seed: int):
 
     fs, paths = prepared.shard_paths("train")
     ds = ray.data.read_parquet(
-        paths, filesystem=fs, columns=["image", "label"],
-        shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
-    )
+        paths, filesystem=fs, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
+    ).select_columns(["image", "label"])  # pushed down into the Parquet read
     return ds.map_batches(_train_map, fn_kwargs={"size": crop}, batch_size=DECODE_BATCH_ROWS, batch_format="numpy")
 
 
@@ -66,7 +65,7 @@ def build_val_dataset(prepared: PreparedDataset, resize: int, crop: int):
     import ray.data
 
     fs, paths = prepared.shard_paths("val")
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label", "key"])
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["image", "label", "key"])
     return ds.map_batches(_eval_map, fn_kwargs={"resize": resize, "crop": crop},
                           batch_size=DECODE_BATCH_ROWS, batch_format="numpy")
 

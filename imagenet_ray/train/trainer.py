@@ -76,8 +76,9 @@ def ensure_ray(min_cpus: float) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # Training workers reserve their CPUs; Ray Data needs at least one more for decoding.
+        # A local Ray is private to this process tree: bind it to loopback.
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus) + 1), include_dashboard=False,
-                 log_to_driver=True)
+                 log_to_driver=True, _node_ip_address="127.0.0.1")
 
 
 def decide_use_gpu(cfg: ExperimentConfig) -> bool:

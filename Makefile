@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - environment + synthetic ImageNet + prepare + train on local Ray, logged to local MLflow
+#   make test   - environment + the whole test suite (unit, local-Ray pipeline, integration on real servers)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := .demo
+
+.PHONY: venv demo test test-unit test-fast clean-demo services-up services-down
+
+# One pip resolve for everything so that boto3's botocore matches aiobotocore's pin.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "imagenet-ray needs Python 3.11, got " + sys.version.split()[0]'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/imagenet-ray synth --out $(DEMO)/raw --classes 10 --train-per-class 100 --val-per-class 20
+	$(BIN)/imagenet-ray prepare --source $(DEMO)/raw --out $(DEMO)/prepared --shard-mb 16
+	$(BIN)/imagenet-ray train --config configs/local.yaml name=local-$$(date +%Y%m%d-%H%M%S)
+
+# PATH: Ray jobs submitted by the tests run `python` from the same environment.
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not integration and not slow"
+
+services-up: $(STAMP)
+	$(BIN)/imagenet-ray services up
+
+services-down: $(STAMP)
+	$(BIN)/imagenet-ray services down
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,34 @@
+"""Local-Ray layer: a Ray instance started in this process, and a small prepared dataset."""
+
+import pytest
+
+
+@pytest.fixture(scope="package")
+def local_ray():
+    import ray
+
+    # Our own local instance (never an existing cluster): training workers + decode tasks on 2 cores.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_raw(tmp_path_factory):
+    from imagenet_ray.data.synth import write_synthetic_imagenet
+
+    out = tmp_path_factory.mktemp("raw")
+    # 21 val images: odd on purpose, so splitting across 2 workers is uneven.
+    summary = write_synthetic_imagenet(str(out), num_classes=3, train_per_class=12, val_per_class=7, seed=1)
+    return out, summary
+
+
+@pytest.fixture(scope="package")
+def prepared(local_ray, synth_raw, tmp_path_factory):
+    from imagenet_ray.data.prepare import PrepareOptions, prepare
+
+    raw, _ = synth_raw
+    out = tmp_path_factory.mktemp("prepared")
+    manifest = prepare(str(raw), str(out), PrepareOptions(shard_mb=0.5, seed=3))
+    return out, manifest
