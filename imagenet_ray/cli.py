@@ -1,4 +1,4 @@
-"""`imagenet-ray` command line: synth | prepare | train | services.
+"""`imagenet-ray` command line: synth | prepare | verify | train | services.
 
 Every command turns a user error into one line on stderr and a non-zero exit (2 for bad config or
 arguments, 1 for everything else); tracebacks are for bugs only.
@@ -30,20 +30,67 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from imagenet_ray.data.layouts import detect_and_list
-    from imagenet_ray.data.prepare import PrepareOptions, prepare
+    from imagenet_ray.data.layouts import LAYOUTS, detect_and_list
+    from imagenet_ray.data.prepare import REPORT_NAME, PrepareOptions, prepare
     from imagenet_ray.train.trainer import absolute_url, ensure_ray
 
     if args.shard_mb <= 0:
         raise ConfigError("prepare: --shard-mb must be > 0")
+    if not 0 <= args.max_quarantine_frac <= 1:
+        raise ConfigError("prepare: --max-quarantine-frac must be within [0, 1]")
+    if args.max_side is not None and args.max_side < 16:
+        raise ConfigError("prepare: --max-side must be ≥ 16")
+    if not 1 <= args.quality <= 100:
+        raise ConfigError("prepare: --quality must be within [1, 100]")
+    if args.layout is not None and args.layout not in LAYOUTS:
+        raise ConfigError(f"prepare: --layout must be one of {', '.join(LAYOUTS)}")
+    opts = PrepareOptions(shard_mb=args.shard_mb, seed=args.seed, max_quarantine_frac=args.max_quarantine_frac,
+                          max_side=args.max_side, quality=args.quality, layout=args.layout)
     source, out = absolute_url(args.source), absolute_url(args.out)
-    detect_and_list(source)  # fail on a bad source before starting Ray
+    listing = detect_and_list(source, layout=args.layout)  # fail on a bad source before starting Ray
     ensure_ray(1)
-    manifest = prepare(source, out, PrepareOptions(shard_mb=args.shard_mb, seed=args.seed))
-    for split, info in manifest["splits"].items():
-        print(f"{split}: {info['num_images']} images in {len(info['shards'])} shards")
-    print(f"prepared {len(manifest['classes'])} classes from {source} ({manifest['source']['layout']} layout) "
-          f"to {out} in {manifest['wall_seconds']:.1f} s")
+    result = prepare(source, out, opts, listing=listing)
+    print(format_report(result.report))
+    if args.mlflow_uri:
+        from imagenet_ray.tracking import log_prepared_dataset
+
+        print(f"logged to MLflow run {log_prepared_dataset(args.mlflow_uri, result.report, result.manifest)}")
+    if not result.ok:
+        raise UserError("; ".join(result.problems))
+    print(f"prepared {result.report['classes']} classes from {source} ({listing.layout} layout) to {out}: "
+          f"{result.written_shards} shards written, {result.skipped_shards} already done; report in {REPORT_NAME}")
+    return 0
+
+
+def format_report(report: dict) -> str:
+    lines = [f"layout {report['layout']}, {report['classes']} classes, {report['wall_seconds']:.1f} s"]
+    for split, s in report["splits"].items():
+        notes = ", ".join(f"{k} {v}" for k, v in s["notes"].items()) or "none"
+        lines.append(f"{split}: {s['written']:,} written + {s['quarantined']:,} quarantined of {s['listed']:,} listed; "
+                     f"per class {s['min_per_class']}..{s['max_per_class']}; {s['shards']} shards; "
+                     f"{s['bytes_in'] / 2**20:,.1f} MB in, {s['bytes_out'] / 2**20:,.1f} MB out; notes: {notes}")
+        for q in s["quarantined_files"][:20]:
+            lines.append(f"  quarantined {q['key']}: {q['reason']}")
+        if len(s["quarantined_files"]) > 20:
+            lines.append(f"  ... and {len(s['quarantined_files']) - 20} more (see the report)")
+    for split, o in report.get("official", {}).items():
+        lines.append(f"{split}: {o['listed']:,} listed vs official {o['expected']:,}: "
+                     f"{'ok' if o['matches'] else 'DIFFERENT'}")
+    return "\n".join(lines)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from imagenet_ray.data.verify import verify
+    from imagenet_ray.train.trainer import absolute_url
+
+    url = absolute_url(args.url)
+    checked, bad = verify(url)
+    for check in bad:
+        print(f"{check.path}: {check.problem}", file=sys.stderr)
+    if bad:
+        raise UserError(f"verify {url}: {len(bad)} of {checked} shards do not match the manifest "
+                        f"(first: {bad[0].path}: {bad[0].problem})")
+    print(f"verify {url}: all {checked} shards match the manifest (size, sha256, rows)")
     return 0
 
 
@@ -86,9 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="ILSVRC layout → Parquet shards + _manifest.json (on Ray Data)")
     p.add_argument("--source", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--shard-mb", type=float, default=128.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-mb", type=float, default=128.0, help="target shard size (MiB of source bytes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shard plan (class mixing)")
+    p.add_argument("--layout", default=None, help="force a layout instead of detecting it")
+    p.add_argument("--max-quarantine-frac", type=float, default=0.001,
+                   help="fail when more than this fraction of images is quarantined")
+    p.add_argument("--max-side", type=int, default=None, help="re-encoded variant: longer side at most N px")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded variant")
+    p.add_argument("--mlflow-uri", default=None, help="log the report and manifest to MLflow as a dataset")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("verify", help="re-read a prepared dataset and check counts and checksums")
+    p.add_argument("url")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("train", help="train with Ray Train; log to MLflow")
     p.add_argument("--config", default=None, help="configs/NAME.yaml (default: embedded defaults)")

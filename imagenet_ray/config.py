@@ -70,9 +70,16 @@ class OptimSection(_Strict):
 class TrainSection(_Strict):
     epochs: int = Field(3, gt=0)
     num_workers: int = Field(1, gt=0)
-    use_gpu: bool | Literal["auto"] = "auto"
+    use_gpu: bool | Literal["auto"] = Field("auto", description="true, false or auto (GPUs if the cluster has any)")
     cpus_per_worker: float = Field(1.0, gt=0)
     storage_path: str = Field(".demo/runs", description="checkpoints go to <storage_path>/<name>")
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _gpu_choice(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError("must be true, false or auto")
     checkpoints_to_keep: int = Field(2, gt=0)
     max_failures: int = Field(0, ge=0)
 
@@ -120,6 +127,7 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     result = _deep_copy(tree)
     for text in overrides:
         path, value = parse_override(text)
+        raw_text = text.partition("=")[2].strip()
         node: Any = ExperimentConfig
         target = result
         for depth, part in enumerate(path):
@@ -128,7 +136,8 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override {text!r}: unknown config key '{'.'.join(path[: depth + 1])}'")
             node = fields[part].annotation
             if depth == len(path) - 1:
-                target[part] = value
+                # String fields take the text as written: name=2024 is the name "2024", not a number.
+                target[part] = raw_text if node is str and isinstance(value, (int, float, bool)) else value
             else:
                 existing = target.get(part)
                 if not isinstance(existing, dict):

@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 from imagenet_ray.errors import UserError
 
 _REMOTE_SCHEMES = ("s3", "gs", "gcs")
+TMP_MARKER = ".tmp-"  # infix of the temporary files behind write_bytes_atomic on local disks
 
 
 @dataclass(frozen=True)
@@ -91,18 +92,23 @@ def resolve(url: str) -> Location:
     return Location(path if scheme == "" else url, pafs.LocalFileSystem(), path)
 
 
+_DENIED_MARKERS = ("access_denied", "accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch",
+                   "http status 403", "status code: 403", "status code 403", "forbidden")
+_UNREACHABLE_MARKERS = ("curlcode: 7", "couldn't connect", "connection refused", "could not connect",
+                        "failed to connect", "network_connection")
+
+
 def describe_os_error(url: str, exc: BaseException) -> str:
     """Turn a pyarrow/OS error into one readable line naming the URL."""
     text = " ".join(str(exc).split())
-    lowered = text.lower()
-    if "access_denied" in lowered or "access denied" in lowered or "403" in lowered or "invalidaccesskeyid" in lowered \
-            or "signaturedoesnotmatch" in lowered:
+    # Match error codes, not bare numbers: the text includes object keys like ILSVRC2012_val_00000403.JPEG.
+    lowered = text.lower().replace(url.lower(), "")
+    if any(m in lowered for m in _DENIED_MARKERS):
         return (f"{url}: access denied by the storage server (check AWS_ACCESS_KEY_ID / "
                 f"AWS_SECRET_ACCESS_KEY and the endpoint)")
     if "nosuchbucket" in lowered or "bucket does not exist" in lowered:
         return f"{url}: bucket does not exist"
-    if "curlcode: 7" in lowered or "couldn't connect" in lowered or "connection refused" in lowered \
-            or "could not connect" in lowered:
+    if any(m in lowered for m in _UNREACHABLE_MARKERS):
         return f"{url}: cannot connect to the storage endpoint ({text[:160]})"
     return f"{url}: {text[:300]}"
 
@@ -147,7 +153,7 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
     try:
         if isinstance(loc.fs, pafs.LocalFileSystem):
             os.makedirs(os.path.dirname(loc.path) or ".", exist_ok=True)
-            tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
+            tmp = f"{loc.path}{TMP_MARKER}{uuid.uuid4().hex}"
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()

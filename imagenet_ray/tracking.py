@@ -20,6 +20,8 @@ RUN_NAME_TAG = "imagenet_ray.run_name"
 def resolve_tracking_uri(uri: str) -> str:
     """Absolute form of `uri`: `sqlite:///rel.db` and bare paths become absolute sqlite URIs."""
     parsed = urlparse(uri)
+    if uri == "databricks":  # MLflow's bare form for the Databricks workspace in the environment
+        return uri
     if parsed.scheme == "sqlite":
         path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
         if not path:
@@ -46,10 +48,10 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Experiment id for `name`, creating it (with a stable artifact location) if needed."""
     from mlflow.tracking import MlflowClient
 
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri)
     try:
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri)
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
@@ -96,3 +98,52 @@ class RunTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+DATASETS_EXPERIMENT = "imagenet-ray-datasets"
+
+
+def log_prepared_dataset(tracking_uri: str, report: dict[str, Any], manifest: dict[str, Any] | None) -> str:
+    """Log a preparation as an MLflow run: counts as metrics, report + manifest as artifacts, and the
+    prepared dataset as a run input (name = output URL, digest from the shard checksums)."""
+    import hashlib
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag, Param
+
+    uri = resolve_tracking_uri(tracking_uri)
+    experiment_id = ensure_experiment(uri, DATASETS_EXPERIMENT)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id, run_name=f"prepare {report['out']}")
+    run_id = run.info.run_id
+    params = {"source": report["source"], "layout": report["layout"], "out": report["out"],
+              "tool_version": report["tool_version"]}
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    tracker = RunTracker(uri, run_id)
+    metrics = {"classes": report["classes"], "wall_seconds": report["wall_seconds"]}
+    for split, s in report["splits"].items():
+        for key in ("listed", "written", "quarantined", "bytes_in", "bytes_out"):
+            metrics[f"{split}/{key}"] = s[key]
+    tracker.log_metrics(metrics, step=0)
+    tracker.log_dict(report, "_report.json")
+    if manifest is not None:
+        tracker.log_dict(manifest, "_manifest.json")
+        digest = hashlib.sha256("".join(s["sha256"] for sp in manifest["splits"].values()
+                                        for s in sp["shards"]).encode()).hexdigest()[:16]
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
+            try:
+                source = resolve_dataset_source(report["out"])
+            except Exception:  # no dataset source registered for this URL scheme (e.g. gs:// without extras)
+                source = None
+        if source is not None:
+            dataset = MetaDataset(source, name=report["out"], digest=digest)
+            client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
+                                                             tags=[InputTag("mlflow.data.context", "prepared")])])
+    tracker.finish("FINISHED" if manifest is not None else "FAILED")
+    return run_id

@@ -1,11 +1,40 @@
-"""Find images and labels in an ILSVRC2012 layout: pure listing, no decoding.
+"""Find images and labels in an ILSVRC2012 download, whatever its form: pure listing, no decoding.
 
-Supported now: Kaggle's CLS-LOC layout
-    LOC_synset_mapping.txt
-    LOC_val_solution.csv                       ImageId,PredictionString (first token = wnid)
-    ILSVRC/Data/CLS-LOC/train/<wnid>/<wnid>_<n>.JPEG
-    ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_<8 digits>.JPEG
-Keys are paths relative to the dataset root, so a listing is independent of where the root lives.
+Layouts (auto-detected; `prepare --layout NAME` forces one; one-line summaries in LAYOUT_HELP):
+
+kaggle   Kaggle's CLS-LOC layout
+             LOC_synset_mapping.txt
+             LOC_val_solution.csv                       ImageId,PredictionString (first token = wnid)
+             ILSVRC/Data/CLS-LOC/train/<wnid>/<wnid>_<n>.JPEG
+             ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_<8 digits>.JPEG
+folders  class folders (torchvision ImageFolder; what `valprep.sh` produces)
+             train/<wnid>/*.JPEG, val/<wnid>/*.JPEG, optional LOC_synset_mapping.txt (else the classes
+             are the train folders, named from the package's own ILSVRC2012 list)
+devkit   the original devkit's flat validation images
+             val/ILSVRC2012_val_<8 digits>.JPEG (or those files at the root)
+             + the devkit: ILSVRC2012_devkit_t12.tar.gz, or its data/meta.mat and
+               data/ILSVRC2012_validation_ground_truth.txt (extracted under ILSVRC2012_devkit_t12/ or at
+               the root). meta.mat maps ILSVRC2012_ID → wnid; line i of the ground truth is the ID of
+               ILSVRC2012_val_<i>. IDs are NOT in sorted-wnid order; labels are sorted-wnid indices.
+tars     the original tarballs, never unpacked
+             ILSVRC2012_img_val.tar (flat val JPEGs) + the devkit as above
+
+For folders, devkit and tars the train split is any of: train/<wnid>/*.JPEG folders, train/<wnid>.tar
+per-class tars, or the original ILSVRC2012_img_train.tar (1,000 inner <wnid>.tar, one per class).
+
+Tar members are records pointing into the tar (`path` = the tar, `offset` = the member's data): tars are
+indexed by walking their headers over a seekable pyarrow file (tarfile seeks over member data, and a
+small read-ahead makes each header one ranged read), inner tars in parallel, each task with its own
+file handle.
+
+Listing is parallel: the root is listed non-recursively, then every class folder (train/<wnid>/,
+val/<wnid>/) is listed by its own request in a thread pool, since object-store listing is paginated and
+sequential per prefix. Sizes come from the listing (no per-file HEAD requests).
+
+Keys are paths relative to the dataset root ("<tar>/<member>" inside tars), so a listing is
+independent of where the root lives. Labels are always indices into the dataset's sorted wnids.
+Files in image folders are listed unless they are obviously metadata (.txt, .csv, .mat, ...); a broken
+or empty image is listed too (prepare quarantines it).
 """
 
 from __future__ import annotations
@@ -13,25 +42,101 @@ from __future__ import annotations
 import csv
 import io
 import posixpath
+import re
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import pyarrow.fs as pafs
 
 from imagenet_ray import storage
-from imagenet_ray.data.classes import ClassList, parse_synset_mapping
+from imagenet_ray.data.classes import WNID_RE, ClassList, imagenet_classes, parse_synset_mapping
 from imagenet_ray.errors import UserError
 
 KAGGLE_TRAIN_DIR = "ILSVRC/Data/CLS-LOC/train"
 KAGGLE_VAL_DIR = "ILSVRC/Data/CLS-LOC/val"
 KAGGLE_SYNSETS = "LOC_synset_mapping.txt"
 KAGGLE_VAL_SOLUTION = "LOC_val_solution.csv"
+TRAIN_DIR = "train"
+VAL_DIR = "val"
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+DEVKIT_DIR = "ILSVRC2012_devkit_t12"
+DEVKIT_TARGZ = "ILSVRC2012_devkit_t12.tar.gz"
+DEVKIT_META = "meta.mat"
+DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+# Files in image folders with these suffixes (or hidden non-images such as .DS_Store) are skipped.
+METADATA_SUFFIXES = (".txt", ".csv", ".mat", ".xml", ".json", ".md", ".sh", ".tar.gz", ".tgz", ".db")
+VAL_NAME_RE = re.compile(r"^ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
+LIST_WORKERS = 64  # concurrent listing requests / tar indexers
+TAR_READAHEAD = 8192  # bytes read per tar header (a header, plus GNU/PAX long-name blocks)
+
+_DEVKIT_HELP = (f"devkit ({DEVKIT_TARGZ}, or {DEVKIT_META} + {DEVKIT_GROUND_TRUTH} "
+                f"in {DEVKIT_DIR}/data/ or at the root)")
+_TRAIN_HELP = f"train/<wnid>/*.JPEG (or train/<wnid>.tar, or {TRAIN_TAR})"
+LAYOUT_HELP = {  # name → what it expects, one line (error messages, `--layout` help)
+    "kaggle": (f"Kaggle CLS-LOC: {KAGGLE_SYNSETS}, {KAGGLE_VAL_SOLUTION}, {KAGGLE_TRAIN_DIR}/<wnid>/*.JPEG, "
+               f"{KAGGLE_VAL_DIR}/*.JPEG"),
+    "folders": f"class folders (ImageFolder/valprep.sh): {_TRAIN_HELP}, val/<wnid>/*.JPEG, optional {KAGGLE_SYNSETS}",
+    "devkit": f"flat val/ILSVRC2012_val_<8 digits>.JPEG (or at the root) + {_DEVKIT_HELP}; {_TRAIN_HELP}",
+    "tars": f"original tarballs: {TRAIN_TAR} (or train/<wnid>/), {VAL_TAR}, {_DEVKIT_HELP}",
+}
+LAYOUTS = tuple(LAYOUT_HELP)  # names accepted by `prepare --layout`
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    key: str  # path relative to the dataset root
+    """One source image. `key` is unique within a dataset and names where the image came from."""
+
+    key: str  # path relative to the dataset root; for a tar member "<tar path>/<member path>"
     wnid: str
     label: int
-    size: int  # bytes on storage
+    size: int  # bytes of the encoded image
+    path: str = ""  # object holding the bytes, relative to the root ("" = the key itself)
+    offset: int = -1  # byte offset of the image inside `path` (tar members); -1 = the whole object
+
+    @property
+    def object_path(self) -> str:
+        return self.path or self.key
+
+
+def read_record(root: storage.Location, rec: ImageRecord) -> bytes:
+    """The encoded bytes of one image, whole object or a byte range of a tar (no unpacking)."""
+    loc = root.child(rec.object_path)
+    if rec.offset < 0:
+        return storage.read_bytes(loc)
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            return f.read_at(rec.size, rec.offset)
+    except OSError as exc:
+        raise UserError(storage.describe_os_error(loc.url, exc)) from None
+
+
+def read_records(root: storage.Location, records: Iterable[ImageRecord]) -> Iterator[bytes]:
+    """The bytes of each record, in order; consecutive tar members of one tar share one open file."""
+    open_path, handle = None, None
+    try:
+        for rec in records:
+            if rec.offset < 0:
+                yield read_record(root, rec)
+                continue
+            loc = root.child(rec.object_path)
+            try:
+                if open_path != rec.object_path:
+                    if handle is not None:
+                        handle.close()
+                        handle, open_path = None, None
+                    handle = loc.fs.open_input_file(loc.path)
+                    open_path = rec.object_path
+                data = handle.read_at(rec.size, rec.offset)
+            except OSError as exc:
+                raise UserError(storage.describe_os_error(loc.url, exc)) from None
+            yield data
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 @dataclass(frozen=True)
@@ -65,25 +170,406 @@ def parse_val_solution(text: str, source: str = KAGGLE_VAL_SOLUTION) -> dict[str
     return mapping
 
 
+def parse_devkit_meta(data: bytes, source: str = DEVKIT_META) -> dict[int, tuple[str, str]]:
+    """ILSVRC2012_ID → (wnid, words) of the leaf classes (num_children == 0) in the devkit's meta.mat."""
+    import numpy as np
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)
+    except Exception as exc:  # scipy raises ValueError, TypeError, NotImplementedError (v7.3), ...
+        raise UserError(f"{source}: not a readable MATLAB file ({' '.join(str(exc).split())[:160]})") from None
+    synsets = mat.get("synsets")
+    names = getattr(getattr(synsets, "dtype", None), "names", None) or ()
+    if not {"ILSVRC2012_ID", "WNID"} <= set(names):
+        raise UserError(f"{source}: expected a struct array 'synsets' with fields ILSVRC2012_ID and WNID")
+    leaves: dict[int, tuple[str, str]] = {}
+    seen: dict[str, int] = {}
+    for s in np.atleast_1d(synsets):
+        if "num_children" in names and int(s["num_children"]) != 0:
+            continue  # a non-leaf synset of the hierarchy (IDs > 1000)
+        ilsvrc_id, wnid = int(s["ILSVRC2012_ID"]), str(s["WNID"]).strip()
+        words = " ".join(str(s["words"]).split()) if "words" in names else ""
+        if not WNID_RE.match(wnid):
+            raise UserError(f"{source}: ILSVRC2012_ID {ilsvrc_id} has WNID {wnid!r}, not a wnid")
+        if ilsvrc_id in leaves:
+            raise UserError(f"{source}: ILSVRC2012_ID {ilsvrc_id} appears twice")
+        if wnid in seen:
+            raise UserError(f"{source}: {wnid} appears twice (IDs {seen[wnid]} and {ilsvrc_id})")
+        leaves[ilsvrc_id], seen[wnid] = (wnid, words), ilsvrc_id
+    if not leaves:
+        raise UserError(f"{source}: no leaf synsets (num_children == 0)")
+    return leaves
+
+
+def parse_ground_truth(text: str, source: str = DEVKIT_GROUND_TRUTH) -> list[int]:
+    """ILSVRC2012_ID of val image 1, 2, ... from the devkit's validation ground truth (one per line)."""
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    ids = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            ids.append(int(line.strip()))
+        except ValueError:
+            raise UserError(f"{source}:{lineno}: expected an ILSVRC2012_ID, found {line.strip()[:40]!r}") from None
+    if not ids:
+        raise UserError(f"{source}: empty")
+    return ids
+
+
 def _is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _is_listed(path: str) -> bool:
+    """Whether a file found among images is an image to list (anything but obvious metadata)."""
+    if _is_image(path):
+        return True
+    base = posixpath.basename(path)
+    return not (base.startswith(".") or base.lower().endswith(METADATA_SUFFIXES))
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+class _Item(NamedTuple):
+    """An unlabeled image: where it is and which class it belongs to."""
+
+    key: str
+    wnid: str
+    size: int
+    path: str = ""
+    offset: int = -1
+
+
+def _label(items: Iterable[_Item], classes: ClassList, mapping: str, where: str = "") -> tuple[ImageRecord, ...]:
+    """Records sorted by key; a class missing from `mapping` is a UserError naming it."""
+    index = classes.index
+    records = []
+    for it in items:
+        label = index.get(it.wnid)
+        if label is None:
+            raise UserError(f"{where or it.key}: class {it.wnid} is not in {mapping}")
+        records.append(ImageRecord(it.key, it.wnid, label, it.size, it.path, it.offset))
+    records.sort(key=lambda r: r.key)
+    return tuple(records)
+
+
+class _Source:
+    """The dataset root: its top level, plus memoised listings of the folders a layout asks for."""
+
+    def __init__(self, root: storage.Location, pool: ThreadPoolExecutor):
+        self.root, self.pool = root, pool
+        self._base = root.path.rstrip("/") + "/"
+        self._listed: dict[tuple[str, bool], tuple[dict[str, int], set[str]]] = {}
+        self.top_files, self.top_dirs = self.list_dir("")
+
+    def url(self, rel: str = "") -> str:
+        return self.root.child(rel).url if rel else self.root.url
+
+    def _rel(self, path: str) -> str:
+        return path[len(self._base):] if path.startswith(self._base) else path
+
+    def list_dir(self, rel: str, recursive: bool = False) -> tuple[dict[str, int], set[str]]:
+        """(files below `rel`: root-relative path → size, names of the folders directly in `rel`)."""
+        memo = self._listed.get((rel, recursive))
+        if memo is not None:
+            return memo
+        path = self.root.child(rel).path if rel else self.root.path
+        try:
+            infos = self.root.fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+        except NotADirectoryError:
+            infos = []
+        except OSError as exc:
+            raise UserError(storage.describe_os_error(self.url(rel), exc)) from None
+        files: dict[str, int] = {}
+        dirs: set[str] = set()
+        prefix = rel + "/" if rel else ""
+        for info in infos:
+            rel_path = self._rel(info.path)
+            if info.type == pafs.FileType.File:
+                files[rel_path] = info.size
+            elif info.type == pafs.FileType.Directory and "/" not in rel_path[len(prefix):]:
+                dirs.add(rel_path[len(prefix):])
+        self._listed[(rel, recursive)] = (files, dirs)
+        return files, dirs
+
+    def list_class_folders(self, rel: str) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """(files directly in `rel`, folder name → its files): one listing per folder, concurrently."""
+        files, dirs = self.list_dir(rel)
+        names = sorted(d for d in dirs if not _is_hidden(d))
+        listed = self.pool.map(lambda d: self.list_dir(f"{rel}/{d}" if rel else d, recursive=True)[0], names)
+        return files, dict(zip(names, listed))
+
+    def read(self, rel: str) -> bytes:
+        return storage.read_bytes(self.root.child(rel))
+
+    def has_file(self, rel: str) -> bool:
+        if "/" not in rel:
+            return rel in self.top_files
+        return rel in self.list_dir(rel.split("/", 1)[0], recursive=True)[0]
+
+
+# --- tar indexing ------------------------------------------------------------------------------------------------
+
+
+class _TarView:
+    """Read-only, seekable view of bytes [start, start + length) of a pyarrow random-access file.
+
+    Reads shorter than TAR_READAHEAD fetch TAR_READAHEAD bytes and serve the next reads from them, so
+    tarfile's header walk (seek to offset-1, read 1 byte, read the 512-byte header, maybe long-name
+    blocks) costs one ranged read per member.
+    """
+
+    def __init__(self, f, start: int, length: int):
+        self._f, self._start, self._len = f, start, length
+        self._pos = 0
+        self._buf, self._buf_at = b"", 0
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = max(0, pos + (0, self._pos, self._len)[whence])
+        return self._pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        end = self._len if n is None or n < 0 else min(self._len, self._pos + n)
+        if end <= self._pos:
+            return b""
+        lo, hi = self._pos - self._buf_at, end - self._buf_at
+        if lo >= 0 and hi <= len(self._buf):
+            data = self._buf[lo:hi]
+        elif end - self._pos >= TAR_READAHEAD:
+            data = self._f.read_at(end - self._pos, self._start + self._pos)
+        else:
+            self._buf = self._f.read_at(min(TAR_READAHEAD, self._len - self._pos), self._start + self._pos)
+            self._buf_at = self._pos
+            data = self._buf[: end - self._pos]
+        self._pos += len(data)
+        return data
+
+
+def _member_name(name: str) -> str:
+    name = posixpath.normpath(name.lstrip("/"))
+    return "" if name == "." else name
+
+
+def _tar_members(f, start: int, length: int, where: str) -> list[tuple[str, int, int]]:
+    """(member name, absolute data offset, size) of each regular file in the tar at [start, start+length)."""
+    members = []
+    try:
+        with tarfile.open(fileobj=_TarView(f, start, length), mode="r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                if m.issparse():
+                    raise UserError(f"{where}: member {m.name} is a sparse file; cannot read it as a byte range")
+                members.append((_member_name(m.name), start + m.offset_data, m.size))
+    except tarfile.TarError as exc:
+        raise UserError(f"{where}: not a readable tar ({exc})") from None
+    except OSError as exc:
+        raise UserError(storage.describe_os_error(where, exc)) from None
+    return members
+
+
+def _open(src: _Source, rel: str):
+    loc = src.root.child(rel)
+    try:
+        return loc.fs.open_input_file(loc.path)
+    except OSError as exc:
+        raise UserError(storage.describe_os_error(loc.url, exc)) from None
+
+
+def _index_class_tar(src: _Source, rel: str, start: int, length: int, wnid: str, name: str) -> list[_Item]:
+    """Images of one per-class tar (`name` inside object `rel`, or `rel` itself when name is empty)."""
+    with _open(src, rel) as f:  # one handle per task: tasks run in parallel
+        if length < 0:
+            length = f.size()
+        prefix = f"{rel}/{name}" if name else rel
+        members = _tar_members(f, start, length, f"{src.url(rel)}{'/' + name if name else ''}")
+    return [_Item(f"{prefix}/{m}", wnid, size, rel, offset) for m, offset, size in members if _is_listed(m)]
+
+
+def _index_train_tar(src: _Source) -> dict[str, list[_Item]]:
+    """wnid → images of ILSVRC2012_img_train.tar: its inner <wnid>.tar members, indexed in parallel."""
+    with _open(src, TRAIN_TAR) as f:
+        outer = _tar_members(f, 0, f.size(), src.url(TRAIN_TAR))
+    inner: dict[str, tuple[str, int, int]] = {}
+    for name, offset, size in outer:
+        base = posixpath.basename(name)
+        wnid = base[:-4] if base.endswith(".tar") else ""
+        if WNID_RE.match(wnid):
+            if wnid in inner:
+                raise UserError(f"{src.url(TRAIN_TAR)}: two tars for class {wnid} ({inner[wnid][0]}, {name})")
+            inner[wnid] = (name, offset, size)
+        elif _is_listed(name):
+            raise UserError(f"{src.url(TRAIN_TAR)}: unexpected member {name} (expected one <wnid>.tar per class)")
+    if not inner:
+        raise UserError(f"{src.url(TRAIN_TAR)}: no per-class <wnid>.tar members inside")
+    wnids = sorted(inner)
+    jobs = src.pool.map(lambda w: _index_class_tar(src, TRAIN_TAR, inner[w][1], inner[w][2], w, inner[w][0]), wnids)
+    return dict(zip(wnids, jobs))
+
+
+# --- the train split (shared by folders, devkit, tars) ----------------------------------------------------------
+
+
+def _find_train(src: _Source, layout: str) -> dict[str, list[_Item]]:
+    """wnid → train images, from train/<wnid>/ folders, train/<wnid>.tar, or ILSVRC2012_img_train.tar."""
+    if TRAIN_DIR in src.top_dirs:
+        loose, folders = src.list_class_folders(TRAIN_DIR)
+        by_class: dict[str, list[_Item]] = {}
+        for name, files in folders.items():
+            if not WNID_RE.match(name):
+                raise UserError(f"{src.url(TRAIN_DIR + '/' + name)}: not a class folder "
+                                f"(expected train/<wnid>/ with a wnid like n01440764)")
+            items = by_class.setdefault(name, [])
+            for rel, size in files.items():
+                if _is_listed(rel):
+                    if rel.count("/") != 2:
+                        raise UserError(f"{src.root.url}: unexpected train path {rel} (expected train/<wnid>/<file>)")
+                    items.append(_Item(rel, name, size))
+        tars = {}
+        for rel, size in loose.items():
+            base = posixpath.basename(rel)
+            if base.endswith(".tar") and WNID_RE.match(base[:-4]):
+                tars[base[:-4]] = (rel, size)
+            elif _is_listed(rel):
+                raise UserError(f"{src.url(rel)}: an image outside a class folder (expected train/<wnid>/<file>)")
+        both = sorted(set(tars) & set(by_class))
+        if both:
+            raise UserError(f"{src.url(TRAIN_DIR)}: both train/{both[0]}/ and train/{both[0]}.tar exist; "
+                            f"finish (or undo) extracting the per-class tars")
+        indexed = src.pool.map(lambda w: _index_class_tar(src, tars[w][0], 0, tars[w][1], w, ""), sorted(tars))
+        by_class.update(zip(sorted(tars), indexed))
+        if by_class:
+            return by_class
+    if TRAIN_TAR in src.top_files:
+        return _index_train_tar(src)
+    raise _not_layout(src, layout, f"no train/<wnid>/ folders, train/<wnid>.tar or {TRAIN_TAR}")
+
+
+def _flat(by_class: dict[str, list[_Item]]) -> list[_Item]:
+    return [it for items in by_class.values() for it in items]
+
+
+# --- the devkit -------------------------------------------------------------------------------------------------
+
+
+class _Devkit(NamedTuple):
+    classes: ClassList
+    id_to_wnid: dict[int, str]
+    ground_truth: list[int]
+    meta_source: str
+    gt_source: str
+
+
+def _devkit_file(src: _Source, name: str, targz: list) -> tuple[bytes, str] | None:
+    """(bytes, where) of a devkit file: at the root, under ILSVRC2012_devkit_t12/data/, or in its .tar.gz."""
+    if name in src.top_files:
+        return src.read(name), src.url(name)
+    extracted = f"{DEVKIT_DIR}/data/{name}"
+    if DEVKIT_DIR in src.top_dirs and src.has_file(extracted):
+        return src.read(extracted), src.url(extracted)
+    if DEVKIT_TARGZ in src.top_files:
+        if not targz:
+            targz.append(_read_targz(src))
+        members = targz[0]
+        found = sorted(m for m in members if posixpath.basename(m) == name)
+        if found:
+            return members[found[0]], f"{src.url(DEVKIT_TARGZ)}:{found[0]}"
+    return None
+
+
+def _read_targz(src: _Source) -> dict[str, bytes]:
+    """The small files of the devkit tarball (read in memory; it is about 2.5 MB)."""
+    wanted = {DEVKIT_META, DEVKIT_GROUND_TRUTH}
+    out = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(src.read(DEVKIT_TARGZ)), mode="r:*") as tf:
+            for m in tf:
+                if m.isfile() and posixpath.basename(m.name) in wanted:
+                    out[_member_name(m.name)] = tf.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise UserError(f"{src.url(DEVKIT_TARGZ)}: not a readable .tar.gz ({exc})") from None
+    return out
+
+
+def _load_devkit(src: _Source, layout: str) -> _Devkit:
+    targz: list = []
+    meta = _devkit_file(src, DEVKIT_META, targz)
+    gt = _devkit_file(src, DEVKIT_GROUND_TRUTH, targz)
+    missing = [n for n, v in ((DEVKIT_META, meta), (DEVKIT_GROUND_TRUTH, gt)) if v is None]
+    if missing:
+        raise _not_layout(src, layout, f"no {' or '.join(missing)} (looked at the root, in {DEVKIT_DIR}/data/ "
+                                       f"and in {DEVKIT_TARGZ})")
+    leaves = parse_devkit_meta(meta[0], meta[1])
+    ordered = sorted(leaves.values())
+    classes = ClassList(tuple(w for w, _ in ordered), tuple(n for _, n in ordered))
+    try:
+        text = gt[0].decode()
+    except UnicodeDecodeError:
+        raise UserError(f"{gt[1]}: not a text file") from None
+    ids = parse_ground_truth(text, gt[1])
+    for lineno, i in enumerate(ids, 1):
+        if i not in leaves:
+            raise UserError(f"{gt[1]}:{lineno}: ILSVRC2012_ID {i} is not a leaf class in {meta[1]}")
+    return _Devkit(classes, {i: w for i, (w, _) in leaves.items()}, ids, meta[1], gt[1])
+
+
+def _label_devkit_val(src: _Source, numbered: dict[int, _Item], kit: _Devkit) -> list[_Item]:
+    """Give each val image the wnid of its ground-truth line; both sides must match one to one."""
+    n = len(kit.ground_truth)
+    beyond = sorted(i for i in numbered if not 1 <= i <= n)
+    if beyond:
+        raise UserError(f"{kit.gt_source}: no ground-truth line for val image {numbered[beyond[0]].key} "
+                        f"(the file has {n} lines; {len(beyond)} images unlabeled)")
+    if len(numbered) < n:
+        absent = next(i for i in range(1, n + 1) if i not in numbered)
+        raise UserError(f"{kit.gt_source} has {n} lines but {src.root.url} holds {len(numbered)} val images: "
+                        f"ILSVRC2012_val_{absent:08d} is missing ({n - len(numbered)} missing)")
+    return [it._replace(wnid=kit.id_to_wnid[kit.ground_truth[i - 1]]) for i, it in numbered.items()]
+
+
+def _number_val(items: Iterable[_Item], where: str) -> dict[int, _Item]:
+    """Val image number (from ILSVRC2012_val_<8 digits>.<ext>) → image."""
+    numbered: dict[int, _Item] = {}
+    for it in items:
+        match = VAL_NAME_RE.match(posixpath.basename(it.key))
+        if not match:
+            raise UserError(f"{where}: {it.key} is not named ILSVRC2012_val_<8 digits>.JPEG "
+                            f"(its ground-truth line cannot be found)")
+        number = int(match.group(1))
+        if number in numbered:
+            raise UserError(f"{where}: val image {number} appears twice ({numbered[number].key}, {it.key})")
+        numbered[number] = it
+    return numbered
+
+
+# --- layouts ----------------------------------------------------------------------------------------------------
+
+
+def _not_layout(src: _Source, layout: str, problem: str) -> UserError:
+    return UserError(f"{src.root.url}: not the {layout} layout ({problem}); {layout} expects {LAYOUT_HELP[layout]}")
 
 
 def list_kaggle(root: storage.Location, files: dict[str, int]) -> LayoutListing:
     """Kaggle CLS-LOC listing from `files` (relative path → size)."""
     classes = parse_synset_mapping(storage.read_bytes(root.child(KAGGLE_SYNSETS)).decode(), KAGGLE_SYNSETS)
-    train: list[ImageRecord] = []
+    train: list[_Item] = []
     val_files: dict[str, tuple[str, int]] = {}
     train_prefix, val_prefix = KAGGLE_TRAIN_DIR + "/", KAGGLE_VAL_DIR + "/"
     for rel, size in files.items():
-        if not _is_image(rel):
+        if not _is_listed(rel):
             continue
         if rel.startswith(train_prefix):
             parts = rel[len(train_prefix):].split("/")
             if len(parts) != 2:
                 raise UserError(f"{root.url}: unexpected train path {rel} (expected train/<wnid>/<file>)")
-            wnid = parts[0]
-            train.append(ImageRecord(rel, wnid, classes.label_of(wnid), size))
+            train.append(_Item(rel, parts[0], size))
         elif rel.startswith(val_prefix):
             image_id = posixpath.splitext(posixpath.basename(rel))[0]
             val_files[image_id] = (rel, size)
@@ -95,24 +581,148 @@ def list_kaggle(root: storage.Location, files: dict[str, int]) -> LayoutListing:
     if absent:
         raise UserError(f"{root.url}: val image {absent[0]} is in {KAGGLE_VAL_SOLUTION} but not on storage "
                         f"({len(absent)} missing)")
-    val = [ImageRecord(rel, solution[i], classes.label_of(solution[i]), size) for i, (rel, size) in val_files.items()]
-    train.sort(key=lambda r: r.key)
-    val.sort(key=lambda r: r.key)
-    return LayoutListing("kaggle", root.url, classes, tuple(train), tuple(val))
+    val = [_Item(rel, solution[i], size) for i, (rel, size) in val_files.items()]
+    return LayoutListing("kaggle", root.url, classes, _label(train, classes, KAGGLE_SYNSETS),
+                         _label(val, classes, KAGGLE_SYNSETS, f"{KAGGLE_VAL_SOLUTION} (val)"))
 
 
-def detect_and_list(root_url: str) -> LayoutListing:
-    """List a dataset root, detect its layout, return every image with its label."""
+def _list_kaggle(src: _Source) -> LayoutListing:
+    for name in (KAGGLE_SYNSETS, KAGGLE_VAL_SOLUTION):
+        if name not in src.top_files:
+            raise _not_layout(src, "kaggle", f"no {name}")
+    loose, folders = src.list_class_folders(KAGGLE_TRAIN_DIR)
+    if not folders:
+        raise _not_layout(src, "kaggle", f"no {KAGGLE_TRAIN_DIR}/<wnid>/ folders")
+    files = dict(src.top_files)
+    files.update(loose)
+    for folder_files in folders.values():
+        files.update(folder_files)
+    files.update(src.list_dir(KAGGLE_VAL_DIR, recursive=True)[0])
+    return list_kaggle(src.root, files)
+
+
+def _val_folders(src: _Source) -> tuple[dict[str, int], set[str]]:
+    if VAL_DIR not in src.top_dirs:
+        return {}, set()
+    return src.list_dir(VAL_DIR)
+
+
+def _list_folders(src: _Source) -> LayoutListing:
+    val_loose, val_dirs = _val_folders(src)
+    if not any(WNID_RE.match(d) for d in val_dirs):
+        raise _not_layout(src, "folders", "no val/<wnid>/ folders")
+    train = _find_train(src, "folders")
+    if KAGGLE_SYNSETS in src.top_files:
+        classes = parse_synset_mapping(src.read(KAGGLE_SYNSETS).decode(), src.url(KAGGLE_SYNSETS))
+        mapping = src.url(KAGGLE_SYNSETS)
+    else:
+        known = imagenet_classes()
+        wnids = sorted(train)
+        classes = ClassList(tuple(wnids), tuple(known.names[known.index[w]] if w in known.index else "" for w in wnids))
+        mapping = "the classes of the train folders"
+    _, folders = src.list_class_folders(VAL_DIR)
+    val: list[_Item] = []
+    for name, files in folders.items():
+        if not WNID_RE.match(name):
+            raise UserError(f"{src.url(VAL_DIR + '/' + name)}: not a class folder (expected val/<wnid>/)")
+        if name not in classes.index:
+            raise UserError(f"{src.url(VAL_DIR + '/' + name)}: val class {name} is not in {mapping}")
+        for rel, size in files.items():
+            if _is_listed(rel):
+                if rel.count("/") != 2:
+                    raise UserError(f"{src.root.url}: unexpected val path {rel} (expected val/<wnid>/<file>)")
+                val.append(_Item(rel, name, size))
+    for rel in val_loose:
+        if _is_listed(rel):
+            raise UserError(f"{src.url(rel)}: an image outside a class folder (expected val/<wnid>/<file>)")
+    return LayoutListing("folders", src.root.url, classes, _label(_flat(train), classes, mapping),
+                         _label(val, classes, mapping))
+
+
+def _flat_val_location(src: _Source) -> str | None:
+    """Where flat ILSVRC2012_val_* images are: "val", "" (the root) or None."""
+    val_loose, _ = _val_folders(src)
+    in_val = any(VAL_NAME_RE.match(posixpath.basename(r)) for r in val_loose)
+    at_root = any(VAL_NAME_RE.match(r) for r in src.top_files)
+    if in_val and at_root:
+        raise UserError(f"{src.root.url}: flat val images both in val/ and at the root; keep one set")
+    return VAL_DIR if in_val else "" if at_root else None
+
+
+def _list_devkit(src: _Source) -> LayoutListing:
+    where = _flat_val_location(src)
+    if where is None:
+        raise _not_layout(src, "devkit", "no ILSVRC2012_val_<8 digits>.JPEG files in val/ or at the root")
+    kit = _load_devkit(src, "devkit")
+    if where:
+        files = _val_folders(src)[0]
+        items = [_Item(rel, "", size) for rel, size in files.items() if _is_listed(rel)]
+    else:
+        items = [_Item(rel, "", size) for rel, size in src.top_files.items() if VAL_NAME_RE.match(rel)]
+    val = _label_devkit_val(src, _number_val(items, src.url(where)), kit)
+    train = _find_train(src, "devkit")
+    return LayoutListing("devkit", src.root.url, kit.classes, _label(_flat(train), kit.classes, kit.meta_source),
+                         _label(val, kit.classes, kit.meta_source))
+
+
+def _list_tars(src: _Source) -> LayoutListing:
+    if VAL_TAR not in src.top_files:
+        raise _not_layout(src, "tars", f"no {VAL_TAR}")
+    kit = _load_devkit(src, "tars")
+    with _open(src, VAL_TAR) as f:
+        members = _tar_members(f, 0, f.size(), src.url(VAL_TAR))
+    items = [_Item(f"{VAL_TAR}/{m}", "", size, VAL_TAR, offset) for m, offset, size in members if _is_listed(m)]
+    val = _label_devkit_val(src, _number_val(items, src.url(VAL_TAR)), kit)
+    train = _find_train(src, "tars")
+    return LayoutListing("tars", src.root.url, kit.classes, _label(_flat(train), kit.classes, kit.meta_source),
+                         _label(val, kit.classes, kit.meta_source))
+
+
+_LISTERS: dict[str, Callable[[_Source], LayoutListing]] = {
+    "kaggle": _list_kaggle, "folders": _list_folders, "devkit": _list_devkit, "tars": _list_tars,
+}
+
+
+def _detect(src: _Source) -> str | None:
+    """The layout the top level (and val/) looks like; the lister then checks the rest."""
+    if KAGGLE_SYNSETS in src.top_files and "ILSVRC" in src.top_dirs:
+        return "kaggle"
+    _, val_dirs = _val_folders(src)
+    if any(WNID_RE.match(d) for d in val_dirs):
+        return "folders"
+    if _flat_val_location(src) is not None:
+        return "devkit"
+    if VAL_TAR in src.top_files:
+        return "tars"
+    return None
+
+
+def _no_layout(src: _Source) -> UserError:
+    files, _ = src.list_dir("", recursive=True)
+    names = sorted([d + "/" for d in src.top_dirs] + list(src.top_files))
+    top = ", ".join(names[:10]) + (f", ... ({len(names)} entries)" if len(names) > 10 else "")
+    expected = "; ".join(f"{name} = {help_}" for name, help_ in LAYOUT_HELP.items())
+    return UserError(f"{src.root.url}: no known ILSVRC layout (found {len(files)} files; top level: {top}); "
+                     f"expected one of: {expected}")
+
+
+def detect_and_list(root_url: str, layout: str | None = None) -> LayoutListing:
+    """List a dataset root, detect its layout (or use `layout`), return every image with its label."""
+    if layout is not None and layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
     root = storage.resolve(root_url)
-    infos = storage.list_files(root)
-    if not infos:
-        raise UserError(f"{root_url}: nothing found there (missing or empty prefix)")
-    base = root.path.rstrip("/") + "/"
-    files = {i.path[len(base):] if i.path.startswith(base) else i.path: i.size for i in infos}
-    if KAGGLE_SYNSETS in files and any(k.startswith(KAGGLE_TRAIN_DIR + "/") for k in files):
-        return list_kaggle(root, files)
-    top = sorted({k.split("/")[0] for k in files})[:8]
-    raise UserError(
-        f"{root_url}: no known ILSVRC layout (found {len(files)} files; top level: {', '.join(top)}); "
-        f"expected Kaggle CLS-LOC: {KAGGLE_SYNSETS}, {KAGGLE_VAL_SOLUTION}, {KAGGLE_TRAIN_DIR}/<wnid>/, {KAGGLE_VAL_DIR}/"
-    )
+    try:
+        info = root.fs.get_file_info(root.path)
+    except OSError as exc:
+        raise UserError(storage.describe_os_error(root.url, exc)) from None
+    if info.type == pafs.FileType.File:
+        raise UserError(f"{root_url} is a file; pass the folder (or prefix) that holds the dataset")
+    with ThreadPoolExecutor(LIST_WORKERS, thread_name_prefix="layout-list") as pool:
+        src = _Source(root, pool)
+        if not src.top_files and not src.top_dirs:
+            raise UserError(f"{root_url}: nothing found there (missing or empty prefix)")
+        name = layout or _detect(src)
+        if name is None:
+            raise _no_layout(src)
+        return _LISTERS[name](src)
+

@@ -1,10 +1,17 @@
-"""ILSVRC layout → Parquet shards of the original JPEG bytes + `_manifest.json` (written last).
+"""ILSVRC layout → validated Parquet shards of JPEG bytes + `_manifest.json` (written last) + a report.
 
-The driver lists the source and plans the shards (pure, seeded): every shard is a random mix of
-classes, sized by the source byte counts. Ray Data then runs one task per shard; each task reads its
-images, checks that each one decodes, writes the shard in one atomic PUT and returns its row count,
-byte size and SHA-256. The manifest is written only after every shard exists, so a reader that
-finds a manifest finds a complete dataset.
+How it stays exact, resumable and bounded:
+- The driver lists the source (in parallel, see layouts.py) and plans the shards: a pure, seeded
+  function of the listing, so the same arguments always give the same shards, each a random mix of
+  classes, cut by source byte counts.
+- `_plan.json` records the arguments and a digest of the listing. A rerun with the same arguments
+  resumes; with different ones it refuses (instead of mixing two datasets in one place).
+- Ray Data runs one task per shard. A task streams its images (one shard in memory at a time), checks
+  that each decodes, converts CMYK/PNG to RGB JPEG, quarantines broken files, writes the shard in one
+  atomic PUT, then its receipt `_receipts/<shard>.json`. A shard counts as done only with its receipt;
+  a killed run leaves at most shards without receipts, which are rewritten with identical bytes.
+- `_report.json` is written at the end of every run; `_manifest.json` last, and only when the
+  quarantined fraction is within the limit. Readers treat a dataset without a manifest as incomplete.
 """
 
 from __future__ import annotations
@@ -12,23 +19,28 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imagenet_ray import __version__, storage
-from imagenet_ray.data.decode import DecodeError, decode_rgb
-from imagenet_ray.data.layouts import ImageRecord, LayoutListing, detect_and_list
+from imagenet_ray.data.decode import Quarantined, normalize_for_storage
+from imagenet_ray.data.layouts import ImageRecord, LayoutListing, detect_and_list, read_record
 from imagenet_ray.errors import UserError
 
 MANIFEST_NAME = "_manifest.json"
+REPORT_NAME = "_report.json"
+PLAN_NAME = "_plan.json"
+RECEIPTS_DIR = "_receipts"
 MANIFEST_FORMAT = "imagenet-ray/prepared-v1"
 SPLITS = ("train", "val")
+OFFICIAL_COUNTS = {"train": 1_281_167, "val": 50_000, "classes": 1000}
 SHARD_SCHEMA = pa.schema([
     ("image", pa.binary()),
     ("label", pa.int16()),
@@ -44,6 +56,15 @@ class PrepareOptions:
     shard_mb: float = 128.0
     rows_per_group: int = 256
     seed: int = 0
+    max_quarantine_frac: float = 0.001
+    max_side: int | None = None  # re-encoded variant: longer side at most this many pixels
+    quality: int = 90  # JPEG quality of the re-encoded variant
+    layout: str | None = None  # force a layout instead of detecting it
+
+    def shard_relevant(self) -> dict[str, Any]:
+        """The options that change the bytes of the output (a resume must match them)."""
+        return {"shard_mb": self.shard_mb, "rows_per_group": self.rows_per_group, "seed": self.seed,
+                "max_side": self.max_side, "quality": self.quality if self.max_side else None}
 
 
 def plan_shards(records: tuple[ImageRecord, ...], target_bytes: int, seed: int) -> list[list[ImageRecord]]:
@@ -68,36 +89,66 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}/shard-{index:05d}-of-{count:05d}.parquet"
 
 
+def receipt_name(shard: str) -> str:
+    return f"{RECEIPTS_DIR}/{shard.removesuffix('.parquet')}.json"
+
+
 def build_shard_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
 
 
-def read_and_check(source: storage.Location, rec: ImageRecord) -> dict[str, Any]:
-    data = storage.read_bytes(source.child(rec.key))
-    try:
-        img = decode_rgb(data)
-    except DecodeError as exc:
-        raise UserError(f"{source.url}/{rec.key}: {exc}") from None
-    return {"image": data, "label": rec.label, "wnid": rec.wnid, "key": rec.key,
-            "height": img.height, "width": img.width}
+def encode_shard(rows: list[dict[str, Any]], rows_per_group: int) -> bytes:
+    """Parquet bytes of a shard; deterministic for the same rows (same pyarrow version)."""
+    buf = io.BytesIO()
+    pq.write_table(build_shard_table(rows), buf, row_group_size=rows_per_group, compression="none")
+    return buf.getvalue()
+
+
+def write_shard_row(row: dict[str, str]) -> dict[str, str]:
+    """Ray Data map function. Task and receipt travel as JSON: their nested shapes vary per shard."""
+    return {"receipt": json.dumps(write_shard(json.loads(row["task"])))}
 
 
 def write_shard(task: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data map function: build one shard from its planned records and write it atomically."""
+    """Build one shard from its planned records, write it, then its receipt."""
     source = storage.resolve(task["source_url"])
     out = storage.resolve(task["out_url"])
-    records = [ImageRecord(k, w, int(l), int(s)) for k, w, l, s in
-               zip(task["keys"], task["wnids"], task["labels"], task["sizes"])]
-    rows = [read_and_check(source, rec) for rec in records]
-    buf = io.BytesIO()
-    pq.write_table(build_shard_table(rows), buf, row_group_size=int(task["rows_per_group"]), compression="none")
-    payload = buf.getvalue()
+    max_side = task["max_side"]
+    rows, quarantined, notes = [], [], Counter()
+    per_class: Counter = Counter()
+    bytes_in = 0
+    for rec_fields in task["records"]:
+        rec = ImageRecord(**rec_fields)
+        data = read_record(source, rec)
+        bytes_in += len(data)
+        try:
+            stored, height, width, note = normalize_for_storage(data, max_side, task["quality"])
+        except Quarantined as exc:
+            quarantined.append({"key": rec.key, "reason": str(exc)})
+            continue
+        if note:
+            notes[note] += 1
+        per_class[rec.wnid] += 1
+        rows.append({"image": stored, "label": rec.label, "wnid": rec.wnid, "key": rec.key,
+                     "height": height, "width": width})
+    payload = encode_shard(rows, task["rows_per_group"])
     storage.write_bytes_atomic(out.child(task["name"]), payload)
-    return {"split": task["split"], "path": task["name"], "rows": len(rows), "bytes": len(payload),
-            "sha256": hashlib.sha256(payload).hexdigest()}
+    receipt = {"split": task["split"], "path": task["name"], "rows": len(rows), "bytes": len(payload),
+               "sha256": hashlib.sha256(payload).hexdigest(), "bytes_in": bytes_in, "quarantined": quarantined,
+               "notes": dict(notes), "per_class": dict(per_class)}
+    storage.write_bytes_atomic(out.child(receipt_name(task["name"])), json.dumps(receipt).encode())
+    return receipt
 
 
-def _shard_tasks(listing: LayoutListing, out_url: str, opts: PrepareOptions) -> list[dict[str, Any]]:
+def listing_digest(listing: LayoutListing) -> str:
+    h = hashlib.sha256()
+    for split in SPLITS:
+        for r in listing.split(split):
+            h.update(f"{split}\t{r.key}\t{r.label}\t{r.size}\n".encode())
+    return h.hexdigest()
+
+
+def plan_tasks(listing: LayoutListing, out_url: str, opts: PrepareOptions) -> list[dict[str, Any]]:
     tasks = []
     for split_index, split in enumerate(SPLITS):
         shards = plan_shards(listing.split(split), int(opts.shard_mb * 2**20), opts.seed + split_index)
@@ -105,55 +156,198 @@ def _shard_tasks(listing: LayoutListing, out_url: str, opts: PrepareOptions) -> 
             tasks.append({
                 "split": split, "name": shard_name(split, i, len(shards)),
                 "source_url": listing.root_url, "out_url": out_url,
-                "keys": [r.key for r in recs], "wnids": [r.wnid for r in recs],
-                "labels": [r.label for r in recs], "sizes": [r.size for r in recs],
-                "rows_per_group": opts.rows_per_group,
+                "records": [asdict(r) for r in recs],
+                "rows_per_group": opts.rows_per_group, "max_side": opts.max_side, "quality": opts.quality,
             })
     return tasks
 
 
-def build_manifest(listing: LayoutListing, shards: list[dict[str, Any]], opts: PrepareOptions,
-                   seconds: float) -> dict[str, Any]:
+def check_or_write_plan(out: storage.Location, listing: LayoutListing, opts: PrepareOptions,
+                        tasks: list[dict[str, Any]]) -> None:
+    """Record what this output is being built from; refuse to resume a different build."""
+    plan = {"format": MANIFEST_FORMAT, "source": listing.root_url, "layout": listing.layout,
+            "options": opts.shard_relevant(), "listing_sha256": listing_digest(listing),
+            "shards": [t["name"] for t in tasks]}
+    loc = out.child(PLAN_NAME)
+    if storage.exists(loc):
+        previous = json.loads(storage.read_bytes(loc))
+        for key in ("source", "layout", "options", "listing_sha256"):
+            if previous.get(key) != plan[key]:
+                raise UserError(f"{out.url} already holds a preparation with a different {key} "
+                                f"({previous.get(key)!r}); use another --out or delete it")
+        return
+    storage.write_bytes_atomic(loc, json.dumps(plan, indent=1).encode())
+
+
+def finished_receipts(out: storage.Location, tasks: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Receipts of shards finished by an earlier run (only those whose shard file is there too)."""
+    receipts_root = out.child(RECEIPTS_DIR)
+    base = receipts_root.path.rstrip("/") + "/"
+    present = {i.path[len(base):] for i in storage.list_files(receipts_root)}
+    wanted = {receipt_name(t["name"])[len(RECEIPTS_DIR) + 1:]: t["name"] for t in tasks}
+    done = {}
+    for rel, shard in wanted.items():
+        if rel in present:
+            receipt = json.loads(storage.read_bytes(receipts_root.child(rel)))
+            info = out.fs.get_file_info(out.child(shard).path)
+            if info.size == receipt["bytes"]:
+                done[shard] = receipt
+    return done
+
+
+def remove_partial_files(out: storage.Location) -> None:
+    """Delete temporary files a killed local run left behind (object stores never show partial PUTs)."""
+    if storage.is_remote(out.url):
+        return
+    for info in storage.list_files(out):
+        if storage.TMP_MARKER in info.base_name:
+            out.fs.delete_file(info.path)
+
+
+class Progress:
+    """Plain progress lines (images/s, MB/s, ETA) that read well in `ray job logs` too."""
+
+    def __init__(self, total_images: int, total_bytes: int, every_s: float = 5.0, stream=sys.stdout):
+        self.total_images, self.total_bytes = total_images, total_bytes
+        self.images = self.bytes = 0
+        self.start = self.last = time.perf_counter()
+        self.every_s, self.stream = every_s, stream
+
+    def add(self, images: int, nbytes: int) -> None:
+        self.images += images
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or self.images >= self.total_images:
+            self.last = now
+            self.stream.write(self.line(now) + "\n")
+            self.stream.flush()
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.images / elapsed
+        eta = (self.total_images - self.images) / rate if rate > 0 else float("inf")
+        pct = 100.0 * self.images / max(1, self.total_images)
+        return (f"[prepare] {self.images:,}/{self.total_images:,} images ({pct:.1f} %) "
+                f"{rate:,.0f} img/s {self.bytes / elapsed / 2**20:,.1f} MB/s ETA {eta:,.0f} s")
+
+
+@dataclass
+class PrepareResult:
+    manifest: dict[str, Any] | None
+    report: dict[str, Any]
+    ok: bool
+    skipped_shards: int = 0
+    written_shards: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def build_report(listing: LayoutListing, receipts: list[dict[str, Any]], opts: PrepareOptions,
+                 seconds: float, out_url: str) -> dict[str, Any]:
+    splits: dict[str, Any] = {}
+    quarantined_total = 0
+    listed_total = 0
+    for split in SPLITS:
+        rs = [r for r in receipts if r["split"] == split]
+        per_class = Counter()
+        for r in rs:
+            per_class.update(r["per_class"])
+        notes = Counter()
+        for r in rs:
+            notes.update(r["notes"])
+        quarantined = [q for r in rs for q in r["quarantined"]]
+        listed = len(listing.split(split))
+        written = sum(r["rows"] for r in rs)
+        counts = [per_class.get(w, 0) for w in listing.classes.wnids]
+        splits[split] = {
+            "listed": listed, "written": written, "quarantined": len(quarantined),
+            "conserved": listed == written + len(quarantined),
+            "min_per_class": min(counts) if counts else 0, "max_per_class": max(counts) if counts else 0,
+            "notes": dict(sorted(notes.items())), "quarantined_files": quarantined,
+            "bytes_in": sum(r["bytes_in"] for r in rs), "bytes_out": sum(r["bytes"] for r in rs),
+            "shards": len(rs),
+        }
+        quarantined_total += len(quarantined)
+        listed_total += listed
+    full_set = len(listing.classes) == OFFICIAL_COUNTS["classes"]
+    report = {
+        "source": listing.root_url, "layout": listing.layout, "out": out_url, "tool_version": __version__,
+        "classes": len(listing.classes), "splits": splits, "wall_seconds": round(seconds, 3),
+        "quarantined_fraction": quarantined_total / max(1, listed_total),
+        "max_quarantine_frac": opts.max_quarantine_frac,
+    }
+    if full_set:
+        report["official"] = {split: {"expected": OFFICIAL_COUNTS[split], "listed": splits[split]["listed"],
+                                      "matches": splits[split]["listed"] == OFFICIAL_COUNTS[split]}
+                              for split in SPLITS}
+    return report
+
+
+def build_manifest(listing: LayoutListing, receipts: list[dict[str, Any]], opts: PrepareOptions) -> dict[str, Any]:
     splits = {}
     for split in SPLITS:
-        records = listing.split(split)
-        per_class = Counter(r.wnid for r in records)
-        split_shards = sorted((s for s in shards if s["split"] == split), key=lambda s: s["path"])
+        rs = sorted((r for r in receipts if r["split"] == split), key=lambda r: r["path"])
+        per_class = Counter()
+        for r in rs:
+            per_class.update(r["per_class"])
         splits[split] = {
-            "num_images": sum(s["rows"] for s in split_shards),
+            "num_images": sum(r["rows"] for r in rs),
             "per_class": {w: per_class.get(w, 0) for w in listing.classes.wnids},
-            "shards": [{k: s[k] for k in ("path", "rows", "bytes", "sha256")} for s in split_shards],
+            "shards": [{k: r[k] for k in ("path", "rows", "bytes", "sha256")} for r in rs],
         }
-        if splits[split]["num_images"] != len(records):
-            raise UserError(f"prepare: {split} wrote {splits[split]['num_images']} images, listed {len(records)}")
     return {
         "format": MANIFEST_FORMAT,
         "tool_version": __version__,
         "created_unix": int(time.time()),
         "source": {"url": listing.root_url, "layout": listing.layout},
-        "options": {"shard_mb": opts.shard_mb, "rows_per_group": opts.rows_per_group, "seed": opts.seed},
+        "options": {**opts.shard_relevant(), "max_quarantine_frac": opts.max_quarantine_frac},
         "classes": list(listing.classes.wnids),
         "class_names": list(listing.classes.names),
         "splits": splits,
-        "wall_seconds": round(seconds, 3),
     }
 
 
-def prepare(source_url: str, out_url: str, opts: PrepareOptions = PrepareOptions()) -> dict[str, Any]:
-    """List `source_url`, write shards to `out_url` on Ray Data, write the manifest last; return it."""
-    import ray
+def _run_tasks(tasks: list[dict[str, Any]], progress: Progress) -> Iterable[dict[str, Any]]:
+    import ray.data
 
+    ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
+    # One task per shard; each holds one shard in memory, so memory is bounded by the task count.
+    for row in ds.map(write_shard_row, num_cpus=1).iter_rows():
+        receipt = json.loads(row["receipt"])
+        progress.add(receipt["rows"] + len(receipt["quarantined"]), receipt["bytes_in"])
+        yield receipt
+
+
+def prepare(source_url: str, out_url: str, opts: PrepareOptions = PrepareOptions(),
+            listing: LayoutListing | None = None) -> PrepareResult:
+    """Prepare `source_url` into `out_url` on Ray Data (resuming an interrupted run); see module doc."""
     start = time.perf_counter()
-    listing = detect_and_list(source_url)
+    listing = listing or detect_and_list(source_url, layout=opts.layout)
     out = storage.resolve(out_url)
     if not storage.is_remote(out.url):
         storage.ensure_dir(out)
-    tasks = _shard_tasks(listing, out.url, opts)
-    ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
-    results = ds.map(write_shard, num_cpus=1).take_all()
-    manifest = build_manifest(listing, results, opts, time.perf_counter() - start)
-    storage.write_bytes_atomic(out.child(MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
-    return manifest
+    tasks = plan_tasks(listing, out.url, opts)
+    check_or_write_plan(out, listing, opts, tasks)
+    remove_partial_files(out)
+    done = finished_receipts(out, tasks)
+    todo = [t for t in tasks if t["name"] not in done]
+    total_images = sum(len(t["records"]) for t in todo)
+    progress = Progress(total_images, sum(r["size"] for t in todo for r in t["records"]))
+    receipts = list(done.values())
+    if todo:
+        receipts.extend(_run_tasks(todo, progress))
+    report = build_report(listing, receipts, opts, time.perf_counter() - start, out.url)
+    report["resumed_shards"] = len(done)
+    problems = [f"{split}: {s['listed']} listed != {s['written']} written + {s['quarantined']} quarantined"
+                for split, s in report["splits"].items() if not s["conserved"]]
+    if report["quarantined_fraction"] > opts.max_quarantine_frac:
+        problems.append(f"{report['quarantined_fraction']:.4%} of images quarantined, above the limit of "
+                        f"{opts.max_quarantine_frac:.4%} (see {out.url}/{REPORT_NAME})")
+    storage.write_bytes_atomic(out.child(REPORT_NAME), json.dumps(report, indent=1).encode())
+    manifest = None
+    if not problems:
+        manifest = build_manifest(listing, receipts, opts)
+        storage.write_bytes_atomic(out.child(MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
+    return PrepareResult(manifest, report, not problems, len(done), len(todo), problems)
 
 
 def read_manifest(url: str) -> dict[str, Any]:

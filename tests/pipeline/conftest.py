@@ -30,5 +30,6 @@ def prepared(local_ray, synth_raw, tmp_path_factory):
 
     raw, _ = synth_raw
     out = tmp_path_factory.mktemp("prepared")
-    manifest = prepare(str(raw), str(out), PrepareOptions(shard_mb=0.5, seed=3))
-    return out, manifest
+    result = prepare(str(raw), str(out), PrepareOptions(shard_mb=0.5, seed=3))
+    assert result.ok, result.problems
+    return out, result.manifest

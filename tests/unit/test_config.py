@@ -1,0 +1,313 @@
+"""The strict config tree: YAML + dotted overrides, rejected with one line naming the key."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from imagenet_ray.config import (DataSection, ExperimentConfig, apply_overrides, flatten, load_config,
+                                 parse_override, to_yaml)
+from imagenet_ray.errors import ConfigError, UserError
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _config_error(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    msg = str(info.value)
+    assert "\n" not in msg, f"config errors must be one line: {msg!r}"
+    assert info.value.exit_code == 2
+    return msg
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+def test_embedded_defaults_load():
+    cfg = load_config(None)
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.name == "local"
+    assert cfg.model.name == "resnet18"
+    assert cfg.optim.lr == pytest.approx(0.1)
+    assert cfg.optim.schedule == "cosine"
+    assert cfg.train.use_gpu == "auto"
+    assert cfg.data.val_crop <= cfg.data.val_resize
+    assert cfg == ExperimentConfig()
+
+
+def test_config_dir_is_not_empty():
+    assert CONFIG_FILES, f"no configs/*.yaml found under {REPO}"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
+def test_every_shipped_yaml_loads(path: Path):
+    cfg = load_config(path)
+    written = _leaves(yaml.safe_load(path.read_text()) or {})
+    flat = flatten(cfg)
+    assert written, f"{path.name} is empty"
+    for key, value in written.items():
+        assert key in flat, f"{path.name}: {key} not in the loaded config"
+        assert flat[key] == value, f"{path.name}: {key} loaded as {flat[key]!r}, file says {value!r}"
+    # What the tool logs as config.yaml loads back to the same config.
+    assert ExperimentConfig.model_validate(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    assert load_config(_write(tmp_path, "")) == load_config(None)
+
+
+def test_to_yaml_round_trips_through_a_file(tmp_path):
+    cfg = load_config(None, ["optim.lr=0.05", "train.use_gpu=false", "name=run-7"])
+    again = load_config(_write(tmp_path, to_yaml(cfg)))
+    assert again == cfg
+
+
+# --- overrides -------------------------------------------------------------------------------------------------
+
+
+def test_overrides_use_yaml_typing():
+    cfg = load_config(None, ["optim.lr=0.05", "train.use_gpu=false", "train.epochs=7", "optim.schedule=constant"])
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == pytest.approx(0.05)
+    assert cfg.train.use_gpu is False
+    assert cfg.train.epochs == 7 and isinstance(cfg.train.epochs, int)
+    assert cfg.optim.schedule == "constant"
+
+
+@pytest.mark.parametrize("raw, expected", [("auto", "auto"), ("true", True), ("false", False)])
+def test_use_gpu_values(raw, expected):
+    assert load_config(None, [f"train.use_gpu={raw}"]).train.use_gpu == expected
+
+
+def test_overrides_apply_on_top_of_a_file(tmp_path):
+    path = _write(tmp_path, "name: filecfg\noptim:\n  lr: 0.4\n  momentum: 0.8\ntrain:\n  epochs: 5\n")
+    cfg = load_config(path, ["optim.lr=0.05", "data.batch_size=8"])
+    assert cfg.name == "filecfg"
+    assert cfg.optim.lr == pytest.approx(0.05)
+    assert cfg.optim.momentum == pytest.approx(0.8)  # untouched sibling from the file
+    assert cfg.train.epochs == 5
+    assert cfg.data.batch_size == 8
+
+
+@pytest.mark.parametrize("override, attr", [("name=2024", ("name",)), ("mlflow.experiment=42", ("mlflow", "experiment"))])
+def test_numeric_looking_string_override(override, attr):
+    cfg = load_config(None, [override])
+    value = cfg
+    for part in attr:
+        value = getattr(value, part)
+    assert value == override.split("=", 1)[1]
+
+
+def test_quoted_numeric_string_override_works():
+    assert load_config(None, ["name='2024'"]).name == "2024"
+
+
+def test_later_override_wins():
+    assert load_config(None, ["train.epochs=2", "train.epochs=4"]).train.epochs == 4
+
+
+def test_apply_overrides_does_not_mutate_input():
+    tree = {"optim": {"lr": 0.4}}
+    out = apply_overrides(tree, ["optim.lr=0.2", "train.epochs=1"])
+    assert tree == {"optim": {"lr": 0.4}}
+    assert out == {"optim": {"lr": 0.2}, "train": {"epochs": 1}}
+
+
+def test_parse_override_splits_on_first_equals():
+    assert parse_override("mlflow.tracking_uri=http://h:5000/?a=b") == (["mlflow", "tracking_uri"],
+                                                                       "http://h:5000/?a=b")
+    assert parse_override(" optim.lr = 0.5") == (["optim", "lr"], 0.5)
+
+
+# --- rejections ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_nested_key_in_yaml(tmp_path):
+    msg = _config_error(_write(tmp_path, "optim:\n  lrr: 0.1\n"))
+    assert "optim.lrr" in msg and "unknown config key" in msg
+
+
+def test_unknown_top_level_key_in_yaml(tmp_path):
+    msg = _config_error(_write(tmp_path, "epochs: 3\n"))
+    assert "'epochs'" in msg and "unknown config key" in msg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epoch=3", "train.epoch"),
+    ("foo=1", "foo"),
+    ("optim.lr.x=1", "optim.lr.x"),
+    ("data.url.scheme=s3", "data.url.scheme"),
+])
+def test_unknown_key_in_override(override, key):
+    msg = _config_error(None, [override])
+    assert f"'{key}'" in msg and "unknown config key" in msg
+
+
+@pytest.mark.parametrize("override", ["optim.lr", "=3", "  =x"])
+def test_override_without_key_or_equals(override):
+    msg = _config_error(None, [override])
+    assert "expected dotted.key=value" in msg
+    assert repr(override) in msg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epochs=abc", "train.epochs"),
+    ("train.epochs=2.5", "train.epochs"),
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.lr=0", "optim.lr"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("optim.momentum=1.0", "optim.momentum"),
+    ("optim.schedule=linear", "optim.schedule"),
+    ("name=has space", "name"),
+    ("model.name=resnet9000", "model.name"),
+])
+def test_bad_values_name_the_key(override, key):
+    msg = _config_error(None, [override])
+    assert f"{key}:" in msg, msg
+
+
+def test_bad_use_gpu_is_rejected():
+    msg = _config_error(None, ["train.use_gpu=maybe"])
+    assert "train.use_gpu" in msg and "'maybe'" in msg
+
+
+def test_bad_use_gpu_names_the_real_key():
+    msg = _config_error(None, ["train.use_gpu=maybe"])
+    assert "train.use_gpu:" in msg
+    assert "train.use_gpu.bool" not in msg
+    assert "auto" in msg
+
+
+def test_unknown_model_message_names_the_model():
+    msg = _config_error(None, ["model.name=resnet9000"])
+    assert "resnet9000" in msg and "model.name" in msg
+
+
+def test_known_torchvision_models_accepted():
+    for name in ("resnet50", "mobilenet_v3_small", "vit_b_16"):
+        assert load_config(None, [f"model.name={name}"]).model.name == name
+
+
+def test_val_crop_larger_than_val_resize_rejected():
+    msg = _config_error(None, ["data.val_resize=64", "data.val_crop=80"])
+    assert "val_crop" in msg and "val_resize" in msg
+    # equal is fine
+    assert load_config(None, ["data.val_resize=64", "data.val_crop=64"]).data.val_crop == 64
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    msg = _config_error(missing)
+    assert str(missing) in msg and "not found" in msg
+
+
+def test_invalid_yaml(tmp_path):
+    path = _write(tmp_path, "optim: [unclosed\n  lr: 0.1\n")
+    msg = _config_error(path)
+    assert "invalid YAML" in msg and str(path) in msg
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_non_mapping_top_level(tmp_path, text):
+    msg = _config_error(_write(tmp_path, text))
+    assert "top level must be a mapping" in msg
+
+
+def test_config_error_is_a_user_error():
+    assert issubclass(ConfigError, UserError) and ConfigError.exit_code == 2 and UserError.exit_code == 1
+
+
+# --- frozen + flatten ------------------------------------------------------------------------------------------
+
+
+def test_configs_are_frozen():
+    cfg = load_config(None)
+    with pytest.raises(ValidationError):
+        cfg.optim.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        cfg.name = "other"  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        cfg.data = DataSection()  # type: ignore[misc]
+    assert cfg.optim.lr == pytest.approx(0.1) and cfg.name == "local"
+
+
+def test_flatten_gives_dotted_leaf_keys():
+    cfg = load_config(None, ["optim.lr=0.05"])
+    flat = flatten(cfg)
+    assert flat["optim.lr"] == pytest.approx(0.05)
+    assert flat["data.batch_size"] == cfg.data.batch_size
+    assert flat["train.use_gpu"] == "auto"
+    assert flat["name"] == "local" and flat["seed"] == 0
+    assert not any(isinstance(v, dict) for v in flat.values())
+    expected = {"name", "seed"} | {f"{section}.{field}" for section in ("data", "model", "optim", "train", "mlflow")
+                                   for field in type(getattr(cfg, section)).model_fields}
+    assert set(flat) == expected
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_bad_override_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+    import imagenet_ray.train.trainer as trainer
+    from imagenet_ray.cli import main
+
+    def _must_not_run(cfg):  # pragma: no cover - reached only on failure
+        raise AssertionError("run_training must not start for an invalid config")
+
+    monkeypatch.setattr(trainer, "run_training", _must_not_run)
+    config = CONFIG_FILES[0] if CONFIG_FILES else _write(tmp_path, "name: x\n")
+    start = time.perf_counter()
+    rc = main(["train", "--config", str(config), "optim.lr=-1"])
+    elapsed = time.perf_counter() - start
+    out, err = capsys.readouterr()
+    assert rc == 2
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("imagenet-ray: error: ")
+    assert "optim.lr" in lines[0]
+    assert out == ""
+    assert elapsed < 30
+    import sys
+    if "ray" in sys.modules:
+        import ray
+        assert not ray.is_initialized()
+
+
+def test_cli_unknown_override_key_exits_2(capsys):
+    from imagenet_ray.cli import main
+
+    rc = main(["train", "train.epoch=3"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "train.epoch" in err
+
+
+def test_cli_bad_arguments_exit_2_one_line(capsys):
+    from imagenet_ray.cli import main
+
+    assert main(["train", "--no-such-flag"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("imagenet-ray: error: ") and "--no-such-flag" in err
+    assert main([]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -1,0 +1,125 @@
+"""Learning-rate schedules and weight-decay parameter groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from imagenet_ray.train.optim import build_sgd, lr_at, param_groups, scaled_lr, set_lr
+
+
+def test_warmup_is_linear_and_reaches_peak_at_its_end():
+    peak, warmup, total = 0.8, 10, 100
+    lrs = [lr_at(s, total, warmup, peak, "cosine") for s in range(warmup)]
+    assert lrs[0] == pytest.approx(peak / warmup)
+    assert lrs[-1] == pytest.approx(peak)
+    steps = [b - a for a, b in zip(lrs, lrs[1:])]
+    assert all(d == pytest.approx(peak / warmup) for d in steps)  # constant increments: linear
+    # the schedule continues from the peak without a jump
+    assert lr_at(warmup, total, warmup, peak, "cosine") == pytest.approx(peak)
+    assert lr_at(warmup, total, warmup, peak, "constant") == pytest.approx(peak)
+
+
+def test_cosine_decays_to_zero_at_total_steps():
+    peak, warmup, total = 0.5, 5, 105
+    lrs = [lr_at(s, total, warmup, peak, "cosine") for s in range(warmup, total + 1)]
+    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:])), "cosine must be non-increasing"
+    assert lr_at(total, total, warmup, peak, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(total - 1, total, warmup, peak, "cosine") < peak * 1e-3
+    assert lr_at(warmup + 50, total, warmup, peak, "cosine") == pytest.approx(peak / 2)  # midpoint
+    assert lr_at(total + 10, total, warmup, peak, "cosine") == pytest.approx(0.0, abs=1e-12)  # clamped past end
+    # exact formula at an arbitrary point
+    s = warmup + 30
+    assert lr_at(s, total, warmup, peak, "cosine") == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 0.3)))
+
+
+def test_cosine_without_warmup_starts_at_peak():
+    assert lr_at(0, 50, 0, 0.1, "cosine") == pytest.approx(0.1)
+
+
+def test_constant_stays_at_peak():
+    assert {lr_at(s, 100, 0, 0.3, "constant") for s in range(0, 150, 7)} == {0.3}
+    assert lr_at(2, 100, 4, 0.3, "constant") == pytest.approx(0.3 * 3 / 4)
+
+
+def test_unknown_schedule_raises():
+    with pytest.raises(ValueError, match="step"):
+        lr_at(5, 10, 0, 0.1, "step")
+
+
+def test_scaled_lr_linear_rule():
+    assert scaled_lr(0.1, 256) == pytest.approx(0.1)
+    assert scaled_lr(0.1, 1024) == pytest.approx(0.4)
+    assert scaled_lr(0.4, 32) == pytest.approx(0.05)
+    assert scaled_lr(0.2, 512) == pytest.approx(2 * scaled_lr(0.2, 256))
+
+
+class _Named(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=True)
+        self.bn = nn.BatchNorm2d(4)
+        self.ln = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 2)
+        self.frozen = nn.Linear(2, 2)
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+
+
+def _ids(params):
+    return {id(p) for p in params}
+
+
+def test_param_groups_by_module_type():
+    m = _Named()
+    decay, no_decay = param_groups(m, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    d, nd = _ids(decay["params"]), _ids(no_decay["params"])
+    assert d == _ids([m.conv.weight, m.fc.weight])
+    assert nd == _ids([m.conv.bias, m.bn.weight, m.bn.bias, m.ln.weight, m.ln.bias, m.fc.bias])
+    assert not d & nd
+    # frozen parameters go nowhere
+    assert not (_ids(m.frozen.parameters()) & (d | nd))
+
+
+def test_param_groups_cover_resnet18_exactly():
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    decay, no_decay = param_groups(model, 5e-5)
+    d, nd = _ids(decay["params"]), _ids(no_decay["params"])
+    everything = _ids(model.parameters())
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters())) == 62
+    assert d | nd == everything and not d & nd
+    bns = [mod for mod in model.modules() if isinstance(mod, nn.BatchNorm2d)]
+    convs = [mod for mod in model.modules() if isinstance(mod, nn.Conv2d)]
+    assert len(bns) == 20 and len(convs) == 20
+    for bn in bns:  # named "weight", but a BatchNorm: no decay
+        assert id(bn.weight) in nd and id(bn.bias) in nd
+    for conv in convs:
+        assert id(conv.weight) in d
+    assert id(model.fc.weight) in d and id(model.fc.bias) in nd
+    assert len(decay["params"]) == 21 and len(no_decay["params"]) == 41
+
+
+def test_build_sgd_and_set_lr():
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    opt = build_sgd(model, lr=0.2, momentum=0.9, weight_decay=1e-4)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    assert all(g["lr"] == 0.2 and g["momentum"] == 0.9 and not g["nesterov"] for g in opt.param_groups)
+    set_lr(opt, 0.05)
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.05]
+
+
+def test_no_decay_group_really_is_not_decayed():
+    # One SGD step with zero gradients: decayed weights shrink, BatchNorm weights do not.
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    opt = torch.optim.SGD(param_groups(model, 0.5), lr=1.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    w_before, bn_before = model[0].weight.detach().clone(), model[1].weight.detach().clone()
+    opt.step()
+    assert torch.allclose(model[0].weight, w_before * 0.5)
+    assert torch.equal(model[1].weight, bn_before)

@@ -1,0 +1,239 @@
+"""Train/eval presets: shapes, colour handling, torchvision-equivalent geometry, corrupt input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from imagenet_ray.data.decode import DecodeError, decode_rgb, image_size
+from imagenet_ray.data.transforms import (eval_batch, eval_box, eval_image, sample_rrc_box, train_batch,
+                                          train_image)
+
+
+class ScriptedRng:
+    """Stands in for np.random.Generator: uniform() returns low + t*(high-low) for scripted t values,
+    integers() returns its low bound, random() returns a fixed value."""
+
+    def __init__(self, fractions, rnd: float = 0.9):
+        self.fractions = list(fractions)
+        self.rnd = rnd
+
+    def uniform(self, low, high):
+        t = self.fractions.pop(0) if self.fractions else 1.0
+        return low + t * (high - low)
+
+    def integers(self, low, high):
+        assert high > low
+        return low
+
+    def random(self):
+        return self.rnd
+
+
+# --- decode ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, mode", [("JPEG", "RGB"), ("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGB"),
+                                       ("PNG", "L"), ("PNG", "RGBA"), ("PNG", "P"), ("PNG", "LA")])
+def test_decode_rgb_any_mode_gives_rgb(fmt, mode, smooth_image, encode_image):
+    encode = encode_image
+    img = Image.fromarray(smooth_image(50, 40)).convert(mode)
+    out = decode_rgb(encode(img, fmt))
+    assert out.mode == "RGB" and out.size == (50, 40)
+    assert image_size(encode(img, fmt)) == (50, 40)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", b"\xff\xd8\xff\xe0" + b"\0" * 20])
+def test_decode_rejects_garbage(data):
+    with pytest.raises(DecodeError):
+        decode_rgb(data)
+
+
+def test_decode_rejects_truncated_jpeg(jpeg_bytes):
+    data = jpeg_bytes(200, 150)
+    with pytest.raises(DecodeError):
+        decode_rgb(data[: len(data) // 2])
+
+
+# --- presets: shapes and colour --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["jpeg-rgb", "jpeg-gray", "jpeg-cmyk", "png-rgb", "png-gray", "png-rgba"])
+def test_presets_output_uint8_rgb(kind, jpeg_bytes, png_bytes):
+    fmt, mode = kind.split("-")
+    mode = {"rgb": "RGB", "gray": "L", "cmyk": "CMYK", "rgba": "RGBA"}[mode]
+    data = (jpeg_bytes if fmt == "jpeg" else png_bytes)(160, 120, mode)
+    rng = np.random.default_rng(0)
+    for arr, size in ((train_image(data, 32, rng), 32), (eval_image(data, 40, 32), 32), (eval_image(data, 73, 64), 64)):
+        assert arr.shape == (size, size, 3)
+        assert arr.dtype == np.uint8
+        assert arr.flags["C_CONTIGUOUS"]
+        assert 0 <= arr.min() and arr.max() <= 255
+        assert arr.std() > 1.0, "image content must survive the preset"
+        if mode == "L":
+            assert np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])
+
+
+def test_train_image_flip_mirrors_the_same_crop(jpeg_bytes):
+    data = jpeg_bytes(160, 120)
+    kept = train_image(data, 48, ScriptedRng([0.5, 0.5], rnd=0.9))
+    flipped = train_image(data, 48, ScriptedRng([0.5, 0.5], rnd=0.1))
+    assert np.array_equal(flipped, kept[:, ::-1])
+    assert not np.array_equal(flipped, kept)
+
+
+def test_train_image_is_deterministic_for_a_seed(jpeg_bytes):
+    data = jpeg_bytes(160, 120)
+    a = train_image(data, 32, np.random.default_rng(7))
+    b = train_image(data, 32, np.random.default_rng(7))
+    c = [train_image(data, 32, np.random.default_rng(s)) for s in range(8, 12)]
+    assert np.array_equal(a, b)
+    assert any(not np.array_equal(a, x) for x in c)
+
+
+# --- eval geometry vs torchvision ------------------------------------------------------------------------------
+
+EVAL_CASES = [((500, 375), 73, 64), ((375, 500), 73, 64), ((333, 500), 256, 224), ((640, 480), 160, 128),
+              ((1000, 300), 73, 64), ((257, 256), 64, 64), ((100, 73), 256, 224), ((60, 45), 73, 64)]
+
+
+@pytest.mark.parametrize("size, resize, crop", EVAL_CASES)
+def test_eval_geometry_matches_torchvision(size, resize, crop, smooth_image, encode_image):
+    pil = Image.fromarray(smooth_image(*size))
+    ours = eval_image(encode_image(pil, "PNG"), resize, crop).astype(np.int16)
+    ref = np.asarray(T.CenterCrop(crop)(T.Resize(resize)(pil))).astype(np.int16)
+    assert ours.shape == ref.shape == (crop, crop, 3)
+    diff = int(np.abs(ours - ref).max())
+    print(f"eval geometry {size} Resize({resize})+CenterCrop({crop}): max |diff| = {diff}")
+    assert diff <= 2
+
+
+def test_eval_box_matches_torchvision_offsets():
+    # Resize(73) of 500x375 → 97x73; CenterCrop(64) → top=round(4.5)=4 (banker's), left=round(16.5)=16.
+    l, t, r, b = eval_box(500, 375, 73, 64)
+    sx, sy = 500 / 97, 375 / 73
+    assert (l, t, r, b) == pytest.approx((16 * sx, 4 * sy, 80 * sx, 68 * sy))
+    assert r - l == pytest.approx(64 * sx) and b - t == pytest.approx(64 * sy)
+
+
+# --- RandomResizedCrop box -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width, height", [(500, 375), (375, 500), (64, 64), (1000, 300)])
+def test_rrc_boxes_valid(width, height):
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        left, top, w, h = sample_rrc_box(width, height, rng)
+        assert 0 <= left and 0 <= top and w > 0 and h > 0
+        assert left + w <= width and top + h <= height
+        frac = w * h / (width * height)
+        # rounding of w and h moves the area / aspect a little beyond the sampled ranges
+        assert 0.08 * 0.9 <= frac <= 1.0
+        slack = 1.0 / min(w, h) * 2
+        assert 3 / 4 - slack <= w / h <= 4 / 3 + slack
+
+
+def test_rrc_distribution_matches_torchvision():
+    width, height, n = 500, 375, 3000
+    rng = np.random.default_rng(123)
+    torch.manual_seed(123)
+    ours = np.array([sample_rrc_box(width, height, rng) for _ in range(n)], dtype=np.float64)
+    tv = []
+    img = torch.empty(3, height, width)
+    for _ in range(n):
+        i, j, h, w = T.RandomResizedCrop.get_params(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+        tv.append((j, i, w, h))
+    tv = np.array(tv, dtype=np.float64)
+
+    def stats(boxes):
+        left, top, w, h = boxes.T
+        return {"area": (w * h / (width * height)).mean(), "log_aspect": np.log(w / h).mean(),
+                "cx": ((left + w / 2) / width).mean(), "cy": ((top + h / 2) / height).mean(),
+                "full": ((w == width) & (h == height)).mean()}
+
+    a, b = stats(ours), stats(tv)
+    for key, tol in (("area", 0.03), ("log_aspect", 0.03), ("cx", 0.02), ("cy", 0.02), ("full", 0.02)):
+        assert abs(a[key] - b[key]) < tol, (key, a[key], b[key])
+
+
+def test_rrc_hand_computed_case():
+    # scale t=0.5 → area 0.54 of 500x375 = 101250; aspect exp(0)=1 → w = h = round(318.2) = 318
+    rng = ScriptedRng([(0.54 - 0.08) / 0.92, 0.5])
+    assert sample_rrc_box(500, 375, rng) == (0, 0, 318, 318)
+
+
+@pytest.mark.parametrize("width, height", [(1000, 10), (10, 1000), (2000, 30), (30, 2000)])
+def test_rrc_fallback_matches_torchvision(width, height):
+    # No box with area ≥ 8 % fits inside: torchvision falls back to a central crop clamped to the ratio range.
+    rng = np.random.default_rng(0)
+    ours = sample_rrc_box(width, height, rng)
+    i, j, h, w = T.RandomResizedCrop.get_params(torch.empty(3, height, width), scale=(0.08, 1.0),
+                                                ratio=(3 / 4, 4 / 3))
+    assert ours == (j, i, w, h)
+    left, top, bw, bh = ours
+    assert 3 / 4 - 0.05 <= bw / bh <= 4 / 3 + 0.05
+    assert left == (width - bw) // 2 and top == (height - bh) // 2
+
+
+def test_rrc_fallback_hand_computed():
+    rng = np.random.default_rng(0)
+    assert sample_rrc_box(1000, 10, rng) == (493, 0, 13, 10)  # w = round(10 * 4/3) = 13
+    assert sample_rrc_box(10, 1000, rng) == (0, 493, 10, 13)  # h = round(10 / (3/4)) = 13
+
+
+def test_rrc_fallback_whole_image_when_ratio_in_range():
+    # Every attempt asks for the full area at aspect 4/3: too wide for a square image → fallback → whole image.
+    rng = ScriptedRng([1.0] * 20)
+    assert sample_rrc_box(100, 100, rng) == (0, 0, 100, 100)
+    assert rng.fractions == []  # all ten attempts were consumed
+
+
+# --- batches ---------------------------------------------------------------------------------------------------
+
+
+def _solid_jpeg(rgb) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 60), rgb).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_eval_batch_raises_naming_the_key():
+    good = _solid_jpeg((200, 10, 10))
+    batch = {"image": np.array([good, b"garbage bytes"], dtype=object), "label": np.array([3, 4]),
+             "key": np.array(["val/ok.JPEG", "val/ILSVRC2012_val_00000042.JPEG"], dtype=object)}
+    with pytest.raises(DecodeError) as info:
+        eval_batch(batch, 40, 32)
+    assert "val/ILSVRC2012_val_00000042.JPEG" in str(info.value)
+
+
+def test_eval_batch_shapes_and_labels():
+    batch = {"image": np.array([_solid_jpeg((200, 10, 10)), _solid_jpeg((10, 10, 200))], dtype=object),
+             "label": np.array([3, 4], dtype=np.int16)}
+    out = eval_batch(batch, 40, 32)
+    assert out["image"].shape == (2, 32, 32, 3) and out["image"].dtype == np.uint8
+    assert out["label"].dtype == np.int64 and out["label"].tolist() == [3, 4]
+    assert out["image"][0, ..., 0].mean() > 150 and out["image"][1, ..., 2].mean() > 150
+
+
+def test_train_batch_drops_corrupt_rows_and_keeps_labels_aligned():
+    red, blue = _solid_jpeg((220, 10, 10)), _solid_jpeg((10, 10, 220))
+    truncated = blue[: len(blue) // 3]
+    batch = {"image": np.array([red, b"junk", blue, truncated, b""], dtype=object),
+             "label": np.array([0, 1, 2, 3, 4])}
+    out = train_batch(batch, 24, np.random.default_rng(0))
+    assert out["image"].shape == (2, 24, 24, 3) and out["image"].dtype == np.uint8
+    assert out["label"].tolist() == [0, 2] and out["label"].dtype == np.int64
+    assert out["image"][0, ..., 0].mean() > 150  # row 0 is the red image
+    assert out["image"][1, ..., 2].mean() > 150  # row 1 is the blue image
+
+
+def test_train_batch_all_corrupt_gives_empty_arrays():
+    out = train_batch({"image": np.array([b"x", b"y"], dtype=object), "label": np.array([1, 2])}, 16,
+                      np.random.default_rng(0))
+    assert out["image"].shape == (0, 16, 16, 3) and out["image"].dtype == np.uint8
+    assert out["label"].shape == (0,)
