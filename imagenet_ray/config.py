@@ -32,6 +32,8 @@ def classification_model_names() -> frozenset[str]:
 
 class DataSection(_Strict):
     url: str = Field(".demo/prepared", description="prepared dataset (directory holding _manifest.json)")
+    source: Literal["prepared", "raw"] = Field("prepared", description="raw = read an ILSVRC layout directly")
+    decode_on: Literal["cpu", "gpu"] = Field("cpu", description="gpu = ship JPEG bytes, decode on the worker")
     train_crop: int = Field(64, ge=8, description="RandomResizedCrop output size")
     val_resize: int = Field(73, ge=8, description="shorter side before the center crop")
     val_crop: int = Field(64, ge=8, description="center crop size")

@@ -1,9 +1,14 @@
-"""Ray Datasets for training and validation, built from a prepared dataset's manifest.
+"""Ray Datasets for training and validation.
 
-train: shard files in a new order every epoch (seeded) → decode + RandomResizedCrop + flip on CPU
-       tasks → uint8 (N, H, W, 3) batches; each worker adds a local shuffle buffer when iterating.
-val:   every shard, every row, eval preset; split across workers *without* equalising so that each
-       image is seen exactly once (see ExactValDataConfig).
+Sources: a prepared dataset (Parquet shards + manifest; the default) or a raw ILSVRC layout read
+straight from storage (for users who do not prepare).
+
+train: new shard/file order every epoch (seeded) → [CPU tasks: decode + RandomResizedCrop + flip]
+       → uint8 (N, H, W, 3) batches; each worker adds a local shuffle buffer when iterating.
+       With `decode_on="gpu"` the tasks pass the JPEG bytes through and the worker decodes on its
+       device (data/device_decode.py).
+val:   every image once, eval preset; split across workers *without* equalising so that each image
+       is seen exactly once (see exact_val_data_config).
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import numpy as np
 
 from imagenet_ray import storage
 from imagenet_ray.data import transforms
+from imagenet_ray.data.layouts import ImageRecord, LayoutListing, detect_and_list, read_record
 from imagenet_ray.data.prepare import read_manifest
 
 DECODE_BATCH_ROWS = 32
+RAW_ROWS_PER_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -36,9 +43,64 @@ class PreparedDataset:
         root = storage.resolve(self.url)
         return root.fs, [root.child(s["path"]).path for s in self.manifest["splits"][split]["shards"]]
 
+    def read(self, split: str, columns: list[str], seed: int | None = None):
+        import ray.data
+        from ray.data import FileShuffleConfig
+
+        fs, paths = self.shard_paths(split)
+        shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
+        # select_columns is pushed down into the Parquet read.
+        return ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle).select_columns(columns)
+
+
+@dataclass(frozen=True)
+class RawLayoutDataset:
+    """An ILSVRC layout read without preparation: records are listed on the driver, bytes are read
+    by Ray Data tasks (byte ranges for tar members), every epoch in a new order."""
+
+    url: str
+    listing: LayoutListing
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.listing.classes)
+
+    def num_images(self, split: str) -> int:
+        return len(self.listing.split(split))
+
+    def read(self, split: str, columns: list[str], seed: int | None = None):
+        import ray.data
+
+        records = self.listing.split(split)
+        if seed is not None:
+            records = [records[i] for i in np.random.default_rng(seed).permutation(len(records))]
+        items = [{"key": r.key, "path": r.path, "offset": r.offset, "size": r.size, "label": r.label,
+                  "wnid": r.wnid} for r in records]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // RAW_ROWS_PER_BLOCK))
+        if seed is not None:
+            ds = ds.randomize_block_order()  # a new block order every epoch
+        ds = ds.map_batches(_read_raw, fn_kwargs={"root_url": self.url}, batch_size=DECODE_BATCH_ROWS,
+                            batch_format="numpy")
+        return ds.select_columns(columns)
+
+
+def _read_raw(batch: dict[str, np.ndarray], root_url: str) -> dict[str, np.ndarray]:
+    root = storage.resolve(root_url)
+    images = [read_record(root, ImageRecord(str(k), str(w), int(l), int(s), str(p), int(o)))
+              for k, w, l, s, p, o in zip(batch["key"], batch["wnid"], batch["label"], batch["size"],
+                                          batch["path"], batch["offset"])]
+    return {"image": np.array(images, dtype=object), "label": batch["label"], "key": batch["key"]}
+
 
 def open_prepared(url: str) -> PreparedDataset:
     return PreparedDataset(url, read_manifest(url))
+
+
+def open_source(url: str, source: str) -> PreparedDataset | RawLayoutDataset:
+    """`source` = "prepared" (Parquet shards + manifest) or "raw" (an ILSVRC layout, see layouts.py)."""
+    if source == "raw":
+        return RawLayoutDataset(url, detect_and_list(url))
+    return open_prepared(url)
 
 
 def _train_map(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -50,22 +112,17 @@ def _eval_map(batch: dict[str, np.ndarray], resize: int, crop: int) -> dict[str,
     return transforms.eval_batch(batch, resize, crop)
 
 
-def build_train_dataset(prepared: PreparedDataset, crop: int, seed: int):
-    import ray.data
-    from ray.data import FileShuffleConfig
-
-    fs, paths = prepared.shard_paths("train")
-    ds = ray.data.read_parquet(
-        paths, filesystem=fs, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
-    ).select_columns(["image", "label"])  # pushed down into the Parquet read
+def build_train_dataset(data, crop: int, seed: int, decode_on: str = "cpu"):
+    ds = data.read("train", ["image", "label"], seed=seed)
+    if decode_on == "gpu":
+        return ds  # JPEG bytes go to the worker
     return ds.map_batches(_train_map, fn_kwargs={"size": crop}, batch_size=DECODE_BATCH_ROWS, batch_format="numpy")
 
 
-def build_val_dataset(prepared: PreparedDataset, resize: int, crop: int):
-    import ray.data
-
-    fs, paths = prepared.shard_paths("val")
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["image", "label", "key"])
+def build_val_dataset(data, resize: int, crop: int, decode_on: str = "cpu"):
+    ds = data.read("val", ["image", "label", "key"])
+    if decode_on == "gpu":
+        return ds.select_columns(["image", "label"])
     return ds.map_batches(_eval_map, fn_kwargs={"resize": resize, "crop": crop},
                           batch_size=DECODE_BATCH_ROWS, batch_format="numpy")
 

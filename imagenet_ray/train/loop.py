@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import tempfile
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,7 +25,37 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     x = images.permute(0, 3, 1, 2).float()  # a view: NCHW shape, NHWC strides = channels_last
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
-    return (x - mean) / std
+    # Device-decoded batches arrive as NCHW memory; make every input channels_last (no-op if already).
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def train_batches(shard, cfg, device: torch.device, rng) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's training batches for one epoch: uint8 images + int64 labels on `device`."""
+    common = dict(batch_size=cfg.data.batch_size, prefetch_batches=cfg.data.prefetch_batches,
+                  local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None)
+    if cfg.data.decode_on == "gpu":
+        from imagenet_ray.data.device_decode import train_batch_on_device
+
+        for b in shard.iter_batches(batch_format="numpy", **common):
+            yield {"image": train_batch_on_device(list(b["image"]), cfg.data.train_crop, device, rng),
+                   "label": torch.as_tensor(b["label"], dtype=torch.int64).to(device)}
+    else:
+        yield from shard.iter_torch_batches(dtypes={"image": torch.uint8, "label": torch.int64}, device=device,
+                                            **common)
+
+
+def val_batches(shard, cfg, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's share of the val set (every image once over all workers), on `device`."""
+    common = dict(batch_size=cfg.data.val_batch_size, prefetch_batches=cfg.data.prefetch_batches)
+    if cfg.data.decode_on == "gpu":
+        from imagenet_ray.data.device_decode import eval_batch_on_device
+
+        for b in shard.iter_batches(batch_format="numpy", **common):
+            yield {"image": eval_batch_on_device(list(b["image"]), cfg.data.val_resize, cfg.data.val_crop, device),
+                   "label": torch.as_tensor(b["label"], dtype=torch.int64).to(device)}
+    else:
+        yield from shard.iter_torch_batches(dtypes={"image": torch.uint8, "label": torch.int64}, device=device,
+                                            **common)
 
 
 def autocast_context(device: torch.device):
@@ -80,6 +111,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)
+    aug_rng = np.random.default_rng()  # device-side augmentation (decode_on=gpu): fresh entropy
 
     model = build_model(cfg.model.name, plan["num_classes"]).to(memory_format=torch.channels_last)
     optimizer = build_sgd(model, plan["peak_lr"], cfg.optim.momentum, cfg.optim.weight_decay)
@@ -117,11 +149,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         samples, wait_s = 0, 0.0
         epoch_start = time.perf_counter()
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.data.batch_size, dtypes={"image": torch.uint8, "label": torch.int64}, device=device,
-            local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None, prefetch_batches=cfg.data.prefetch_batches,
-        )
-        iterator = iter(batches)
+        iterator = iter(train_batches(train_shard, cfg, device, aug_rng))
         while True:
             t0 = time.perf_counter()
             batch = next(iterator, None)
@@ -137,9 +165,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              device=device)
         g_loss, g_samples, g_wait = all_reduce_sum(local).tolist()
 
-        val = evaluate(model, val_shard.iter_torch_batches(
-            batch_size=cfg.data.val_batch_size, dtypes={"image": torch.uint8, "label": torch.int64}, device=device,
-            prefetch_batches=cfg.data.prefetch_batches), device).reduced(device)
+        val = evaluate(model, val_batches(val_shard, cfg, device), device).reduced(device)
         if val.samples != plan["num_val"]:
             raise RuntimeError(f"validation counted {val.samples} images but the manifest lists {plan['num_val']}: "
                                "refusing to report a wrong Top-1/Top-5")

@@ -13,8 +13,7 @@ from typing import Any
 
 from imagenet_ray import storage
 from imagenet_ray.config import ExperimentConfig, flatten, to_yaml
-from imagenet_ray.data.pipeline import (PreparedDataset, build_train_dataset, build_val_dataset, exact_val_data_config,
-                                        open_prepared)
+from imagenet_ray.data.pipeline import build_train_dataset, build_val_dataset, exact_val_data_config, open_source
 from imagenet_ray.errors import UserError
 from imagenet_ray.tracking import ensure_experiment, resolve_tracking_uri
 from imagenet_ray.train.optim import scaled_lr
@@ -45,7 +44,7 @@ def absolute_url(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
 
 
-def plan_run(cfg: ExperimentConfig, prepared: PreparedDataset, use_gpu: bool) -> RunPlan:
+def plan_run(cfg: ExperimentConfig, prepared, use_gpu: bool) -> RunPlan:
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     num_train, num_val = prepared.num_images("train"), prepared.num_images("val")
     workers = cfg.train.num_workers
@@ -97,7 +96,7 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
     from imagenet_ray.train.loop import train_loop_per_worker
 
     data_url = absolute_url(cfg.data.url)
-    prepared = open_prepared(data_url)  # fails early, with the URL, if the dataset is missing
+    prepared = open_source(data_url, cfg.data.source)  # fails early, naming the URL, if the data is missing
     ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
     plan = plan_run(cfg, prepared, decide_use_gpu(cfg))
     storage_loc = storage.resolve(plan.storage_url)
@@ -122,8 +121,8 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets={
-            "train": build_train_dataset(prepared, cfg.data.train_crop, cfg.seed),
-            "val": build_val_dataset(prepared, cfg.data.val_resize, cfg.data.val_crop),
+            "train": build_train_dataset(prepared, cfg.data.train_crop, cfg.seed, cfg.data.decode_on),
+            "val": build_val_dataset(prepared, cfg.data.val_resize, cfg.data.val_crop, cfg.data.decode_on),
         },
         dataset_config=exact_val_data_config(),
     )
