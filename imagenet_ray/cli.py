@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--shard-mb", type=float, default=128.0, help="target shard size (MiB of source bytes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shard plan (class mixing)")
-    p.add_argument("--layout", default=None, help="force a layout instead of detecting it")
+    p.add_argument("--layout", default=None, help="force a layout instead of detecting it: "
+                   "kaggle (CLS-LOC), folders (train|val/<wnid>/), devkit (flat val + devkit), tars (original tarballs)")
     p.add_argument("--max-quarantine-frac", type=float, default=0.001,
                    help="fail when more than this fraction of images is quarantined")
     p.add_argument("--max-side", type=int, default=None, help="re-encoded variant: longer side at most N px")

@@ -438,7 +438,8 @@ def _find_train(src: _Source, layout: str) -> dict[str, list[_Item]]:
             if base.endswith(".tar") and WNID_RE.match(base[:-4]):
                 tars[base[:-4]] = (rel, size)
             elif _is_listed(rel):
-                raise UserError(f"{src.url(rel)}: an image outside a class folder (expected train/<wnid>/<file>)")
+                raise UserError(f"{src.url(rel)}: a file outside a class folder "
+                                f"(expected train/<wnid>/<file> or train/<wnid>.tar)")
         both = sorted(set(tars) & set(by_class))
         if both:
             raise UserError(f"{src.url(TRAIN_DIR)}: both train/{both[0]}/ and train/{both[0]}.tar exist; "
@@ -634,7 +635,7 @@ def _list_folders(src: _Source) -> LayoutListing:
                 val.append(_Item(rel, name, size))
     for rel in val_loose:
         if _is_listed(rel):
-            raise UserError(f"{src.url(rel)}: an image outside a class folder (expected val/<wnid>/<file>)")
+            raise UserError(f"{src.url(rel)}: a file outside a class folder (expected val/<wnid>/<file>)")
     return LayoutListing("folders", src.root.url, classes, _label(_flat(train), classes, mapping),
                          _label(val, classes, mapping))
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from imagenet_ray import storage
 from imagenet_ray.data import transforms
-from imagenet_ray.data.layouts import ImageRecord, LayoutListing, detect_and_list, read_record
+from imagenet_ray.data.layouts import ImageRecord, LayoutListing, detect_and_list, read_records
 from imagenet_ray.data.prepare import read_manifest
 
 DECODE_BATCH_ROWS = 32
@@ -86,9 +86,10 @@ class RawLayoutDataset:
 
 def _read_raw(batch: dict[str, np.ndarray], root_url: str) -> dict[str, np.ndarray]:
     root = storage.resolve(root_url)
-    images = [read_record(root, ImageRecord(str(k), str(w), int(l), int(s), str(p), int(o)))
-              for k, w, l, s, p, o in zip(batch["key"], batch["wnid"], batch["label"], batch["size"],
-                                          batch["path"], batch["offset"])]
+    records = [ImageRecord(str(k), str(w), int(l), int(s), str(p), int(o))
+               for k, w, l, s, p, o in zip(batch["key"], batch["wnid"], batch["label"], batch["size"],
+                                           batch["path"], batch["offset"])]
+    images = list(read_records(root, records))
     return {"image": np.array(images, dtype=object), "label": batch["label"], "key": batch["key"]}
 
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from imagenet_ray import __version__, storage
 from imagenet_ray.data.decode import Quarantined, normalize_for_storage
-from imagenet_ray.data.layouts import ImageRecord, LayoutListing, detect_and_list, read_record
+from imagenet_ray.data.layouts import ImageRecord, LayoutListing, detect_and_list, read_records
 from imagenet_ray.errors import UserError
 
 MANIFEST_NAME = "_manifest.json"
@@ -117,9 +117,9 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
     rows, quarantined, notes = [], [], Counter()
     per_class: Counter = Counter()
     bytes_in = 0
-    for rec_fields in task["records"]:
-        rec = ImageRecord(**rec_fields)
-        data = read_record(source, rec)
+    records = [ImageRecord(**fields) for fields in task["records"]]
+    # read_records keeps one open file per tar across consecutive members (one open per shard).
+    for rec, data in zip(records, read_records(source, records)):
         bytes_in += len(data)
         try:
             stored, height, width, note = normalize_for_storage(data, max_side, task["quality"])
