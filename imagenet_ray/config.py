@@ -30,6 +30,22 @@ def classification_model_names() -> frozenset[str]:
     return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
+class ProgressiveResize(_Strict):
+    """FFCV-style progressive resizing: the train crop grows linearly from start to end size."""
+
+    start_size: int = Field(160, ge=8)
+    end_size: int = Field(192, ge=8)
+    start_epoch: int = Field(0, ge=0, description="epochs before this train at start_size")
+    end_epoch: int = Field(1, ge=1, description="from this epoch on, train at end_size")
+    step: int = Field(32, ge=1, description="sizes are rounded to the nearest multiple of this")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ProgressiveResize":
+        if self.end_epoch <= self.start_epoch:
+            raise ValueError("end_epoch must be after start_epoch")
+        return self
+
+
 class DataSection(_Strict):
     url: str = Field(".demo/prepared", description="prepared dataset (directory holding _manifest.json)")
     source: Literal["prepared", "raw"] = Field("prepared", description="raw = read an ILSVRC layout directly")
@@ -37,20 +53,33 @@ class DataSection(_Strict):
     train_crop: int = Field(64, ge=8, description="RandomResizedCrop output size")
     val_resize: int = Field(73, ge=8, description="shorter side before the center crop")
     val_crop: int = Field(64, ge=8, description="center crop size")
+    progressive: ProgressiveResize | None = Field(None, description="grow the train crop over epochs")
     batch_size: int = Field(32, gt=0, description="images per worker per step")
     val_batch_size: int = Field(64, gt=0)
     local_shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's shuffle buffer (0 = off)")
     prefetch_batches: int = Field(2, ge=0)
+    eval_hflip: bool = Field(False, description="average logits over the image and its mirror at eval")
+    mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta(α, α); 0 = off")
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(α, α); 0 = off")
+    deterministic: bool = Field(False, description="seeded, order-preserving data (exact resume; slower)")
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "DataSection":
         if self.val_crop > self.val_resize:
             raise ValueError(f"val_crop ({self.val_crop}) must not exceed val_resize ({self.val_resize})")
+        if self.progressive is not None and self.progressive.end_size > self.train_crop:
+            raise ValueError(f"progressive.end_size ({self.progressive.end_size}) must not exceed train_crop "
+                             f"({self.train_crop}), the size the CPU pipeline decodes to")
         return self
 
 
 class ModelSection(_Strict):
     name: str = Field("resnet18", description="any torchvision classification model")
+    zero_init_residual: bool = Field(True, description="zero-init the last BN gamma of each residual block")
+    blurpool: bool = Field(False, description="anti-aliased downsampling before strided convs (FFCV)")
+    channels_last: bool = True
+    compile: bool = Field(False, description="torch.compile the model")
+    sync_batchnorm: bool = Field(False, description="SyncBatchNorm across workers")
 
     @field_validator("name")
     @classmethod
@@ -63,18 +92,29 @@ class ModelSection(_Strict):
 class OptimSection(_Strict):
     lr: float = Field(0.1, gt=0, description="peak learning rate per 256 images (scaled linearly to the global batch)")
     momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
     weight_decay: float = Field(5e-5, ge=0)
+    no_decay_norm_and_bias: bool = Field(True, description="no weight decay on norm layers and biases")
     warmup_epochs: float = Field(0.0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_start_factor: float = Field(0.0, ge=0, le=1, description="warmup starts at this fraction of the peak")
+    schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
+    step_epochs: int = Field(30, gt=0, description="step schedule: multiply by step_gamma every this many epochs")
+    step_gamma: float = Field(0.1, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights, evaluated alongside; 0 = off")
+    ema_every_steps: int = Field(1, ge=1)
 
 
 class TrainSection(_Strict):
     epochs: int = Field(3, gt=0)
     num_workers: int = Field(1, gt=0)
     use_gpu: bool | Literal["auto"] = Field("auto", description="true, false or auto (GPUs if the cluster has any)")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast on GPUs, fp32 on CPU")
     cpus_per_worker: float = Field(1.0, gt=0)
     storage_path: str = Field(".demo/runs", description="checkpoints go to <storage_path>/<name>")
+    checkpoints_to_keep: int = Field(2, gt=0, description="best K by val/top1 (the latest is kept too)")
+    max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
 
     @field_validator("use_gpu", mode="before")
     @classmethod
@@ -82,8 +122,10 @@ class TrainSection(_Strict):
         if isinstance(value, bool) or value == "auto":
             return value
         raise ValueError("must be true, false or auto")
-    checkpoints_to_keep: int = Field(2, gt=0)
-    max_failures: int = Field(0, ge=0)
+
+
+class EvalSection(_Strict):
+    per_class: bool = Field(True, description="log per-class top-1 as an artifact after the last epoch")
 
 
 class MlflowSection(_Strict):
@@ -98,6 +140,7 @@ class ExperimentConfig(_Strict):
     model: ModelSection = ModelSection()
     optim: OptimSection = OptimSection()
     train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
     mlflow: MlflowSection = MlflowSection()
 
 

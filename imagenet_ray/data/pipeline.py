@@ -36,6 +36,10 @@ class PreparedDataset:
     def num_classes(self) -> int:
         return len(self.manifest["classes"])
 
+    @property
+    def class_wnids(self) -> list[str]:
+        return list(self.manifest["classes"])
+
     def num_images(self, split: str) -> int:
         return int(self.manifest["splits"][split]["num_images"])
 
@@ -64,6 +68,10 @@ class RawLayoutDataset:
     @property
     def num_classes(self) -> int:
         return len(self.listing.classes)
+
+    @property
+    def class_wnids(self) -> list[str]:
+        return list(self.listing.classes.wnids)
 
     def num_images(self, split: str) -> int:
         return len(self.listing.split(split))

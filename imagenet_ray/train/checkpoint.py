@@ -18,13 +18,25 @@ def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
 def write_checkpoint_dir(directory: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                         epoch: int, step: int, mlflow_run_id: str | None, config_yaml: str) -> None:
-    """Write the state after `epoch` completed epochs into `directory`."""
+                         epoch: int, step: int, mlflow_run_id: str | None, config_yaml: str,
+                         ema: dict[str, Any] | None = None) -> None:
+    """Write the state after `epoch` completed epochs into `directory`.
+
+    The LR schedule is a pure function of `step`, so the step is its whole state; bf16 autocast
+    needs no gradient scaler, so there is none to save.
+    """
     directory = Path(directory)
     torch.save({
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "ema": ema,
         "epoch": epoch,
         "step": step,
         "mlflow_run_id": mlflow_run_id,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from imagenet_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from imagenet_ray.train.metrics import EvalTotals, all_reduce_sum, topk_correct
-from imagenet_ray.train.optim import lr_at, set_lr
+from imagenet_ray.train.optim import set_lr
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
@@ -40,8 +40,8 @@ def train_batches(shard, cfg, device: torch.device, rng) -> Iterator[dict[str, t
             yield {"image": train_batch_on_device(list(b["image"]), cfg.data.train_crop, device, rng),
                    "label": torch.as_tensor(b["label"], dtype=torch.int64).to(device)}
     else:
-        yield from shard.iter_torch_batches(dtypes={"image": torch.uint8, "label": torch.int64}, device=device,
-                                            **common)
+        # dtypes are inferred (uint8 images, int64 labels); extra columns such as decode_errors pass through.
+        yield from shard.iter_torch_batches(device=device, **common)
 
 
 def val_batches(shard, cfg, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
@@ -58,21 +58,63 @@ def val_batches(shard, cfg, device: torch.device) -> Iterator[dict[str, torch.Te
                                             **common)
 
 
-def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA; full fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPUs (auto/bf16); fp32 on CPU unless bf16 is asked for explicitly."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None = None):
+    """Autocast to `dtype` (default: bf16 on CUDA, off on CPU)."""
+    if dtype is None and device.type == "cuda":
+        dtype = torch.bfloat16
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train_size_for_epoch(data_cfg, epoch: int) -> int:
+    """Train crop for `epoch` (0-based): fixed, or FFCV's linear progressive resizing, rounded down."""
+    prog = data_cfg.progressive
+    if prog is None:
+        return data_cfg.train_crop
+    if epoch <= prog.start_epoch:
+        size = prog.start_size
+    elif epoch >= prog.end_epoch:
+        size = prog.end_size
+    else:
+        frac = (epoch - prog.start_epoch) / (prog.end_epoch - prog.start_epoch)
+        size = prog.start_size + frac * (prog.end_size - prog.start_size)
+    # FFCV rounds the interpolated size to the nearest multiple of 32 (np.round: half to even).
+    return max(prog.step, int(np.round(size / prog.step)) * prog.step)
+
+
+def resize_on_device(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased downscale of a float NCHW batch (progressive resizing of CPU-decoded crops)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).contiguous(
+        memory_format=torch.channels_last)
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Mean cross-entropy; `target` is class indices or (already smoothed) soft targets."""
+    if target.dtype.is_floating_point:
+        return F.cross_entropy(logits.float(), target)
+    return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                lr: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """One SGD step on a batch; returns the summed (not mean) loss, detached."""
+    """One plain SGD step on a uint8 batch; returns the summed (not mean) loss, detached."""
     set_lr(optimizer, lr)
     x = to_model_input(images)
     with autocast_context(x.device):
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    loss = loss_fn(logits, labels, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -80,92 +122,172 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> EvalTotals:
-    """Loss and top-1/top-5 counts over every batch this worker receives (no padding, no drop)."""
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
+             dtype: torch.dtype | None = None, hflip: bool = False,
+             per_class: torch.Tensor | None = None) -> EvalTotals:
+    """Loss and top-1/top-5 counts over every batch this worker receives (no padding, no drop).
+
+    hflip: average the logits of each image and its mirror. per_class: a (2, num_classes) float64
+    tensor that receives per-class [correct top-1, count] sums.
+    """
     model.eval()
     totals = EvalTotals()
     for batch in batches:
         images, labels = batch["image"].to(device), batch["label"].to(device)
         x = to_model_input(images)
-        with autocast_context(device):
+        with autocast_context(device, dtype):
             logits = model(x).float()
+            if hflip:
+                logits = (logits + model(x.flip(-1)).float()) / 2
         loss_sum = F.cross_entropy(logits, labels, reduction="sum")
         totals.add(loss_sum.item(), labels.shape[0], topk_correct(logits, labels))
+        if per_class is not None:
+            hit = (logits.argmax(1) == labels).to(per_class.dtype)
+            per_class[0].index_add_(0, labels, hit)
+            per_class[1].index_add_(0, labels, torch.ones_like(hit))
     return totals
+
+
+class _Timer:
+    """Wall time blocked on the data iterator (the numerator of perf/data_wait_frac)."""
+
+    def __init__(self, iterable):
+        self.iterator, self.wait_s = iter(iterable), 0.0
+
+    def __iter__(self):
+        while True:
+            t0 = time.perf_counter()
+            item = next(self.iterator, None)
+            self.wait_s += time.perf_counter() - t0
+            if item is None:
+                return
+            yield item
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entrypoint (runs on every worker)."""
+    import contextlib
+
     import ray.train
     import ray.train.torch
 
     from imagenet_ray.config import ExperimentConfig
     from imagenet_ray.tracking import RunTracker
-    from imagenet_ray.train.checkpoint import load_checkpoint, write_checkpoint_dir
+    from imagenet_ray.train.batch_aug import mix_batch
+    from imagenet_ray.train.checkpoint import load_checkpoint, restore_rng, write_checkpoint_dir
     from imagenet_ray.train.models import build_model
-    from imagenet_ray.train.optim import build_sgd
+    from imagenet_ray.train.optim import build_sgd, schedule_from_config
 
     cfg = ExperimentConfig.model_validate(loop_config["config"])
     plan = loop_config["plan"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed + rank)
-    aug_rng = np.random.default_rng()  # device-side augmentation (decode_on=gpu): fresh entropy
+    dtype = amp_dtype(cfg.train.precision, device)
+    num_classes = plan["num_classes"]
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    aug_rng = np.random.default_rng([cfg.seed, rank])
 
-    model = build_model(cfg.model.name, plan["num_classes"]).to(memory_format=torch.channels_last)
-    optimizer = build_sgd(model, plan["peak_lr"], cfg.optim.momentum, cfg.optim.weight_decay)
+    model = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual, cfg.model.blurpool)
+    if cfg.model.sync_batchnorm and world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_sgd(model, plan["peak_lr"], cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov,
+                          cfg.optim.no_decay_norm_and_bias)
+    ema = None
+    if cfg.optim.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
     start_epoch, step, run_id = 0, 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
         start_epoch, step, run_id = state["epoch"], state["step"], state["mlflow_run_id"]
+        restore_rng(state["rng"])
+        aug_rng = np.random.default_rng([cfg.seed, rank, start_epoch])
     ddp_model = ray.train.torch.prepare_model(model)
+    if ema is not None:
+        ema.to(device)
     # prepare_model moved the parameters: the optimizer state must follow them.
     for s in optimizer.state.values():
         for k, v in s.items():
             if isinstance(v, torch.Tensor):
                 s[k] = v.to(device)
+    train_model = torch.compile(ddp_model) if cfg.model.compile else ddp_model
 
-    tracker = None
+    tracker, logged_epochs = None, set()
     if rank == 0:
         if run_id is None:
             tracker = RunTracker.start(plan["tracking_uri"], plan["experiment_id"], cfg.name, plan["params"],
                                        plan["config_yaml"])
         else:
             tracker = RunTracker(plan["tracking_uri"], run_id)
+            # After a restart the last epoch may already be logged: never log an epoch twice.
+            logged_epochs = tracker.logged_steps("val/top1")
         run_id = tracker.run_id
 
-    steps_per_epoch = plan["steps_per_epoch"]
-    total_steps = steps_per_epoch * cfg.train.epochs
-    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    accum = cfg.optim.grad_accum_steps
+    schedule = schedule_from_config(cfg.optim, plan["peak_lr"], plan["steps_per_epoch"], cfg.train.epochs)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    mixing = cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0
 
     for epoch in range(start_epoch, cfg.train.epochs):
-        ddp_model.train()
+        size = train_size_for_epoch(cfg.data, epoch)
+        epoch_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train_crop": size})}) \
+            if cfg.data.decode_on == "gpu" else cfg
+        train_model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        samples, wait_s = 0, 0.0
+        samples, micro, decode_errors = 0, 0, 0
         epoch_start = time.perf_counter()
-        iterator = iter(train_batches(train_shard, cfg, device, aug_rng))
-        while True:
-            t0 = time.perf_counter()
-            batch = next(iterator, None)
-            wait_s += time.perf_counter() - t0
-            if batch is None:
-                break
-            lr = lr_at(step, total_steps, warmup_steps, plan["peak_lr"], cfg.optim.schedule)
-            loss_sum += train_step(ddp_model, optimizer, batch["image"], batch["label"], lr, cfg.optim.label_smoothing)
-            samples += batch["label"].shape[0]
+        timed = _Timer(train_batches(train_shard, epoch_cfg, device, aug_rng))
+        for batch in timed:
+            labels = batch["label"].long()
+            if "decode_errors" in batch:  # rows replaced by another image of the batch (transforms.py)
+                decode_errors += int(batch["decode_errors"].sum())
+            x = resize_on_device(to_model_input(batch["image"]), size)
+            target = labels
+            if mixing:
+                x, target = mix_batch(x, labels, num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha, aug_rng,
+                                      cfg.optim.label_smoothing)
+            sync = (micro + 1) % accum == 0
+            no_sync = getattr(ddp_model, "no_sync", None)
+            with (no_sync() if (not sync and no_sync is not None) else contextlib.nullcontext()):
+                with autocast_context(device, dtype):
+                    logits = train_model(x)
+                loss = loss_fn(logits, target, cfg.optim.label_smoothing)
+                (loss / accum).backward()
+            if sync:
+                set_lr(optimizer, schedule(step))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if ema is not None and step % cfg.optim.ema_every_steps == 0:
+                    ema.update_parameters(model)
+            loss_sum += loss.detach().double() * labels.shape[0]
+            samples += labels.shape[0]
+            micro += 1
+        if micro % accum:  # a last partial accumulation (same count on every rank)
+            set_lr(optimizer, schedule(step))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             step += 1
         train_s = time.perf_counter() - epoch_start
-        local = torch.tensor([loss_sum.item(), samples, wait_s / max(train_s, 1e-9)], dtype=torch.float64,
-                             device=device)
-        g_loss, g_samples, g_wait = all_reduce_sum(local).tolist()
+        local = torch.tensor([loss_sum.item(), samples, timed.wait_s / max(train_s, 1e-9), decode_errors],
+                             dtype=torch.float64, device=device)
+        g_loss, g_samples, g_wait, g_errors = all_reduce_sum(local).tolist()
 
-        val = evaluate(model, val_batches(val_shard, cfg, device), device).reduced(device)
+        last = epoch + 1 == cfg.train.epochs
+        per_class = torch.zeros(2, num_classes, dtype=torch.float64, device=device) \
+            if (last and cfg.eval.per_class) else None
+        val = evaluate(model, val_batches(val_shard, cfg, device), device, dtype, cfg.data.eval_hflip,
+                       per_class).reduced(device)
         if val.samples != plan["num_val"]:
             raise RuntimeError(f"validation counted {val.samples} images but the manifest lists {plan['num_val']}: "
                                "refusing to report a wrong Top-1/Top-5")
@@ -173,24 +295,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch": epoch + 1,
             "train/loss": g_loss / max(1, g_samples),
             "train/images": g_samples,
-            "train/lr": lr_at(max(0, step - 1), total_steps, warmup_steps, plan["peak_lr"], cfg.optim.schedule),
+            "train/lr": schedule(max(0, step - 1)),
+            "train/crop_size": size,
             **val.as_metrics("val"),
             "perf/images_per_s": g_samples / train_s,
             "perf/images_per_s_per_worker": g_samples / train_s / world,
             "perf/data_wait_frac": g_wait / world,
+            "data/decode_errors": g_errors,
             "perf/epoch_s": time.perf_counter() - epoch_start,
         }
+        if ema is not None:
+            ema_val = evaluate(ema.module, val_batches(val_shard, cfg, device), device, dtype,
+                               cfg.data.eval_hflip).reduced(device)
+            metrics.update(ema_val.as_metrics("val_ema"))
+        if per_class is not None:
+            per_class = all_reduce_sum(per_class).cpu()
         if rank == 0:
-            tracker.log_metrics(metrics, step=epoch + 1)
+            if epoch + 1 not in logged_epochs:
+                tracker.log_metrics(metrics, step=epoch + 1)
+            if per_class is not None:
+                tracker.log_dict({"classes": plan.get("classes", []),
+                                  "top1": (per_class[0] / per_class[1].clamp(min=1)).tolist(),
+                                  "count": per_class[1].tolist()}, "per_class_top1.json")
             print(f"[epoch {epoch + 1}/{cfg.train.epochs}] train/loss={metrics['train/loss']:.4f} "
                   f"val/top1={metrics['val/top1']:.4f} val/top5={metrics['val/top5']:.4f} "
-                  f"images/s={metrics['perf/images_per_s']:.1f}", flush=True)
-            if epoch + 1 == cfg.train.epochs:
+                  f"images/s={metrics['perf/images_per_s']:.1f} data_wait={metrics['perf/data_wait_frac']:.2f}",
+                  flush=True)
+            if last:
                 tracker.finish("FINISHED")
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 write_checkpoint_dir(tmp, model=model, optimizer=optimizer, epoch=epoch + 1, step=step,
-                                     mlflow_run_id=run_id, config_yaml=plan["config_yaml"])
+                                     mlflow_run_id=run_id, config_yaml=plan["config_yaml"],
+                                     ema=ema.state_dict() if ema is not None else None)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "mlflow_run_id": run_id or ""}, checkpoint=ckpt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -17,21 +18,49 @@ def scaled_lr(lr_per_256: float, global_batch: int) -> float:
     return lr_per_256 * global_batch / 256
 
 
+@dataclass(frozen=True)
+class LrSchedule:
+    """Learning rate as a pure function of the optimizer step (0-based)."""
+
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | step | constant
+    steps_per_epoch: int = 1
+    step_epochs: int = 30
+    step_gamma: float = 0.1
+    warmup_start_factor: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            f = self.warmup_start_factor
+            return self.peak_lr * (f + (1.0 - f) * (step + 1) / self.warmup_steps)
+        if self.schedule == "constant":
+            return self.peak_lr
+        if self.schedule == "step":  # torchvision V1: ×gamma every step_epochs epochs
+            epoch = step // max(1, self.steps_per_epoch)
+            return self.peak_lr * self.step_gamma ** (epoch // self.step_epochs)
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        if self.schedule == "cosine":
+            return self.peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.schedule == "linear":  # FFCV: linear ramp to the peak, then linear to 0
+            return self.peak_lr * (1.0 - progress)
+        raise ValueError(f"unknown schedule {self.schedule!r}")
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, schedule: str) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then `schedule` to the end."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return peak_lr
-    if schedule == "cosine":
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown schedule {schedule!r}")
+    return LrSchedule(peak_lr, total_steps, warmup_steps, schedule)(step)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and norm-layer parameters + all biases without weight decay."""
+def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_and_bias: bool = True) -> list[dict]:
+    """Two groups: decayed weights, and norm-layer parameters + all biases without weight decay.
+
+    With `no_decay_norm_and_bias=False` (torchvision's V1 recipe) everything is decayed.
+    """
+    if not no_decay_norm_and_bias:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     decay, no_decay = [], []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -44,8 +73,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=False)
+def build_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float, nesterov: bool = False,
+              no_decay_norm_and_bias: bool = True) -> torch.optim.SGD:
+    return torch.optim.SGD(param_groups(model, weight_decay, no_decay_norm_and_bias), lr=lr, momentum=momentum,
+                           nesterov=nesterov)
+
+
+def schedule_from_config(optim_cfg, peak_lr: float, steps_per_epoch: int, epochs: int) -> LrSchedule:
+    """The run's LR schedule in optimizer steps (micro-batches / grad_accum_steps)."""
+    return LrSchedule(
+        peak_lr=peak_lr, total_steps=steps_per_epoch * epochs,
+        warmup_steps=int(round(optim_cfg.warmup_epochs * steps_per_epoch)), schedule=optim_cfg.schedule,
+        steps_per_epoch=steps_per_epoch, step_epochs=optim_cfg.step_epochs, step_gamma=optim_cfg.step_gamma,
+        warmup_start_factor=optim_cfg.warmup_start_factor,
+    )
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

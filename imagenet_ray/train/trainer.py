@@ -35,8 +35,10 @@ class RunPlan:
     steps_per_epoch: int
     use_gpu: bool
 
+    classes: tuple[str, ...] = ()
+
     def for_workers(self, cfg: ExperimentConfig) -> dict[str, Any]:
-        return {**self.__dict__, "params": flatten(cfg), "config_yaml": to_yaml(cfg)}
+        return {**self.__dict__, "classes": list(self.classes), "params": flatten(cfg), "config_yaml": to_yaml(cfg)}
 
 
 def absolute_url(url: str) -> str:
@@ -48,9 +50,11 @@ def plan_run(cfg: ExperimentConfig, prepared, use_gpu: bool) -> RunPlan:
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     num_train, num_val = prepared.num_images("train"), prepared.num_images("val")
     workers = cfg.train.num_workers
-    global_batch = cfg.data.batch_size * workers
-    # streaming_split(equal=True) gives each worker floor(num_train / workers) rows.
-    steps_per_epoch = max(1, math.ceil((num_train // workers) / cfg.data.batch_size))
+    global_batch = cfg.data.batch_size * workers * cfg.optim.grad_accum_steps
+    # streaming_split(equal=True) gives each worker floor(num_train / workers) rows; one optimizer
+    # step per grad_accum_steps micro-batches (a last partial group also steps).
+    micro_batches = math.ceil((num_train // workers) / cfg.data.batch_size)
+    steps_per_epoch = max(1, math.ceil(micro_batches / cfg.optim.grad_accum_steps))
     if num_train < workers:
         raise UserError(f"{prepared.url}: {num_train} train images cannot feed {workers} workers")
     return RunPlan(
@@ -58,6 +62,7 @@ def plan_run(cfg: ExperimentConfig, prepared, use_gpu: bool) -> RunPlan:
         experiment_id=ensure_experiment(tracking_uri, cfg.mlflow.experiment),
         num_classes=prepared.num_classes, num_train=num_train, num_val=num_val, global_batch=global_batch,
         peak_lr=scaled_lr(cfg.optim.lr, global_batch), steps_per_epoch=steps_per_epoch, use_gpu=use_gpu,
+        classes=tuple(prepared.class_wnids),
     )
 
 

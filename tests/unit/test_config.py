@@ -178,7 +178,7 @@ def test_override_without_key_or_equals(override):
     ("optim.lr=0", "optim.lr"),
     ("data.batch_size=0", "data.batch_size"),
     ("optim.momentum=1.0", "optim.momentum"),
-    ("optim.schedule=linear", "optim.schedule"),
+    ("optim.schedule=exponential", "optim.schedule"),
     ("name=has space", "name"),
     ("model.name=resnet9000", "model.name"),
 ])
@@ -260,7 +260,7 @@ def test_flatten_gives_dotted_leaf_keys():
     assert flat["train.use_gpu"] == "auto"
     assert flat["name"] == "local" and flat["seed"] == 0
     assert not any(isinstance(v, dict) for v in flat.values())
-    expected = {"name", "seed"} | {f"{section}.{field}" for section in ("data", "model", "optim", "train", "mlflow")
+    expected = {"name", "seed"} | {f"{section}.{field}" for section in ("data", "model", "optim", "train", "eval", "mlflow")
                                    for field in type(getattr(cfg, section)).model_fields}
     assert set(flat) == expected
 

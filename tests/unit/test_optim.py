@@ -47,8 +47,8 @@ def test_constant_stays_at_peak():
 
 
 def test_unknown_schedule_raises():
-    with pytest.raises(ValueError, match="step"):
-        lr_at(5, 10, 0, 0.1, "step")
+    with pytest.raises(ValueError, match="exponential"):
+        lr_at(5, 10, 0, 0.1, "exponential")
 
 
 def test_scaled_lr_linear_rule():
