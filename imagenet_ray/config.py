@@ -61,12 +61,16 @@ class DataSection(_Strict):
     eval_hflip: bool = Field(False, description="average logits over the image and its mirror at eval")
     mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta(α, α); 0 = off")
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(α, α); 0 = off")
-    deterministic: bool = Field(False, description="seeded, order-preserving data (exact resume; slower)")
+    deterministic: bool = Field(False, description="order-preserving data, augmentation seeded by (seed, epoch) "
+                                "on the worker: resume is exact at epoch boundaries (needs decode_on=gpu; slower)")
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "DataSection":
         if self.val_crop > self.val_resize:
             raise ValueError(f"val_crop ({self.val_crop}) must not exceed val_resize ({self.val_resize})")
+        if self.deterministic and self.decode_on != "gpu":
+            raise ValueError("deterministic needs decode_on=gpu (augmentation must run on the worker, "
+                             "seeded per epoch)")
         if self.progressive is not None and self.progressive.end_size > self.train_crop:
             raise ValueError(f"progressive.end_size ({self.progressive.end_size}) must not exceed train_crop "
                              f"({self.train_crop}), the size the CPU pipeline decodes to")
@@ -102,7 +106,8 @@ class OptimSection(_Strict):
     step_gamma: float = Field(0.1, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the weights, evaluated alongside; 0 = off")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA decay per update (every ema_every_steps steps), "
+                             "evaluated alongside; 0 = off")
     ema_every_steps: int = Field(1, ge=1)
 
 
@@ -115,6 +120,8 @@ class TrainSection(_Strict):
     storage_path: str = Field(".demo/runs", description="checkpoints go to <storage_path>/<name>")
     checkpoints_to_keep: int = Field(2, gt=0, description="best K by val/top1 (the latest is kept too)")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
+    stop_after_epochs: int | None = Field(None, gt=0, description="end this job after N epochs in total (a time "
+                                          "box); resubmit with the same name to continue")
 
     @field_validator("use_gpu", mode="before")
     @classmethod

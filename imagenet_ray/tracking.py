@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from imagenet_ray.errors import UserError
 
 RUN_NAME_TAG = "imagenet_ray.run_name"
+STORAGE_TAG = "imagenet_ray.storage"
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -61,6 +62,27 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
         raise UserError(f"MLflow at {tracking_uri}: {' '.join(str(exc).split())[:300]}") from None
 
 
+def find_or_start_run(tracking_uri: str, experiment_id: str, run_name: str, storage_url: str,
+                      params: dict[str, Any], config_yaml: str) -> tuple[str, bool]:
+    """(run id, resumed). One MLflow run per training run: a run is identified by its name and its
+    checkpoint storage, the same pair Ray Train uses to resume, so a resubmitted job or a restarted
+    worker group continues the run that already exists."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        existing = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = "
+                                           f"'{storage_url}'", order_by=["attributes.start_time DESC"], max_results=1)
+        if existing:
+            return existing[0].info.run_id, True
+        tracker = RunTracker.start(tracking_uri, experiment_id, run_name, params, config_yaml,
+                                   tags={STORAGE_TAG: storage_url})
+        return tracker.run_id, False
+    except Exception as exc:
+        raise UserError(f"MLflow at {tracking_uri}: {' '.join(str(exc).split())[:300]}") from None
+
+
 class RunTracker:
     """Logging handle for one MLflow run (used on rank 0 only)."""
 
@@ -92,6 +114,11 @@ class RunTracker:
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def reopen(self) -> None:
+        """Mark a resumed run as running again (it may have been ended by a time box or a crash)."""
+        if self.client.get_run(self.run_id).info.status != "RUNNING":
+            self.client.update_run(self.run_id, status="RUNNING")
 
     def logged_steps(self, key: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}

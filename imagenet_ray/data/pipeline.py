@@ -121,8 +121,9 @@ def _eval_map(batch: dict[str, np.ndarray], resize: int, crop: int) -> dict[str,
     return transforms.eval_batch(batch, resize, crop)
 
 
-def build_train_dataset(data, crop: int, seed: int, decode_on: str = "cpu"):
-    ds = data.read("train", ["image", "label"], seed=seed)
+def build_train_dataset(data, crop: int, seed: int, decode_on: str = "cpu", deterministic: bool = False):
+    # Deterministic runs keep the file order fixed; the worker shuffles locally with a per-epoch seed.
+    ds = data.read("train", ["image", "label"], seed=None if deterministic else seed)
     if decode_on == "gpu":
         return ds  # JPEG bytes go to the worker
     return ds.map_batches(_train_map, fn_kwargs={"size": crop}, batch_size=DECODE_BATCH_ROWS, batch_format="numpy")
@@ -136,11 +137,12 @@ def build_val_dataset(data, resize: int, crop: int, decode_on: str = "cpu"):
                           batch_size=DECODE_BATCH_ROWS, batch_format="numpy")
 
 
-def exact_val_data_config(equal_split: tuple[str, ...] = ("train",)):
+def exact_val_data_config(equal_split: tuple[str, ...] = ("train",), preserve_order: bool = False):
     """A Ray Train DataConfig that splits `equal_split` datasets equally and every other one exactly.
 
     Ray Train's default `streaming_split(equal=True)` drops rows so that every worker gets the same
     count; fine for training (DDP needs equal step counts) but it would silently shrink validation.
+    preserve_order: rows reach the workers in a reproducible order (deterministic runs).
     """
     from ray.train import DataConfig
 
@@ -158,4 +160,8 @@ def exact_val_data_config(equal_split: tuple[str, ...] = ("train",)):
                     output[i][name] = split
             return output
 
+    if preserve_order:
+        options = DataConfig.default_ingest_options()
+        options.preserve_order = True
+        return ExactValDataConfig(execution_options=options)
     return ExactValDataConfig()

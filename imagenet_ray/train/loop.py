@@ -29,10 +29,13 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def train_batches(shard, cfg, device: torch.device, rng) -> Iterator[dict[str, torch.Tensor]]:
+def train_batches(shard, cfg, device: torch.device, rng, shuffle_seed: int | None = None
+                  ) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's training batches for one epoch: uint8 images + int64 labels on `device`."""
     common = dict(batch_size=cfg.data.batch_size, prefetch_batches=cfg.data.prefetch_batches,
                   local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None)
+    if shuffle_seed is not None and common["local_shuffle_buffer_size"]:
+        common["local_shuffle_seed"] = shuffle_seed
     if cfg.data.decode_on == "gpu":
         from imagenet_ray.data.device_decode import train_batch_on_device
 
@@ -67,17 +70,20 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype | None = None):
-    """Autocast to `dtype` (default: bf16 on CUDA, off on CPU)."""
-    if dtype is None and device.type == "cuda":
-        dtype = torch.bfloat16
+_DEVICE_DEFAULT = object()
+
+
+def autocast_context(device: torch.device, dtype: "torch.dtype | None | object" = _DEVICE_DEFAULT):
+    """Autocast to `dtype`; None = off (fp32). Without `dtype`: bf16 on CUDA, off on CPU."""
+    if dtype is _DEVICE_DEFAULT:
+        dtype = torch.bfloat16 if device.type == "cuda" else None
     if dtype is None:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
 
 
 def train_size_for_epoch(data_cfg, epoch: int) -> int:
-    """Train crop for `epoch` (0-based): fixed, or FFCV's linear progressive resizing, rounded down."""
+    """Train crop for `epoch` (0-based): fixed, or FFCV's linear progressive resizing (nearest multiple)."""
     prog = data_cfg.progressive
     if prog is None:
         return data_cfg.train_crop
@@ -123,7 +129,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
-             dtype: torch.dtype | None = None, hflip: bool = False,
+             dtype: "torch.dtype | None | object" = _DEVICE_DEFAULT, hflip: bool = False,
              per_class: torch.Tensor | None = None) -> EvalTotals:
     """Loss and top-1/top-5 counts over every batch this worker receives (no padding, no drop).
 
@@ -221,16 +227,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 s[k] = v.to(device)
     train_model = torch.compile(ddp_model) if cfg.model.compile else ddp_model
 
+    # The driver created (or found) the run; a checkpoint written by this run names the same one.
+    run_id = run_id or plan["mlflow_run_id"]
     tracker, logged_epochs = None, set()
     if rank == 0:
-        if run_id is None:
-            tracker = RunTracker.start(plan["tracking_uri"], plan["experiment_id"], cfg.name, plan["params"],
-                                       plan["config_yaml"])
-        else:
-            tracker = RunTracker(plan["tracking_uri"], run_id)
-            # After a restart the last epoch may already be logged: never log an epoch twice.
-            logged_epochs = tracker.logged_steps("val/top1")
-        run_id = tracker.run_id
+        tracker = RunTracker(plan["tracking_uri"], run_id)
+        tracker.reopen()
+        # After a restart the last epoch may already be logged: never log an epoch twice.
+        logged_epochs = tracker.logged_steps("val/top1")
 
     accum = cfg.optim.grad_accum_steps
     schedule = schedule_from_config(cfg.optim, plan["peak_lr"], plan["steps_per_epoch"], cfg.train.epochs)
@@ -246,7 +250,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         samples, micro, decode_errors = 0, 0, 0
         epoch_start = time.perf_counter()
-        timed = _Timer(train_batches(train_shard, epoch_cfg, device, aug_rng))
+        shuffle_seed = None
+        if cfg.data.deterministic:  # everything random in this epoch is a function of (seed, rank, epoch)
+            aug_rng = np.random.default_rng([cfg.seed, rank, epoch])
+            shuffle_seed = (cfg.seed * 100_003 + epoch * 1_009 + rank) % 2**31
+        timed = _Timer(train_batches(train_shard, epoch_cfg, device, aug_rng, shuffle_seed))
         for batch in timed:
             labels = batch["label"].long()
             if "decode_errors" in batch:  # rows replaced by another image of the batch (transforms.py)
@@ -323,6 +331,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                   flush=True)
             if last:
                 tracker.finish("FINISHED")
+            elif cfg.train.stop_after_epochs is not None and epoch + 1 >= cfg.train.stop_after_epochs:
+                tracker.finish("KILLED")  # time box reached; a resubmission reopens this run
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -331,3 +341,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                      ema=ema.state_dict() if ema is not None else None)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "mlflow_run_id": run_id or ""}, checkpoint=ckpt)
+        if cfg.train.stop_after_epochs is not None and epoch + 1 >= cfg.train.stop_after_epochs:
+            break

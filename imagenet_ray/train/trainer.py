@@ -6,6 +6,7 @@ checked here, before a single worker starts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from imagenet_ray import storage
 from imagenet_ray.config import ExperimentConfig, flatten, to_yaml
 from imagenet_ray.data.pipeline import build_train_dataset, build_val_dataset, exact_val_data_config, open_source
 from imagenet_ray.errors import UserError
-from imagenet_ray.tracking import ensure_experiment, resolve_tracking_uri
+from imagenet_ray.tracking import ensure_experiment, find_or_start_run, resolve_tracking_uri
 from imagenet_ray.train.optim import scaled_lr
 
 
@@ -36,6 +37,7 @@ class RunPlan:
     use_gpu: bool
 
     classes: tuple[str, ...] = ()
+    mlflow_run_id: str = ""
 
     def for_workers(self, cfg: ExperimentConfig) -> dict[str, Any]:
         return {**self.__dict__, "classes": list(self.classes), "params": flatten(cfg), "config_yaml": to_yaml(cfg)}
@@ -104,6 +106,10 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
     prepared = open_source(data_url, cfg.data.source)  # fails early, naming the URL, if the data is missing
     ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
     plan = plan_run(cfg, prepared, decide_use_gpu(cfg))
+    run_id, resumed = find_or_start_run(plan.tracking_uri, plan.experiment_id, cfg.name, plan.storage_url,
+                                        flatten(cfg), to_yaml(cfg))
+    plan = dataclasses.replace(plan, mlflow_run_id=run_id)
+    print(f"{'resuming' if resumed else 'started'} MLflow run {run_id} ({cfg.mlflow.experiment}/{cfg.name})")
     storage_loc = storage.resolve(plan.storage_url)
     if not storage.is_remote(storage_loc.url):
         storage.ensure_dir(storage_loc)
@@ -126,10 +132,11 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets={
-            "train": build_train_dataset(prepared, cfg.data.train_crop, cfg.seed, cfg.data.decode_on),
+            "train": build_train_dataset(prepared, cfg.data.train_crop, cfg.seed, cfg.data.decode_on,
+                                         cfg.data.deterministic),
             "val": build_val_dataset(prepared, cfg.data.val_resize, cfg.data.val_crop, cfg.data.decode_on),
         },
-        dataset_config=exact_val_data_config(),
+        dataset_config=exact_val_data_config(preserve_order=cfg.data.deterministic),
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
