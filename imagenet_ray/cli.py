@@ -1,4 +1,4 @@
-"""`imagenet-ray` command line: synth | prepare | verify | train | services.
+"""`imagenet-ray` command line: synth | prepare | verify | train | evaluate | bench | services.
 
 Every command turns a user error into one line on stderr and a non-zero exit (2 for bad config or
 arguments, 1 for everything else); tracebacks are for bugs only.
@@ -111,6 +111,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import os
+
+    from imagenet_ray.evaluate import EvalRequest, run_evaluation
+
+    if args.crop > args.resize:
+        raise ConfigError("evaluate: --crop must not exceed --resize")
+    if args.num_workers < 1 or args.batch_size < 1:
+        raise ConfigError("evaluate: --num-workers and --batch-size must be ≥ 1")
+    req = EvalRequest(data_url=args.data, resize=args.resize, crop=args.crop, hflip=args.hflip,
+                      batch_size=args.batch_size, num_workers=args.num_workers, checkpoint=args.checkpoint,
+                      weights=args.weights, model=args.model, real_labels_url=args.real_labels,
+                      tracking_uri=args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                      experiment=args.experiment)
+    metrics = run_evaluation(req)
+    line = (f"eval/top1={metrics['eval/top1']:.4f} eval/top5={metrics['eval/top5']:.4f} "
+            f"on {int(metrics['eval/images'])} images")
+    if "eval/real_top1" in metrics:
+        line += f"; ReaL top-1={metrics['eval/real_top1']:.4f} on {int(metrics['eval/real_images'])} images"
+    print(line)
+    if metrics.get("mlflow_run_id"):
+        print(f"mlflow run: {metrics['mlflow_run_id']}")
+    return 0
+
+
 def _cmd_services(args: argparse.Namespace) -> int:
     from imagenet_ray import services
 
@@ -152,6 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="configs/NAME.yaml (default: embedded defaults)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="Top-1/Top-5 (+ per-class, ReaL) of a checkpoint or weights file")
+    p.add_argument("--data", required=True, help="prepared dataset URL (its val split is used)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint dir URL, runs:/RUN_ID or models:/NAME/VERSION")
+    p.add_argument("--weights", default=None, help="a torchvision state dict file (with --model)")
+    p.add_argument("--model", default=None, help="torchvision model name (default: from the checkpoint)")
+    p.add_argument("--resize", type=int, default=256)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--hflip", action="store_true", help="average over the image and its mirror")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--real-labels", default=None, help="ImageNet-ReaL real.json (URL or path)")
+    p.add_argument("--mlflow-uri", default=None, help="log the evaluation (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--experiment", default="imagenet-ray-eval")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("services", help="local S3 server, MLflow server and Ray head on 127.0.0.1")
     p.add_argument("action", choices=["up", "down", "status"])

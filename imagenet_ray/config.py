@@ -113,7 +113,7 @@ class OptimSection(_Strict):
 
 class TrainSection(_Strict):
     epochs: int = Field(3, gt=0)
-    num_workers: int = Field(1, gt=0)
+    num_workers: int | tuple[int, int] = Field(1, description="workers, or [min, max] for elastic training")
     use_gpu: bool | Literal["auto"] = Field("auto", description="true, false or auto (GPUs if the cluster has any)")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast on GPUs, fp32 on CPU")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -122,6 +122,18 @@ class TrainSection(_Strict):
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
     stop_after_epochs: int | None = Field(None, gt=0, description="end this job after N epochs in total (a time "
                                           "box); resubmit with the same name to continue")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError("must be ≥ 1, or [min, max] with 1 ≤ min ≤ max")
+        return value
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
     @field_validator("use_gpu", mode="before")
     @classmethod

@@ -177,3 +177,9 @@ def log_prepared_dataset(tracking_uri: str, report: dict[str, Any], manifest: di
                                                              tags=[InputTag("mlflow.data.context", "prepared")])])
     tracker.finish("FINISHED" if manifest is not None else "FAILED")
     return run_id
+
+
+def set_tag(tracking_uri: str, run_id: str, key: str, value: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri).set_tag(run_id, key, value)

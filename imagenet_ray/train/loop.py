@@ -182,7 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from imagenet_ray.train.batch_aug import mix_batch
     from imagenet_ray.train.checkpoint import load_checkpoint, restore_rng, write_checkpoint_dir
     from imagenet_ray.train.models import build_model
-    from imagenet_ray.train.optim import build_sgd, schedule_from_config
+    from imagenet_ray.train.optim import build_sgd, scale_for_world, schedule_from_config
 
     cfg = ExperimentConfig.model_validate(loop_config["config"])
     plan = loop_config["plan"]
@@ -199,7 +199,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_sgd(model, plan["peak_lr"], cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov,
+    # Elastic runs can restart with another world size: batch, LR and steps follow the actual one.
+    scale = scale_for_world(plan["num_train"], world, cfg.data.batch_size, cfg.optim.grad_accum_steps, cfg.optim.lr)
+    optimizer = build_sgd(model, scale.peak_lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov,
                           cfg.optim.no_decay_norm_and_bias)
     ema = None
     if cfg.optim.ema_decay > 0:
@@ -237,7 +239,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logged_epochs = tracker.logged_steps("val/top1")
 
     accum = cfg.optim.grad_accum_steps
-    schedule = schedule_from_config(cfg.optim, plan["peak_lr"], plan["steps_per_epoch"], cfg.train.epochs)
+    schedule = schedule_from_config(cfg.optim, scale.peak_lr, scale.steps_per_epoch, cfg.train.epochs)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     mixing = cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0

@@ -92,3 +92,23 @@ def schedule_from_config(optim_cfg, peak_lr: float, steps_per_epoch: int, epochs
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+@dataclass(frozen=True)
+class WorldScale:
+    """What depends on the number of workers: recomputed when an elastic run resizes."""
+
+    world_size: int
+    global_batch: int
+    peak_lr: float
+    steps_per_epoch: int
+
+
+def scale_for_world(num_train: int, world_size: int, batch_size: int, grad_accum_steps: int,
+                    lr_per_256: float) -> WorldScale:
+    """streaming_split(equal=True) gives each worker floor(num_train / world) rows; one optimizer
+    step per grad_accum_steps micro-batches (a last partial group also steps)."""
+    global_batch = batch_size * world_size * grad_accum_steps
+    micro_batches = math.ceil((num_train // world_size) / batch_size)
+    steps = max(1, math.ceil(micro_batches / grad_accum_steps))
+    return WorldScale(world_size, global_batch, scaled_lr(lr_per_256, global_batch), steps)

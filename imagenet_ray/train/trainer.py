@@ -17,7 +17,7 @@ from imagenet_ray.config import ExperimentConfig, flatten, to_yaml
 from imagenet_ray.data.pipeline import build_train_dataset, build_val_dataset, exact_val_data_config, open_source
 from imagenet_ray.errors import UserError
 from imagenet_ray.tracking import ensure_experiment, find_or_start_run, resolve_tracking_uri
-from imagenet_ray.train.optim import scaled_lr
+from imagenet_ray.train.optim import scale_for_world
 
 
 @dataclass(frozen=True)
@@ -51,21 +51,25 @@ def absolute_url(url: str) -> str:
 def plan_run(cfg: ExperimentConfig, prepared, use_gpu: bool) -> RunPlan:
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     num_train, num_val = prepared.num_images("train"), prepared.num_images("val")
-    workers = cfg.train.num_workers
-    global_batch = cfg.data.batch_size * workers * cfg.optim.grad_accum_steps
-    # streaming_split(equal=True) gives each worker floor(num_train / workers) rows; one optimizer
-    # step per grad_accum_steps micro-batches (a last partial group also steps).
-    micro_batches = math.ceil((num_train // workers) / cfg.data.batch_size)
-    steps_per_epoch = max(1, math.ceil(micro_batches / cfg.optim.grad_accum_steps))
+    workers = cfg.train.max_workers
     if num_train < workers:
         raise UserError(f"{prepared.url}: {num_train} train images cannot feed {workers} workers")
+    scale = scale_for_world(num_train, workers, cfg.data.batch_size, cfg.optim.grad_accum_steps, cfg.optim.lr)
     return RunPlan(
         data_url=prepared.url, storage_url=absolute_url(cfg.train.storage_path), tracking_uri=tracking_uri,
         experiment_id=ensure_experiment(tracking_uri, cfg.mlflow.experiment),
-        num_classes=prepared.num_classes, num_train=num_train, num_val=num_val, global_batch=global_batch,
-        peak_lr=scaled_lr(cfg.optim.lr, global_batch), steps_per_epoch=steps_per_epoch, use_gpu=use_gpu,
+        num_classes=prepared.num_classes, num_train=num_train, num_val=num_val, global_batch=scale.global_batch,
+        peak_lr=scale.peak_lr, steps_per_epoch=scale.steps_per_epoch, use_gpu=use_gpu,
         classes=tuple(prepared.class_wnids),
     )
+
+
+def checkpoint_url(storage_loc: storage.Location, path: str) -> str:
+    """The URL of a checkpoint directory Ray reported as a path inside `storage_loc`'s filesystem."""
+    if storage.is_remote(storage_loc.url):
+        scheme = storage_loc.url.split("://", 1)[0]
+        return f"{scheme}://{path.lstrip('/')}"
+    return path
 
 
 def ensure_ray(min_cpus: float) -> None:
@@ -104,7 +108,7 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
 
     data_url = absolute_url(cfg.data.url)
     prepared = open_source(data_url, cfg.data.source)  # fails early, naming the URL, if the data is missing
-    ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
+    ensure_ray(cfg.train.max_workers * cfg.train.cpus_per_worker)
     plan = plan_run(cfg, prepared, decide_use_gpu(cfg))
     run_id, resumed = find_or_start_run(plan.tracking_uri, plan.experiment_id, cfg.name, plan.storage_url,
                                         flatten(cfg), to_yaml(cfg))
@@ -118,7 +122,7 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(), "plan": plan.for_workers(cfg)},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=plan.use_gpu,
+            num_workers=cfg.train.num_workers, use_gpu=plan.use_gpu,  # an int, or (min, max): elastic
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
@@ -141,5 +145,11 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
     result = trainer.fit()
     metrics = dict(result.metrics or {})
     metrics["checkpoint_path"] = result.checkpoint.path if result.checkpoint else None
+    if result.checkpoint is not None:
+        # `evaluate --checkpoint runs:/<id>` finds the weights through this tag.
+        from imagenet_ray.evaluate import CHECKPOINT_TAG
+        from imagenet_ray.tracking import set_tag
+
+        set_tag(plan.tracking_uri, run_id, CHECKPOINT_TAG, checkpoint_url(storage_loc, result.checkpoint.path))
     metrics["tracking_uri"] = plan.tracking_uri
     return metrics

@@ -9,17 +9,23 @@ from imagenet_ray.train.checkpoint import read_checkpoint_dir
 pytestmark = pytest.mark.ray
 
 
-def test_two_workers_count_every_val_image_once(local_ray, prepared, tmp_path):
+@pytest.fixture(scope="module")
+def trained(local_ray, prepared, tmp_path_factory):
     from imagenet_ray.train.trainer import run_training
 
-    root, manifest = prepared
+    root, _ = prepared
+    tmp_path = tmp_path_factory.mktemp("trained")
     db = tmp_path / "mlflow.db"
     cfg = load_config("configs/smoke.yaml", [
         f"data.url={root}", f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{db}",
         "train.epochs=1", "data.batch_size=4", "data.val_batch_size=4", "data.train_crop=32",
         "data.val_resize=40", "data.val_crop=32", "name=local-test",
     ])
-    metrics = run_training(cfg)
+    return run_training(cfg), db, tmp_path
+
+
+def test_two_workers_count_every_val_image_once(trained):
+    metrics, db, _ = trained
     assert metrics["val/images"] == 21  # odd count over 2 workers: nothing padded, nothing dropped
     assert 0.0 <= metrics["val/top1"] <= metrics["val/top5"] <= 1.0
     # 3 classes: top-5 clamps to all classes, so every image is a top-5 hit
@@ -49,3 +55,25 @@ def test_raw_source_with_device_decode_path(local_ray, synth_raw, tmp_path):
     metrics = run_training(cfg)
     assert metrics["val/images"] == summary.val_images == 21
     assert metrics["train/images"] == summary.train_images
+
+
+def test_evaluate_reproduces_the_training_val_numbers(trained, prepared, tmp_path):
+    """evaluate (checkpoint URL, runs:/ reference, plain weights file) = the last epoch's val metrics."""
+    import torch
+
+    from imagenet_ray.evaluate import EvalRequest, run_evaluation
+
+    metrics, db, _ = trained
+    root, _ = prepared
+    uri = f"sqlite:///{db}"
+    common = dict(data_url=str(root), resize=40, crop=32, batch_size=5, num_workers=2, tracking_uri=uri)
+    by_ref = run_evaluation(EvalRequest(checkpoint=f"runs:/{metrics['mlflow_run_id']}", **common))
+    assert by_ref["eval/images"] == 21
+    assert by_ref["eval/top1"] == metrics["val/top1"] and by_ref["eval/top5"] == metrics["val/top5"]
+
+    weights = tmp_path / "resnet18-3cls.pth"
+    torch.save(read_checkpoint_dir(metrics["checkpoint_path"])["model"], weights)
+    by_file = run_evaluation(EvalRequest(weights=str(weights), model="resnet18", **{**common, "num_workers": 1}))
+    assert by_file["eval/top1"] == metrics["val/top1"]
+    client = MlflowClient(uri)
+    assert client.get_run(by_file["mlflow_run_id"]).data.metrics["eval/top1"] == metrics["val/top1"]

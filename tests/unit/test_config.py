@@ -311,3 +311,12 @@ def test_cli_bad_arguments_exit_2_one_line(capsys):
     assert err.count("\n") == 1 and err.startswith("imagenet-ray: error: ") and "--no-such-flag" in err
     assert main([]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_elastic_worker_range():
+    cfg = load_config(None, ["train.num_workers=[1,4]"])
+    assert cfg.train.num_workers == (1, 4) and cfg.train.max_workers == 4
+    assert load_config(None, ["train.num_workers=3"]).train.max_workers == 3
+    for bad in ("[3,1]", "[0,2]", "0"):
+        with pytest.raises(ConfigError, match="train.num_workers"):
+            load_config(None, [f"train.num_workers={bad}"])
