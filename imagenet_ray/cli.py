@@ -124,7 +124,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, num_workers=args.num_workers, checkpoint=args.checkpoint,
                       weights=args.weights, model=args.model, real_labels_url=args.real_labels,
                       tracking_uri=args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-                      experiment=args.experiment)
+                      experiment=args.experiment, storage_path=args.storage_path)
     metrics = run_evaluation(req)
     line = (f"eval/top1={metrics['eval/top1']:.4f} eval/top5={metrics['eval/top5']:.4f} "
             f"on {int(metrics['eval/images'])} images")
@@ -141,6 +141,15 @@ def _cmd_services(args: argparse.Namespace) -> int:
 
     state_dir = Path(args.dir)
     return {"up": services.up, "down": services.down, "status": services.status}[args.action](state_dir)
+
+
+def _bench(module: str, add_args: str, run: str, parser: argparse.ArgumentParser):
+    """Add a benchmark's arguments to its parser; import its module (and heavy deps) only when called."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    getattr(mod, add_args)(parser)
+    return lambda args: getattr(mod, run)(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-labels", default=None, help="ImageNet-ReaL real.json (URL or path)")
     p.add_argument("--mlflow-uri", default=None, help="log the evaluation (default: MLFLOW_TRACKING_URI)")
     p.add_argument("--experiment", default="imagenet-ray-eval")
+    p.add_argument("--storage-path", default=None, help="Ray Train result storage (a shared URL on a cluster)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("bench", help="benchmarks (results go to docs/benchmarks.md)")
+    bench = p.add_subparsers(dest="bench", required=True, parser_class=_ArgParser)
+    b = bench.add_parser("data", help="decode kernel per core and end-to-end ingest vs torch DataLoader")
+    b.set_defaults(func=_bench("imagenet_ray.bench.data", "add_bench_data_args", "run_bench_data", b))
+    b = bench.add_parser("prepare", help="prepare throughput vs a plain copy of the same bytes")
+    b.set_defaults(func=_bench("imagenet_ray.bench.prepare_bench", "add_bench_prepare_args", "run_bench_prepare", b))
+    b = bench.add_parser("train", help="Ray Train overhead vs a plain PyTorch loop (CPU)")
+    b.set_defaults(func=_bench("imagenet_ray.bench.train_overhead", "add_bench_train_args", "run_bench_train", b))
 
     p = sub.add_parser("services", help="local S3 server, MLflow server and Ray head on 127.0.0.1")
     p.add_argument("action", choices=["up", "down", "status"])

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,7 @@ class EvalRequest:
     model: str | None = None
     tracking_uri: str | None = None
     experiment: str = "imagenet-ray-eval"
+    storage_path: str | None = None  # result storage for Ray Train (shared URL on a multi-node cluster)
 
 
 def resolve_checkpoint_url(ref: str, tracking_uri: str | None) -> str:
@@ -170,7 +173,22 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["eval/real_top1"] = real_hits[0] / max(1.0, real_hits[1])
         metrics["eval/real_images"] = real_hits[1]
     metrics["per_class_top1"] = json.dumps((per_class[0] / per_class[1].clamp(min=1)).tolist())
-    ray.train.report(metrics)
+    # Ray Train (V2) returns the metrics of the last *checkpointed* report: attach a tiny one.
+    report_with_marker(metrics)
+
+
+def report_with_marker(metrics: dict[str, Any]) -> None:
+    import tempfile
+
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if ray.train.get_context().get_world_rank() == 0:
+            with open(f"{tmp}/metrics.json", "w") as f:
+                json.dump(metrics, f)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
 
 
 def run_evaluation(req: EvalRequest) -> dict[str, Any]:
@@ -202,11 +220,22 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
         scaling_config=ray.train.ScalingConfig(num_workers=req.num_workers, use_gpu=use_gpu),
         datasets={"val": val},
         dataset_config=exact_val_data_config(equal_split=()),
+        run_config=ray.train.RunConfig(name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                                       storage_path=_storage_path(req)),
     )
     metrics = dict(trainer.fit().metrics or {})
     if req.tracking_uri:
         metrics["mlflow_run_id"] = _log(req, model_name, metrics, data)
     return metrics
+
+
+def _storage_path(req: EvalRequest) -> str:
+    """Where the evaluation's (tiny) result checkpoint goes: a shared URL on a cluster, else a temp dir."""
+    if req.storage_path:
+        return req.storage_path
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="imagenet-ray-eval-")
 
 
 def _log(req: EvalRequest, model_name: str, metrics: dict[str, Any], data) -> str:

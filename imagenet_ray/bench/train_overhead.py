@@ -47,15 +47,16 @@ def _epochs_images_per_s(model_name: str, batches, epochs: int, threads: int, re
             n += labels.shape[0]
         rates.append(n / (time.perf_counter() - start))
         if report is not None:
-            report({"epoch": epoch, "images_per_s": rates[-1]})
+            report({"epoch": epoch, "images_per_s": rates[-1], "history": list(rates)})
     return rates
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
-    import ray.train
+    from imagenet_ray.evaluate import report_with_marker
 
     batches = _make_batches(config["images"], config["size"], config["batch"], 10)
-    _epochs_images_per_s(config["model"], batches, config["epochs"], config["threads"], report=ray.train.report)
+    # Every epoch reports (as a real run does); the last report carries the history back.
+    _epochs_images_per_s(config["model"], batches, config["epochs"], config["threads"], report=report_with_marker)
 
 
 def run_train_overhead(model: str = "resnet18", images: int = 256, size: int = 64, batch: int = 32,
@@ -82,8 +83,9 @@ def run_train_overhead(model: str = "resnet18", images: int = 256, size: int = 6
                                                    resources_per_worker={"CPU": threads}),
             run_config=ray.train.RunConfig(name=f"overhead-{r}-{time.time_ns()}", storage_path=storage),
         ).fit()
-        history = [m["images_per_s"] for m in (result.metrics_dataframe.to_dict("records")
-                                               if result.metrics_dataframe is not None else [])]
+        history = list((result.metrics or {}).get("history", []))
+        if not history:
+            raise RuntimeError("the Ray Train side reported no throughput")
         in_ray.extend(history[1:] if len(history) > 1 else history)
     plain_med, ray_med = statistics.median(plain), statistics.median(in_ray)
     return {"model": model, "image_size": size, "batch": batch, "threads": threads, "rounds": rounds,

@@ -1,0 +1,191 @@
+"""`imagenet-ray bench prepare`: prepare throughput against a plain copy of the same bytes.
+
+Takes any folder of JPEGs (e.g. ../shared/imagenet-samples), lays it out as class folders in a temp
+dir (wnid from the `<wnid>_...` file name prefix; every 10th image to val), and measures in one run:
+- plain copy: read every file and write it to another place, same storage, no decoding (the floor);
+- prepare: the real job on a local Ray with N CPUs (listing, decode check, shards, receipts, manifest);
+- where the time goes: per-image costs of read, decode check (`normalize_for_storage`) and Parquet
+  encoding, on one core.
+Locally, and with `--s3` also from/to an S3 server (the one in AWS_ENDPOINT_URL, or a SeaweedFS
+started for the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+_WNID = re.compile(r"^(n\d{8})")
+
+
+def build_folder_layout(images_dir: Path, out: Path, limit: int | None = None) -> int:
+    """Class-folder layout of the JPEGs in `images_dir`; returns the image count."""
+    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))[:limit]
+    for i, path in enumerate(files):
+        m = _WNID.match(path.name)
+        wnid = m.group(1) if m else f"n{i % 10:08d}"
+        split = "val" if i % 10 == 9 else "train"
+        dest = out / split / wnid / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    # every train class needs its folder in val too: the folders layout requires val/<wnid>/
+    for d in (out / "train").iterdir():
+        (out / "val" / d.name).mkdir(parents=True, exist_ok=True)
+    return len(files)
+
+
+def plain_copy(src_url: str, dst_url: str, threads: int) -> dict:
+    """Read every object under src and write it under dst (the same bytes, no decoding)."""
+    from imagenet_ray import storage
+
+    src, dst = storage.resolve(src_url), storage.resolve(dst_url)
+    infos = storage.list_files(src)
+    base = src.path.rstrip("/") + "/"
+    start = time.perf_counter()
+
+    def copy(info):
+        data = storage.read_bytes(storage.Location(src.url, src.fs, info.path))
+        storage.write_bytes_atomic(dst.child(info.path[len(base):]), data)
+        return len(data)
+
+    with ThreadPoolExecutor(threads) as pool:
+        total = sum(pool.map(copy, infos))
+    seconds = time.perf_counter() - start
+    return {"images": len(infos), "bytes": total, "seconds": seconds, "images_per_s": len(infos) / seconds,
+            "mb_per_s": total / seconds / 2**20}
+
+
+def run_prepare(src_url: str, out_url: str, cpus: int) -> dict:
+    from imagenet_ray.data.prepare import PrepareOptions, prepare
+
+    start = time.perf_counter()
+    result = prepare(src_url, out_url, PrepareOptions(shard_mb=16))
+    seconds = time.perf_counter() - start
+    report = result.report
+    images = sum(s["listed"] for s in report["splits"].values())
+    bytes_in = sum(s["bytes_in"] for s in report["splits"].values())
+    return {"images": images, "bytes": bytes_in, "seconds": seconds, "images_per_s": images / seconds,
+            "images_per_s_per_core": images / seconds / cpus, "mb_per_s": bytes_in / seconds / 2**20,
+            "ok": result.ok}
+
+
+def time_breakdown(layout_dir: Path, sample: int = 200) -> dict:
+    """Per-image cost of each stage on one core (ms), measured on the same files."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imagenet_ray.data.decode import normalize_for_storage
+    from imagenet_ray.data.prepare import SHARD_SCHEMA
+
+    files = sorted(layout_dir.rglob("*.JPEG"))[:sample]
+    t0 = time.perf_counter()
+    blobs = [f.read_bytes() for f in files]
+    t1 = time.perf_counter()
+    rows = []
+    for i, b in enumerate(blobs):
+        data, h, w, _ = normalize_for_storage(b)
+        rows.append({"image": data, "label": 0, "wnid": "n00000000", "key": str(i), "height": h, "width": w})
+    t2 = time.perf_counter()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), io.BytesIO(), compression="none")
+    t3 = time.perf_counter()
+    n = max(1, len(files))
+    return {"images": len(files), "read_ms": (t1 - t0) * 1e3 / n, "decode_check_ms": (t2 - t1) * 1e3 / n,
+            "parquet_ms": (t3 - t2) * 1e3 / n}
+
+
+def run_prepare_bench(images_dir: Path, cpus: int, s3: bool, limit: int | None, rounds: int) -> dict:
+    import ray
+
+    from imagenet_ray import storage
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    results: dict = {"cpus": cpus, "rounds": rounds, "machine": _machine()}
+    stack = None
+    try:
+        layout = work / "raw"
+        results["images"] = build_folder_layout(images_dir, layout, limit)
+        results["breakdown_1core"] = time_breakdown(layout)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        sides = {"local": (str(layout), str(work))}
+        if s3:
+            if not os.environ.get("AWS_ENDPOINT_URL"):
+                from imagenet_ray.services import start_stack
+
+                stack = start_stack(work / "services")
+                os.environ.update(stack.env())
+            plain_copy(str(layout), "s3://imagenet/bench-raw", threads=8)  # upload the input once
+            sides["s3"] = ("s3://imagenet/bench-raw", "s3://imagenet/bench")
+        for name, (src, out_root) in sides.items():
+            copies, preps = [], []
+            for r in range(rounds):  # alternate so that noise hits both sides
+                copies.append(plain_copy(src, storage.join(out_root, f"copy-{r}"), threads=cpus))
+                preps.append(run_prepare(src, storage.join(out_root, f"prepared-{r}"), cpus))
+            med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+            results[name] = {
+                "plain_copy": {"images_per_s": med(copies, "images_per_s"), "mb_per_s": med(copies, "mb_per_s")},
+                "prepare": {"images_per_s": med(preps, "images_per_s"), "mb_per_s": med(preps, "mb_per_s"),
+                            "images_per_s_per_core": med(preps, "images_per_s_per_core")},
+            }
+            results[name]["prepare_vs_copy"] = (results[name]["prepare"]["images_per_s"]
+                                                / results[name]["plain_copy"]["images_per_s"])
+    finally:
+        ray.shutdown()
+        if stack is not None:
+            stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def _machine() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": model}
+
+
+def add_bench_prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="a folder of JPEGs (e.g. ../shared/imagenet-samples)")
+    p.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--limit", type=int, default=None, help="use at most N images")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--s3", action="store_true", help="also measure S3 → S3 (AWS_ENDPOINT_URL, or a local SeaweedFS)")
+    p.add_argument("--json", default=None)
+
+
+def run_bench_prepare(args: argparse.Namespace) -> int:
+    from imagenet_ray.errors import ConfigError
+
+    images = Path(args.images)
+    if not images.is_dir():
+        raise ConfigError(f"bench prepare: --images {images} is not a directory")
+    res = run_prepare_bench(images, args.cpus, args.s3, args.limit, args.rounds)
+    b = res["breakdown_1core"]
+    print(f"prepare benchmark: {res['images']} images, {res['cpus']} CPUs ({res['machine']['cpu']})")
+    print(f"  one core, per image: read {b['read_ms']:.2f} ms, decode check {b['decode_check_ms']:.2f} ms, "
+          f"parquet {b['parquet_ms']:.2f} ms")
+    for side in ("local", "s3"):
+        if side in res:
+            r = res[side]
+            print(f"  {side:5s}: plain copy {r['plain_copy']['images_per_s']:8.1f} img/s "
+                  f"{r['plain_copy']['mb_per_s']:7.1f} MB/s | prepare {r['prepare']['images_per_s']:8.1f} img/s "
+                  f"{r['prepare']['mb_per_s']:7.1f} MB/s ({r['prepare']['images_per_s_per_core']:.1f} img/s/core) "
+                  f"| prepare/copy {r['prepare_vs_copy']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
