@@ -61,6 +61,8 @@ class DataSection(_Strict):
     eval_hflip: bool = Field(False, description="average logits over the image and its mirror at eval")
     mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta(α, α); 0 = off")
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(α, α); 0 = off")
+    node_labels: dict[str, str] = Field(default_factory=dict, description="run decoding only on Ray nodes with "
+                                        "these labels, e.g. {ray.io/node-group: cpu-workers}")
     deterministic: bool = Field(False, description="order-preserving data, augmentation seeded by (seed, epoch) "
                                 "on the worker: resume is exact at epoch boundaries (needs decode_on=gpu; slower)")
 
@@ -240,19 +242,25 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 
 
 def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, Any]:
-    """{'optim.lr': 0.1, ...}: the config as flat params (for MLflow)."""
+    """{'optim.lr': 0.1, ...}: the config as flat params (for MLflow); sections recurse, values are leaves."""
     out: dict[str, Any] = {}
-    for key, value in cfg.model_dump().items():
-        _flatten_into(out, f"{prefix}{key}", value)
+    for key in type(cfg).model_fields:
+        value = getattr(cfg, key)
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (dict, tuple, list)):
+            out[f"{prefix}{key}"] = yaml.safe_dump(_plain(value), default_flow_style=True).strip()
+        else:
+            out[f"{prefix}{key}"] = value
     return out
 
 
-def _flatten_into(out: dict, key: str, value: Any) -> None:
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
     if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten_into(out, f"{key}.{k}", v)
-    else:
-        out[key] = value
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -32,14 +32,13 @@ def build_folder_layout(images_dir: Path, out: Path, limit: int | None = None) -
     for i, path in enumerate(files):
         m = _WNID.match(path.name)
         wnid = m.group(1) if m else f"n{i % 10:08d}"
-        split = "val" if i % 10 == 9 else "train"
-        dest = out / split / wnid / path.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
-    # every train class needs its folder in val too: the folders layout requires val/<wnid>/
-    for d in (out / "train").iterdir():
-        (out / "val" / d.name).mkdir(parents=True, exist_ok=True)
-    return len(files)
+        # Every image in train; every 10th also in val (the sample set has one image per class, and a
+        # val class must exist in train).
+        for split in ("train", "val") if i % 10 == 9 else ("train",):
+            dest = out / split / wnid / path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+    return sum(1 for _ in out.rglob("*") if _.is_file())
 
 
 def plain_copy(src_url: str, dst_url: str, threads: int) -> dict:
@@ -116,14 +115,15 @@ def run_prepare_bench(images_dir: Path, cpus: int, s3: bool, limit: int | None, 
         layout = work / "raw"
         results["images"] = build_folder_layout(images_dir, layout, limit)
         results["breakdown_1core"] = time_breakdown(layout)
+        if s3 and not os.environ.get("AWS_ENDPOINT_URL"):
+            from imagenet_ray.services import start_stack
+
+            stack = start_stack(work / "services")
+            # before ray.init: Ray's workers inherit the S3 endpoint and credentials from this process
+            os.environ.update({k: v for k, v in stack.env().items() if not k.startswith("RAY_")})
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         sides = {"local": (str(layout), str(work))}
         if s3:
-            if not os.environ.get("AWS_ENDPOINT_URL"):
-                from imagenet_ray.services import start_stack
-
-                stack = start_stack(work / "services")
-                os.environ.update(stack.env())
             plain_copy(str(layout), "s3://imagenet/bench-raw", threads=8)  # upload the input once
             sides["s3"] = ("s3://imagenet/bench-raw", "s3://imagenet/bench")
         for name, (src, out_root) in sides.items():

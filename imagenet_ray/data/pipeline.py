@@ -137,12 +137,16 @@ def build_val_dataset(data, resize: int, crop: int, decode_on: str = "cpu"):
                           batch_size=DECODE_BATCH_ROWS, batch_format="numpy")
 
 
-def exact_val_data_config(equal_split: tuple[str, ...] = ("train",), preserve_order: bool = False):
+def exact_val_data_config(equal_split: tuple[str, ...] = ("train",), preserve_order: bool = False,
+                          node_labels: dict[str, str] | None = None):
     """A Ray Train DataConfig that splits `equal_split` datasets equally and every other one exactly.
 
     Ray Train's default `streaming_split(equal=True)` drops rows so that every worker gets the same
     count; fine for training (DDP needs equal step counts) but it would silently shrink validation.
     preserve_order: rows reach the workers in a reproducible order (deterministic runs).
+    node_labels: every Ray Data task runs on nodes with these labels (e.g. the CPU-only node group),
+    so decoding never competes with the GPU nodes. (The training workers' own CPUs are already
+    excluded from Ray Data's budget by Ray Train.)
     """
     from ray.train import DataConfig
 
@@ -160,8 +164,10 @@ def exact_val_data_config(equal_split: tuple[str, ...] = ("train",), preserve_or
                     output[i][name] = split
             return output
 
-    if preserve_order:
+    if preserve_order or node_labels:
         options = DataConfig.default_ingest_options()
-        options.preserve_order = True
+        options.preserve_order = preserve_order
+        if node_labels:
+            options.label_selector = dict(node_labels)
         return ExactValDataConfig(execution_options=options)
     return ExactValDataConfig()

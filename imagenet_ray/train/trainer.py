@@ -140,7 +140,8 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
                                          cfg.data.deterministic),
             "val": build_val_dataset(prepared, cfg.data.val_resize, cfg.data.val_crop, cfg.data.decode_on),
         },
-        dataset_config=exact_val_data_config(preserve_order=cfg.data.deterministic),
+        dataset_config=exact_val_data_config(preserve_order=cfg.data.deterministic,
+                                             node_labels=cfg.data.node_labels),
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})

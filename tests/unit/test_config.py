@@ -320,3 +320,13 @@ def test_elastic_worker_range():
     for bad in ("[3,1]", "[0,2]", "0"):
         with pytest.raises(ConfigError, match="train.num_workers"):
             load_config(None, [f"train.num_workers={bad}"])
+
+
+def test_node_labels_reach_ray_data_execution_options():
+    from imagenet_ray.data.pipeline import exact_val_data_config
+
+    cfg = load_config(None, ["data.node_labels={ray.io/node-group: cpu-workers}"])
+    assert cfg.data.node_labels == {"ray.io/node-group": "cpu-workers"}
+    dc = exact_val_data_config(node_labels=cfg.data.node_labels)
+    assert dc._resolve_execution_options("train").label_selector == {"ray.io/node-group": "cpu-workers"}
+    assert exact_val_data_config()._resolve_execution_options("train").label_selector in (None, {})
