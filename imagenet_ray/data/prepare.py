@@ -17,7 +17,6 @@ How it stays exact, resumable and bounded:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import sys
 import time
@@ -99,9 +98,12 @@ def build_shard_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def encode_shard(rows: list[dict[str, Any]], rows_per_group: int) -> bytes:
     """Parquet bytes of a shard; deterministic for the same rows (same pyarrow version)."""
-    buf = io.BytesIO()
-    pq.write_table(build_shard_table(rows), buf, row_group_size=rows_per_group, compression="none")
-    return buf.getvalue()
+    # JPEG bytes do not compress and have no useful min/max: no compression, no dictionary and no
+    # statistics on the image column (measured: 10x less encode time than the defaults into BytesIO).
+    sink = pa.BufferOutputStream()
+    pq.write_table(build_shard_table(rows), sink, row_group_size=rows_per_group, compression="none",
+                   use_dictionary=["wnid"], write_statistics=["label"])
+    return sink.getvalue().to_pybytes()
 
 
 def write_shard_row(row: dict[str, str]) -> dict[str, str]:
