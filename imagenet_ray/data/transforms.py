@@ -6,9 +6,17 @@ normalisation happen there (see train/loop.py), never on the CPU workers.
 
 Geometry follows torchvision: RandomResizedCrop samples its box exactly as
 `torchvision.transforms.RandomResizedCrop.get_params` does (10 attempts, then the central-crop
-fallback); the eval preset is Resize(shorter side) + CenterCrop. Both use one Pillow resize with a
-source box, which is numerically the same as resizing the whole image and then cropping (the filter
-scale and pixel centres are identical) while touching only the pixels that are kept.
+fallback); the eval preset is Resize(shorter side) + CenterCrop with torchvision's sizes and offsets.
+
+The kernel (measured in docs/benchmarks.md; `imagenet-ray bench data` reruns it):
+1. the JPEG header gives the size, so the crop box is sampled before any pixel is decoded;
+2. libjpeg-turbo (simplejpeg) decodes into a numpy array, downscaling in the DCT domain by 1/2, 1/4
+   or 1/8 when the crop would still be at least the output size (large images only; see
+   decode.decode_rgb_array). Non-JPEG and CMYK inputs go through Pillow;
+3. the crop is a view of the array; one antialiased bilinear resize of just the crop with torch's
+   uint8 kernel (AVX2, the same filter as Pillow's BILINEAR resize that torchvision uses, max diff 1);
+4. the flip is torch.flip of the 224x224 result, written straight into the batch array.
+No float images on the CPU.
 """
 
 from __future__ import annotations
@@ -16,12 +24,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PIL import Image
+import torch
+import torch.nn.functional as F
 
-from imagenet_ray.data.decode import DecodeError, decode_rgb
+from imagenet_ray.data.decode import DecodeError, decode_rgb_array, jpeg_header
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Decode large JPEGs at 1/2, 1/4 or 1/8 size in the DCT domain when the crop stays ≥ the output size.
+# Read at call time (the benchmark switches it off to measure its effect).
+DCT_DOWNSCALE = True
 
 _RRC_SCALE = (0.08, 1.0)
 _RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -59,62 +72,149 @@ def sample_rrc_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def eval_box(width: int, height: int, resize: int, crop: int) -> tuple[float, float, float, float]:
-    """Source box (l, t, r, b) equivalent to Resize(resize) then CenterCrop(crop), as torchvision does."""
+def eval_geometry(width: int, height: int, resize: int, crop: int) -> tuple[int, int, int, int]:
+    """(new_w, new_h, left, top): torchvision's Resize(resize) output size and CenterCrop(crop) offsets."""
+    if crop > resize:
+        raise ValueError(f"eval crop {crop} is larger than the resize {resize}")
     if width <= height:
         new_w, new_h = resize, int(resize * height / width)
     else:
         new_w, new_h = int(resize * width / height), resize
-    # torchvision's CenterCrop: offsets rounded from the resized image.
-    top = int(round((new_h - crop) / 2.0))
-    left = int(round((new_w - crop) / 2.0))
+    # torchvision's CenterCrop: offsets rounded (half to even) from the resized image.
+    return new_w, new_h, int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))
+
+
+def eval_box(width: int, height: int, resize: int, crop: int) -> tuple[float, float, float, float]:
+    """Source box (l, t, r, b) equivalent to Resize(resize) then CenterCrop(crop), as torchvision does."""
+    new_w, new_h, left, top = eval_geometry(width, height, resize, crop)
     sx, sy = width / new_w, height / new_h
     return left * sx, top * sy, (left + crop) * sx, (top + crop) * sy
 
 
-def train_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
-    """RandomResizedCrop(size) + horizontal flip (p=0.5) → (size, size, 3) uint8."""
-    img = decode_rgb(data)
-    left, top, w, h = sample_rrc_box(img.width, img.height, rng)
-    out = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-    arr = np.asarray(out)
+def dct_factor(shorter_side: int, target: int) -> int:
+    """Largest of 1, 2, 4, 8 that keeps `shorter_side / factor` ≥ `target` (no upsampling after it)."""
+    k = 1
+    while k < 8 and shorter_side >= 2 * k * target:
+        k *= 2
+    return k
+
+
+def _resize(arr: np.ndarray, out_h: int, out_w: int) -> torch.Tensor:
+    """Antialiased bilinear resize of an (h, w, 3) uint8 array (a view is fine) → (out_h, out_w, 3) tensor."""
+    # NHWC memory seen as NCHW = channels_last, the layout of torch's fast (AVX2) uint8 kernel. The
+    # batch dim must be added before the permute: permute-then-unsqueeze gives a stride that torch does
+    # not recognise as channels_last, and the slow path then also returns NCHW memory.
+    x = torch.from_numpy(arr).unsqueeze(0).permute(0, 3, 1, 2)
+    x = x.contiguous(memory_format=torch.channels_last)  # copies only a cropped (strided) view
+    if x.shape[2] != out_h or x.shape[3] != out_w:
+        x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].permute(1, 2, 0)  # channels_last NCHW is contiguous HWC
+
+
+def snap_box(left: int, top: int, w: int, h: int, factor: int, arr_w: int, arr_h: int) -> tuple[int, int, int, int]:
+    """The box in a 1/`factor` DCT-downscaled image (pixel i covers source pixels [i*f, (i+1)*f)):
+    rounded to whole pixels there, so the crop is the source box moved/resized by under factor/2 pixels."""
+    if factor == 1:
+        return left, top, w, h
+    x0, y0 = min(int(round(left / factor)), arr_w - 1), min(int(round(top / factor)), arr_h - 1)
+    x1, y1 = min(int(round((left + w) / factor)), arr_w), min(int(round((top + h) / factor)), arr_h)
+    return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
+
+
+def _train_into(out: torch.Tensor, data: bytes, size: int, rng) -> None:
+    """RandomResizedCrop(size) + flip of one encoded image, written into `out` (size, size, 3)."""
+    header = jpeg_header(data)
+    if header is None:  # not a fast-path JPEG: decode first (Pillow), then sample on the real size
+        arr = decode_rgb_array(data)
+        width, height = arr.shape[1], arr.shape[0]
+        left, top, w, h = sample_rrc_box(width, height, rng)
+    else:
+        width, height = header
+        left, top, w, h = sample_rrc_box(width, height, rng)
+        factor = dct_factor(min(w, h), size) if DCT_DOWNSCALE else 1
+        arr = decode_rgb_array(data, factor, header)
+        if arr.shape[1] != width or arr.shape[0] != height:
+            left, top, w, h = snap_box(left, top, w, h, factor, arr.shape[1], arr.shape[0])
+    y = _resize(arr[top:top + h, left:left + w], size, size)
     if rng.random() < 0.5:
-        arr = arr[:, ::-1]
-    return np.ascontiguousarray(arr)
+        y = y.flip(1)
+    out.copy_(y)
+
+
+def _eval_into(out: torch.Tensor, data: bytes, resize: int, crop: int) -> None:
+    header = jpeg_header(data)
+    if header is None:
+        arr = decode_rgb_array(data)
+        width, height = arr.shape[1], arr.shape[0]
+    else:
+        width, height = header
+        arr = decode_rgb_array(data, dct_factor(min(width, height), resize) if DCT_DOWNSCALE else 1, header)
+    new_w, new_h, left, top = eval_geometry(width, height, resize, crop)
+    out.copy_(_resize(arr, new_h, new_w)[top:top + crop, left:left + crop])
+
+
+def train_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
+    """RandomResizedCrop(size) + horizontal flip (p=0.5) → (size, size, 3) uint8; DecodeError if undecodable."""
+    out = np.empty((size, size, 3), np.uint8)
+    _train_into(torch.from_numpy(out), data, size, rng)
+    return out
 
 
 def eval_image(data: bytes, resize: int, crop: int) -> np.ndarray:
     """Resize shorter side to `resize`, center crop `crop` → (crop, crop, 3) uint8."""
-    img = decode_rgb(data)
-    box = eval_box(img.width, img.height, resize, crop)
-    return np.asarray(img.resize((crop, crop), Image.Resampling.BILINEAR, box=box))
+    out = np.empty((crop, crop, 3), np.uint8)
+    _eval_into(torch.from_numpy(out), data, resize, crop)
+    return out
 
 
 def train_batch(batch: dict[str, np.ndarray], size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Decode + augment a batch {'image': bytes[], 'label': int[]}; undecodable rows are dropped.
+    """Decode + augment a batch {'image': bytes[], 'label': int[], optional 'key': str[]}.
 
-    Prepared datasets are decode-checked, so a failure here means corruption after preparation;
-    training goes on without that image rather than crashing a multi-day run.
+    Returns {'image': uint8 (N, size, size, 3), 'label': int64 (N,), 'decode_errors': int32 (N,)} with
+    N = the input row count. A row whose bytes do not decode is replaced by a copy of another row of
+    the same batch (its image and label, chosen at random) and flagged with decode_errors = 1, so
+    `decode_errors.sum()` over any re-batching counts the failures while batch sizes (and DDP step
+    counts) stay equal. Prepared datasets are decode-checked, so a failure here means corruption
+    after preparation; training goes on rather than crashing a multi-day run. A batch in which every
+    row fails raises DecodeError.
     """
-    images, labels = [], []
-    for data, label in zip(batch["image"], batch["label"]):
+    images = batch["image"]
+    n = len(images)
+    out = np.empty((n, size, size, 3), np.uint8)
+    out_t = torch.from_numpy(out)
+    labels = np.asarray(batch["label"], dtype=np.int64).copy()
+    errors = np.zeros(n, np.int32)
+    failed: list[int] = []
+    for i, data in enumerate(images):
         try:
-            images.append(train_image(data, size, rng))
+            _train_into(out_t[i], data, size, rng)
         except DecodeError:
-            continue
-        labels.append(label)
-    return {
-        "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
-        "label": np.asarray(labels, dtype=np.int64),
-    }
+            failed.append(i)
+    if failed:
+        ok = np.setdiff1d(np.arange(n), failed)
+        if len(ok) == 0:
+            keys = batch.get("key")
+            where = f" (keys {', '.join(map(str, keys[:3]))}{', ...' if n > 3 else ''})" if keys is not None else ""
+            raise DecodeError(f"all {n} images of a train batch failed to decode{where}")
+        donors = ok[rng.integers(0, len(ok), size=len(failed))]
+        out[failed] = out[donors]
+        labels[failed] = labels[donors]
+        errors[failed] = 1
+    return {"image": out, "label": labels, "decode_errors": errors}
 
 
 def eval_batch(batch: dict[str, np.ndarray], resize: int, crop: int) -> dict[str, np.ndarray]:
-    """Eval preset on a batch. A decode failure raises: validation never silently shrinks."""
-    images = []
-    for data, key in zip(batch["image"], batch.get("key", [None] * len(batch["image"]))):
+    """Eval preset on a batch → {'image': uint8 (N, crop, crop, 3), 'label': int64 (N,)}.
+
+    A decode failure raises DecodeError naming the row's key: validation never silently shrinks.
+    """
+    images = batch["image"]
+    out = np.empty((len(images), crop, crop, 3), np.uint8)
+    out_t = torch.from_numpy(out)
+    keys = batch.get("key")
+    for i, data in enumerate(images):
         try:
-            images.append(eval_image(data, resize, crop))
+            _eval_into(out_t[i], data, resize, crop)
         except DecodeError as exc:
-            raise DecodeError(f"val image {key}: {exc}") from None
-    return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64)}
+            raise DecodeError(f"val image {keys[i] if keys is not None else f'row {i}'}: {exc}") from None
+    return {"image": out, "label": np.asarray(batch["label"], dtype=np.int64)}

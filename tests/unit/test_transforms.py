@@ -220,20 +220,24 @@ def test_eval_batch_shapes_and_labels():
     assert out["image"][0, ..., 0].mean() > 150 and out["image"][1, ..., 2].mean() > 150
 
 
-def test_train_batch_drops_corrupt_rows_and_keeps_labels_aligned():
+def test_train_batch_replaces_corrupt_rows_and_keeps_labels_aligned():
+    # A row that fails to decode becomes a copy of a good row of the same batch (image AND label),
+    # flagged in decode_errors: the batch keeps its size, labels stay aligned with their images.
     red, blue = _solid_jpeg((220, 10, 10)), _solid_jpeg((10, 10, 220))
     truncated = blue[: len(blue) // 3]
     batch = {"image": np.array([red, b"junk", blue, truncated, b""], dtype=object),
              "label": np.array([0, 1, 2, 3, 4])}
     out = train_batch(batch, 24, np.random.default_rng(0))
-    assert out["image"].shape == (2, 24, 24, 3) and out["image"].dtype == np.uint8
-    assert out["label"].tolist() == [0, 2] and out["label"].dtype == np.int64
-    assert out["image"][0, ..., 0].mean() > 150  # row 0 is the red image
-    assert out["image"][1, ..., 2].mean() > 150  # row 1 is the blue image
+    assert out["image"].shape == (5, 24, 24, 3) and out["image"].dtype == np.uint8
+    assert out["label"].dtype == np.int64 and out["decode_errors"].tolist() == [0, 1, 0, 1, 1]
+    assert out["label"][0] == 0 and out["label"][2] == 2
+    assert set(out["label"].tolist()) <= {0, 2}
+    for img, label in zip(out["image"], out["label"]):
+        channel = 0 if label == 0 else 2  # label 0 is the red image, label 2 the blue one
+        assert img[..., channel].mean() > 150
 
 
-def test_train_batch_all_corrupt_gives_empty_arrays():
-    out = train_batch({"image": np.array([b"x", b"y"], dtype=object), "label": np.array([1, 2])}, 16,
-                      np.random.default_rng(0))
-    assert out["image"].shape == (0, 16, 16, 3) and out["image"].dtype == np.uint8
-    assert out["label"].shape == (0,)
+def test_train_batch_all_corrupt_raises():
+    with pytest.raises(DecodeError, match="all 2 images"):
+        train_batch({"image": np.array([b"x", b"y"], dtype=object), "label": np.array([1, 2])}, 16,
+                    np.random.default_rng(0))

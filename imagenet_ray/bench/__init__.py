@@ -1,0 +1,1 @@
+"""Benchmarks (`imagenet-ray bench ...`): measurements that the docs quote, rerunnable on any machine."""

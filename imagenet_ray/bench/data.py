@@ -1,0 +1,784 @@
+"""`imagenet-ray bench data`: how fast the data pipeline is, against torchvision's, in one run.
+
+Sections (all sides of a comparison run in the same process, on the same images and cores):
+
+1. kernel    Per-core throughput on one CPU core (the process pinned with sched_setaffinity, torch
+             and OpenCV single-threaded), in images per CPU-second of this process (wall-clock rates
+             are in the JSON too): our train/eval presets (transforms.train_batch/eval_batch, batches
+             of DECODE_BATCH_ROWS) vs torchvision's reference transforms (PIL open + RandomResizedCrop +
+             RandomHorizontalFlip + ToTensor + Normalize, collated with torch.stack as a DataLoader
+             does) vs the decode-only ceiling (full decode to RGB with each candidate decoder that is
+             importable: Pillow, simplejpeg, torchvision.io, and OpenCV / PyTurboJPEG if installed; the
+             ceiling is the fastest). On the original images and on a re-encoded variant (longer side
+             ≤ --max-side, quality --quality, made on the fly with prepare's own normalize_for_storage).
+             Sides are interleaved chunk by chunk in rotating order, so that machine noise hits all of
+             them alike; the table shows the best pass, the JSON every pass. Then a step-by-step
+             breakdown of both train pipelines (where the time goes).
+2. e2e       End to end on --cores cores (every process pinned to them): Ray Data reading Parquet
+             shards written by the project's own prepare (local disk, or --s3 URL) into one Ray Train
+             worker (TorchTrainer; iter_torch_batches with the training loop's prefetch and local
+             shuffle) vs torch DataLoader(ImageFolder, torchvision's reference transform,
+             num_workers=--dataloader-workers, persistent workers) over the same images on local disk.
+             Both sides only consume batches (optionally sleeping --step-ms per batch as a stand-in for
+             a training step): images/s over epochs 2..N, epoch start (time to an epoch's first batch),
+             time to the very first batch, fraction of time blocked in next(). --repeat lists every
+             image N times per epoch, so that epochs are long enough for the per-epoch start to weigh
+             as little as it does on the full dataset.
+3. gpu       torchvision.io.decode_jpeg(device="cuda") on batches of the same images, when CUDA exists.
+
+Writes a table to stdout and everything (every pass, machine, versions) to --json. Wiring into a CLI:
+`add_bench_data_args(parser)` + `run_bench_data(args)`; `python -m imagenet_ray.bench.data` works too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+WNID_PREFIX = re.compile(r"^(n\d{8})_")
+FALLBACK_WNID = "n00000000"  # class of images whose names do not start with a wnid
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------
+
+
+def load_images(folder: str, limit: int | None = None) -> list[tuple[Path, bytes]]:
+    """(path, bytes) of the images in `folder` (not recursive), sorted by name; Pillow must decode them."""
+    from imagenet_ray.data.decode import DecodeError, decode_rgb
+
+    paths = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    out = []
+    for p in paths:
+        data = p.read_bytes()
+        try:
+            decode_rgb(data)
+        except DecodeError:
+            print(f"bench data: skipping {p.name}: not decodable", file=sys.stderr)
+            continue
+        out.append((p, data))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise ValueError(f"{folder}: no decodable .jpeg/.jpg/.png images")
+    return out
+
+
+def reencode(datas: Sequence[bytes], max_side: int, quality: int) -> list[bytes]:
+    """The re-encoded variant, exactly as `prepare --max-side N --quality Q` stores it."""
+    from imagenet_ray.data.decode import normalize_for_storage
+
+    return [normalize_for_storage(d, max_side=max_side, quality=quality)[0] for d in datas]
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for mod in ("numpy", "PIL", "simplejpeg", "torch", "torchvision", "ray", "cv2", "turbojpeg"):
+        with contextlib.suppress(Exception):
+            versions[mod] = __import__(mod).__version__
+    with contextlib.suppress(Exception):
+        from PIL import features
+
+        versions["libjpeg-turbo (Pillow)"] = features.version_feature("libjpeg_turbo")
+    return {"nproc": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)), "cpu_model": model,
+            "python": platform.python_version(), "versions": versions}
+
+
+@contextlib.contextmanager
+def pinned(cores: set[int], threads: int = 1) -> Iterator[None]:
+    """Pin this process (and the children it starts meanwhile) to `cores`; torch/OpenCV to `threads`."""
+    import torch
+
+    old_affinity, old_threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(threads)
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None:
+        cv2.setNumThreads(0 if threads == 1 else threads)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old_affinity)
+        torch.set_num_threads(old_threads)
+
+
+# --- section 1: per-core kernel ---------------------------------------------------------------------------------
+
+
+def reference_train_transform(crop: int):
+    import torchvision.transforms as T
+
+    return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def reference_eval_transform(resize: int, crop: int):
+    import torchvision.transforms as T
+
+    return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def decoder_candidates() -> dict[str, Callable[[bytes], Any]]:
+    """Full decode to RGB with every candidate library importable here (decode-only ceiling)."""
+    import simplejpeg
+    import torch
+    from PIL import Image
+
+    def pillow(d: bytes):
+        img = Image.open(io.BytesIO(d))
+        return img.convert("RGB") if img.mode != "RGB" else (img.load(), img)[1]
+
+    def torchvision_io(d: bytes):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return decode_jpeg(torch.from_numpy(np.frombuffer(d, np.uint8)), mode=ImageReadMode.RGB)
+
+    cands: dict[str, Callable[[bytes], Any]] = {
+        "pillow": pillow,
+        "simplejpeg": lambda d: simplejpeg.decode_jpeg(d, "RGB"),
+        "torchvision.io": torchvision_io,
+    }
+    with contextlib.suppress(Exception):
+        import cv2
+
+        flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
+        if flag is not None:
+            cands["opencv"] = lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), flag)
+        else:
+            cands["opencv"] = lambda d: cv2.cvtColor(cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR),
+                                                     cv2.COLOR_BGR2RGB)
+    with contextlib.suppress(Exception):
+        import turbojpeg
+
+        tj = turbojpeg.TurboJPEG()  # needs the system libturbojpeg
+        cands["pyturbojpeg"] = lambda d: tj.decode(d, pixel_format=turbojpeg.TJPF_RGB)
+    return cands
+
+
+def _decodes(fn: Callable[[bytes], Any], data: bytes) -> bool:
+    try:
+        return fn(data) is not None
+    except Exception:
+        return False
+
+
+def _with_fallback(fn: Callable[[bytes], Any], fallbacks: list[int]) -> Callable[[Sequence[bytes]], None]:
+    """Run `fn` over a chunk; an image it cannot take (CMYK, PNG, ...) is decoded by Pillow and counted."""
+    from imagenet_ray.data.decode import decode_rgb
+
+    def run(chunk: Sequence[bytes]) -> None:
+        for d in chunk:
+            try:
+                out = fn(d)
+                if out is None:
+                    raise ValueError("no image")
+            except Exception:
+                fallbacks[0] += 1
+                decode_rgb(d)
+
+    return run
+
+
+def interleaved(sides: dict[str, Callable[[Sequence[bytes]], Any]], datas: Sequence[bytes], chunk: int,
+                passes: int) -> dict[str, dict[str, Any]]:
+    """Throughput (images/s) of each side, interleaved chunk by chunk in rotating order, per pass.
+
+    Two clocks: CPU time of this process (`best`, `median`, `passes`: images per CPU-second, what one
+    core delivers; robust when other processes share the core) and wall time (`wall_*`). On an idle
+    core they agree.
+    """
+    chunks = [datas[i:i + chunk] for i in range(0, len(datas), chunk)]
+    names = list(sides)
+    for name in names:  # warm-up: imports, caches, allocator
+        sides[name](chunks[0])
+    cpu_rates: dict[str, list[float]] = {n: [] for n in names}
+    wall_rates: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(passes):
+        cpu, wall = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+        for ci, c in enumerate(chunks):
+            order = names[ci % len(names):] + names[:ci % len(names)]
+            for name in order:
+                c0, w0 = time.process_time(), time.perf_counter()
+                sides[name](c)
+                cpu[name] += time.process_time() - c0
+                wall[name] += time.perf_counter() - w0
+        for name in names:
+            cpu_rates[name].append(len(datas) / max(cpu[name], 1e-9))
+            wall_rates[name].append(len(datas) / max(wall[name], 1e-9))
+    return {n: {"best": max(cpu_rates[n]), "median": statistics.median(cpu_rates[n]), "passes": cpu_rates[n],
+                "wall_best": max(wall_rates[n]), "wall_median": statistics.median(wall_rates[n]),
+                "wall_passes": wall_rates[n]} for n in names}
+
+
+def kernel_variant(datas: Sequence[bytes], crop: int, resize: int, eval_crop: int, batch: int, passes: int,
+                   seed: int = 0) -> dict[str, Any]:
+    """One variant (originals or re-encoded): decoders, train preset, eval preset; ratios within the run."""
+    import torch
+    from PIL import Image
+
+    from imagenet_ray.data import transforms
+
+    ref_train, ref_eval = reference_train_transform(crop), reference_eval_transform(resize, eval_crop)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+
+    def as_batch(chunk: Sequence[bytes]) -> dict[str, np.ndarray]:
+        arr = np.empty(len(chunk), dtype=object)
+        arr[:] = list(chunk)
+        return {"image": arr, "label": np.zeros(len(chunk), np.int64)}
+
+    def pil(d: bytes):
+        return Image.open(io.BytesIO(d)).convert("RGB")
+
+    fallbacks = {name: [0] for name in decoder_candidates()}
+    sides: dict[str, Callable[[Sequence[bytes]], Any]] = {
+        f"decode:{name}": _with_fallback(fn, fallbacks[name]) for name, fn in decoder_candidates().items()}
+    sides["train:torchvision"] = lambda c: torch.stack([ref_train(pil(d)) for d in c])
+    sides["train:ours"] = lambda c: transforms.train_batch(as_batch(c), crop, rng)
+
+    def ours_no_dct(c: Sequence[bytes]) -> None:  # the same kernel, always decoding at full size
+        transforms.DCT_DOWNSCALE = False
+        try:
+            transforms.train_batch(as_batch(c), crop, rng)
+        finally:
+            transforms.DCT_DOWNSCALE = True
+
+    sides["train:ours_no_dct"] = ours_no_dct
+    sides["eval:torchvision"] = lambda c: torch.stack([ref_eval(pil(d)) for d in c])
+    sides["eval:ours"] = lambda c: transforms.eval_batch(as_batch(c), resize, eval_crop)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.from_numpy of read-only bytes; torchvision.io deprecation
+        res = interleaved(sides, datas, batch, passes)
+    decoders = {k.split(":", 1)[1]: v for k, v in res.items() if k.startswith("decode:")}
+    for name, fn in decoder_candidates().items():  # images the candidate cannot decode itself (untimed)
+        decoders[name]["pillow_fallbacks"] = sum(1 for d in datas if not _decodes(fn, d))
+    best_decoder = max(decoders, key=lambda k: decoders[k]["best"])
+    ceiling = decoders[best_decoder]["best"]
+    train_ours, train_ref = res["train:ours"]["best"], res["train:torchvision"]["best"]
+    eval_ours, eval_ref = res["eval:ours"]["best"], res["eval:torchvision"]["best"]
+    return {
+        "images": len(datas), "decoders": decoders, "ceiling_decoder": best_decoder, "ceiling": ceiling,
+        "train": {"ours": res["train:ours"], "torchvision": res["train:torchvision"],
+                  "ours_no_dct": res["train:ours_no_dct"],
+                  "ours_vs_torchvision": train_ours / train_ref, "ours_vs_ceiling": train_ours / ceiling},
+        "eval": {"ours": res["eval:ours"], "torchvision": res["eval:torchvision"],
+                 "ours_vs_torchvision": eval_ours / eval_ref, "ours_vs_ceiling": eval_ours / ceiling},
+    }
+
+
+def breakdown(datas: Sequence[bytes], crop: int, passes: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Where the time goes: CPU microseconds per image for each step of both train pipelines (the steps
+    of transforms._train_into and of torchvision's reference, timed one by one; best of `passes`)."""
+    import torch
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    from imagenet_ray.data import transforms
+    from imagenet_ray.data.decode import decode_rgb_array, jpeg_header
+
+    clock = time.thread_time
+    ours_steps = ("header + box", "decode (libjpeg-turbo)", "crop -> channels_last", "resize (torch AA)",
+                  "flip (p=0.5)", "write into batch")
+    ref_steps = ("decode (Pillow)", "crop + resize (Pillow)", "flip (p=0.5)", "ToTensor", "Normalize", "collate")
+    best_ours, best_ref = dict.fromkeys(ours_steps, float("inf")), dict.fromkeys(ref_steps, float("inf"))
+    out = torch.empty((crop, crop, 3), dtype=torch.uint8)
+    normalize = T.Normalize(MEAN, STD)
+    for _ in range(max(1, passes)):
+        rng = np.random.default_rng(seed)
+        acc_o, acc_r = dict.fromkeys(ours_steps, 0.0), dict.fromkeys(ref_steps, 0.0)
+        tensors = []
+        for d in datas:
+            t0 = clock()
+            header = jpeg_header(d)
+            if header is None:
+                continue
+            left, top, w, h = transforms.sample_rrc_box(header[0], header[1], rng)
+            t1 = clock()
+            factor = transforms.dct_factor(min(w, h), crop)
+            arr = decode_rgb_array(d, factor, header)
+            if arr.shape[1] != header[0] or arr.shape[0] != header[1]:
+                left, top, w, h = transforms.snap_box(left, top, w, h, factor, arr.shape[1], arr.shape[0])
+            t2 = clock()
+            x = torch.from_numpy(arr[top:top + h, left:left + w]).unsqueeze(0).permute(0, 3, 1, 2)
+            x = x.contiguous(memory_format=torch.channels_last)
+            t3 = clock()
+            y = torch.nn.functional.interpolate(x, size=(crop, crop), mode="bilinear", antialias=True)
+            y = y[0].permute(1, 2, 0)
+            t4 = clock()
+            if rng.random() < 0.5:
+                y = y.flip(1)
+            t5 = clock()
+            out.copy_(y)
+            t6 = clock()
+            for k, v in zip(ours_steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+                acc_o[k] += v
+            # torchvision's reference on the same image, step by step (same box for comparability)
+            t0 = clock()
+            img = Image.open(io.BytesIO(d)).convert("RGB")
+            t1 = clock()
+            img = TF.resized_crop(img, top * factor, left * factor, h * factor, w * factor, [crop, crop],
+                                  T.InterpolationMode.BILINEAR)
+            t2 = clock()
+            if rng.random() < 0.5:
+                img = TF.hflip(img)
+            t3 = clock()
+            t = TF.to_tensor(img)
+            t4 = clock()
+            t = normalize(t)
+            t5 = clock()
+            tensors.append(t)
+            if len(tensors) == _COLLATE_ROWS:
+                torch.stack(tensors)
+                tensors.clear()
+            t6 = clock()
+            for k, v in zip(ref_steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+                acc_r[k] += v
+        n = sum(1 for d in datas if jpeg_header(d) is not None)
+        for acc, best in ((acc_o, best_ours), (acc_r, best_ref)):
+            total = sum(acc.values())
+            if total * 1e6 / n < sum(best.values()):
+                best.update({k: v * 1e6 / n for k, v in acc.items()})
+    return {"ours_us": best_ours, "torchvision_us": best_ref}
+
+
+_COLLATE_ROWS = 32  # the reference side collates like a DataLoader batch (for the breakdown)
+
+
+def run_kernel(variants: dict[str, Sequence[bytes]], core: int, crop: int, resize: int, eval_crop: int,
+               batch: int, passes: int) -> dict[str, Any]:
+    with pinned({core}, threads=1):
+        out = {"core": core, "batch": batch, "passes": passes,
+               "variants": {name: kernel_variant(d, crop, resize, eval_crop, batch, passes)
+                            for name, d in variants.items()}}
+        for name, d in variants.items():
+            out["variants"][name]["breakdown"] = breakdown(d, crop, passes)
+        return out
+
+
+# --- section 2: end to end --------------------------------------------------------------------------------------
+
+
+def wnid_of(path: Path) -> str:
+    m = WNID_PREFIX.match(path.name)
+    return m.group(1) if m else FALLBACK_WNID
+
+
+def build_folder_layout(images: Sequence[Path], root: Path, val_images: int, repeat: int = 1) -> Path:
+    """The images as a class-folder ILSVRC layout (train/<wnid>/, val/<wnid>/, LOC_synset_mapping.txt),
+    hard-linked where possible; with `repeat` > 1 each train image appears that many times (under
+    distinct names), so that an epoch is long enough for per-epoch start-up not to dominate. Returns the
+    train folder (what ImageFolder reads)."""
+    from imagenet_ray.data.layouts import KAGGLE_SYNSETS
+
+    def place(src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+    for p in images:
+        for r in range(repeat):
+            name = p.name if r == 0 else f"{p.stem}_r{r}{p.suffix}"
+            place(p, root / "train" / wnid_of(p) / name)
+    for p in images[:max(1, val_images)]:
+        place(p, root / "val" / wnid_of(p) / p.name)
+    wnids = sorted({wnid_of(p) for p in images})
+    (root / KAGGLE_SYNSETS).write_text("".join(f"{w} {w}\n" for w in wnids))
+    return root / "train"
+
+
+def _summarise(epochs: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
+    """Epoch 1 is warm-up (process start, imports, first reads); the rates are over epochs 2..N.
+
+    images_per_s counts everything from asking for the epoch's iterator to its last batch;
+    in_epoch_images_per_s leaves out each epoch's start (up to its first batch), which a long
+    (ImageNet-sized) epoch amortises; epoch_start_s is that start, averaged over epochs 2..N.
+    """
+    steady = epochs[1:] or epochs
+    images, wall = sum(e["images"] for e in steady), sum(e["wall_s"] for e in steady)
+    wait = sum(e["wait_s"] for e in steady)
+    after_first = sum(e["images"] - e["first_batch_images"] for e in steady)
+    after_first_s = sum(e["wall_s"] - e["first_batch_s"] for e in steady)
+    return {"images_per_s": images / wall if wall else 0.0,
+            "in_epoch_images_per_s": after_first / after_first_s if after_first_s > 0 else 0.0,
+            "epoch_start_s": statistics.mean(e["first_batch_s"] for e in steady), "steady_epochs": len(steady),
+            "time_to_first_batch_s": epochs[0]["first_batch_s"], "data_wait_s": wait,
+            "data_wait_frac": wait / wall if wall else 0.0,
+            "first_epoch_images_per_s": epochs[0]["images"] / epochs[0]["wall_s"] if epochs[0]["wall_s"] else 0.0,
+            "decode_errors": sum(e.get("decode_errors", 0) for e in epochs), "batch_size": batch_size,
+            "epochs": epochs}
+
+
+def consume(batches_for_epoch: Callable[[int], Any], epochs: int, step_s: float) -> list[dict[str, Any]]:
+    """Iterate `epochs` epochs, timing each next(); the same loop for both sides."""
+    out = []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        it = iter(batches_for_epoch(epoch))
+        n, wait, first, first_n, errors = 0, 0.0, None, 0, 0
+        while True:
+            t1 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                wait += time.perf_counter() - t1
+                break
+            wait += time.perf_counter() - t1
+            if isinstance(batch, dict):
+                n += int(batch["label"].shape[0])
+                if "decode_errors" in batch:
+                    errors += int(batch["decode_errors"].sum())
+            else:
+                n += int(batch[1].shape[0])
+            if first is None:
+                first, first_n = time.perf_counter() - t0, n
+            if step_s:
+                time.sleep(step_s)
+        out.append({"epoch": epoch, "images": n, "wall_s": time.perf_counter() - t0, "wait_s": wait,
+                    "first_batch_s": first if first is not None else 0.0, "first_batch_images": first_n,
+                    "decode_errors": errors})
+    return out
+
+
+def _ray_bench_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: iterate the train shard as train/loop.py does, report per-epoch timings."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+
+    def batches(_epoch: int):
+        # As train/loop.py iterates (dtypes inferred: uint8 images, int64 labels, int32 decode_errors).
+        return shard.iter_torch_batches(batch_size=config["batch_size"], prefetch_batches=config["prefetch_batches"],
+                                        local_shuffle_buffer_size=config["local_shuffle_buffer"] or None)
+
+    epochs = consume(batches, config["epochs"], config["step_s"])
+    # A file, not ray.train.report: Ray Train v2 keeps metrics only with checkpoints. The bench's Ray is
+    # local, so the driver reads it.
+    Path(config["result_path"]).write_text(json.dumps(epochs))
+
+
+# Ray 2.60 reads Parquet in bins of row groups of up to 128 MiB (RAY_DATA_PARQUET_BIN_PACKING_BYTES,
+# read on the driver when the read is planned), whatever override_num_blocks says. The full dataset's
+# 128 MiB shards make one read task each; the bench's few small shards would all land in ONE task and
+# run on one core. Bins of one shard keep the miniature's structure (many tasks per core) the same.
+BIN_PACKING_ENV = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
+
+
+def _with_env(name: str, value: int | None, fn: Callable[[], Any]) -> Any:
+    if value is None:
+        return fn()
+    old = os.environ.get(name)
+    os.environ[name] = str(int(value))
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def run_ray_side(url: str, crop: int, epochs: int, batch_size: int, step_s: float, storage_dir: str,
+                 local_shuffle_buffer: int = 256, prefetch_batches: int = 2,
+                 bin_bytes: int | None = None, parquet_reader: str = "pipeline") -> dict[str, Any]:
+    import ray.train
+    from ray.data import DataContext
+    from ray.train.torch import TorchTrainer
+
+    from imagenet_ray.data.pipeline import build_train_dataset, open_prepared
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    old_v2 = ctx.use_datasource_v2
+    if parquet_reader == "v1":  # Ray Data's first Parquet reader instead of the default (DataSourceV2)
+        ctx.use_datasource_v2 = False
+    result_path = str(Path(storage_dir) / "ray_side_epochs.json")
+    Path(storage_dir).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    trainer = TorchTrainer(
+        _ray_bench_loop,
+        train_loop_config={"batch_size": batch_size, "epochs": epochs, "step_s": step_s, "result_path": result_path,
+                           "local_shuffle_buffer": local_shuffle_buffer, "prefetch_batches": prefetch_batches},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(name="bench-data", storage_path=storage_dir),
+        datasets={"train": _with_env(BIN_PACKING_ENV, bin_bytes,
+                                     lambda: build_train_dataset(open_prepared(url), crop, 0))},
+    )
+    ctx.use_datasource_v2 = old_v2  # the dataset keeps the reader it was planned with
+    trainer.fit()
+    out = _summarise(json.loads(Path(result_path).read_text()), batch_size)
+    out["fit_wall_s"] = time.perf_counter() - t0
+    out["parquet_reader"] = parquet_reader
+    return out
+
+
+def run_dataloader_side(train_dir: Path, crop: int, epochs: int, batch_size: int, workers: int,
+                        step_s: float) -> dict[str, Any]:
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(train_dir), transform=reference_train_transform(crop))
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+    torch.manual_seed(0)
+    out = _summarise(consume(lambda _e: loader, epochs, step_s), batch_size)
+    out["workers"] = workers
+    return out
+
+
+def run_e2e(images: Sequence[Path], work: Path, cores: set[int], crop: int, epochs: int, batch_size: int,
+            dataloader_workers: int, step_ms: float, shard_mb: float, s3_url: str | None,
+            repeat: int = 1, parquet_reader: str = "pipeline", val_images: int = 50) -> dict[str, Any]:
+    import ray
+
+    from imagenet_ray.data.prepare import PrepareOptions, prepare
+
+    layout = work / "layout"
+    train_dir = build_folder_layout(images, layout, val_images, repeat)
+    out_url = s3_url or str(work / "prepared")
+    step_s = step_ms / 1000.0
+    result: dict[str, Any] = {"cores": sorted(cores), "epochs": epochs, "batch_size": batch_size,
+                              "step_ms": step_ms, "shards_url": out_url, "images": len(images) * repeat,
+                              "repeat": repeat}
+    with pinned(cores, threads=1):
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            # The training worker reserves 1 logical CPU and mostly waits; Ray Data gets len(cores), like
+            # the DataLoader's workers. Every process is pinned to the same physical cores.
+            ray.init(address="local", num_cpus=len(cores) + 1, _node_ip_address="127.0.0.1", include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        result["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        result["ray_started_by_bench"] = started_ray
+        try:
+            t0 = time.perf_counter()
+            prep = prepare(str(layout), out_url, PrepareOptions(shard_mb=shard_mb, max_quarantine_frac=1.0))
+            if not prep.ok:
+                raise RuntimeError(f"prepare failed: {prep.problems}")
+            train_split = prep.manifest["splits"]["train"]
+            result["prepare"] = {"wall_s": time.perf_counter() - t0, "shards": len(train_split["shards"]),
+                                 "train_images": train_split["num_images"], "shard_mb": shard_mb}
+            result["ray"] = run_ray_side(out_url, crop, epochs, batch_size, step_s, str(work / "ray_results"),
+                                         bin_bytes=max(1, int(shard_mb * 2**20)), parquet_reader=parquet_reader)
+        finally:
+            if started_ray:
+                ray.shutdown()
+        result["dataloader"] = run_dataloader_side(train_dir, crop, epochs, batch_size, dataloader_workers, step_s)
+    for ratio, key in (("ray_vs_dataloader", "images_per_s"), ("ray_vs_dataloader_in_epoch", "in_epoch_images_per_s")):
+        theirs = result["dataloader"][key]
+        result[ratio] = result["ray"][key] / theirs if theirs else 0.0
+    return result
+
+
+# --- section 3: GPU decode --------------------------------------------------------------------------------------
+
+
+def run_gpu(variants: dict[str, Sequence[bytes]], batch: int, passes: int) -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from imagenet_ray.data.decode import jpeg_header
+
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "batch": batch, "variants": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, datas in variants.items():
+            tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas if jpeg_header(d)]
+            chunks = [tensors[i:i + batch] for i in range(0, len(tensors), batch)]
+            decode_jpeg(chunks[0], mode=ImageReadMode.RGB, device="cuda")
+            torch.cuda.synchronize()
+            rates = []
+            for _ in range(passes):
+                t0 = time.perf_counter()
+                for c in chunks:
+                    decode_jpeg(c, mode=ImageReadMode.RGB, device="cuda")
+                torch.cuda.synchronize()
+                rates.append(len(tensors) / (time.perf_counter() - t0))
+            out["variants"][name] = {"images": len(tensors), "best": max(rates), "median": statistics.median(rates),
+                                     "passes": rates}
+    return out
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+
+def format_report(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"machine: {m['cpu_model']}, nproc {m['nproc']}; {report['images']['count']} images from "
+             f"{report['images']['folder']}"]
+    k = report.get("kernel")
+    if k:
+        lines.append(f"\n1. kernel, images per CPU-second on one core (core {k['core']}, best of {k['passes']} "
+                     f"interleaved passes; wall-clock figures in the JSON)")
+        lines.append(f"{'':24s}" + "".join(f"{v:>22s}" for v in k["variants"]))
+        vs = list(k["variants"].values())
+        dec_names = list(vs[0]["decoders"])
+        for d in dec_names:
+            lines.append(f"{'decode ' + d:24s}" + "".join(f"{v['decoders'][d]['best']:22.0f}" for v in vs))
+        rows = [("train torchvision", lambda v: f"{v['train']['torchvision']['best']:.0f}"),
+                ("train ours", lambda v: f"{v['train']['ours']['best']:.0f}"),
+                ("  ours / torchvision", lambda v: f"{v['train']['ours_vs_torchvision']:.2f}x"),
+                ("  ours / decode ceiling", lambda v: f"{v['train']['ours_vs_ceiling']:.2f}x ({v['ceiling_decoder']})"),
+                ("train ours, no DCT scale", lambda v: f"{v['train']['ours_no_dct']['best']:.0f}"),
+                ("eval torchvision", lambda v: f"{v['eval']['torchvision']['best']:.0f}"),
+                ("eval ours", lambda v: f"{v['eval']['ours']['best']:.0f}"),
+                ("  ours / torchvision", lambda v: f"{v['eval']['ours_vs_torchvision']:.2f}x"),
+                ("  ours / decode ceiling", lambda v: f"{v['eval']['ours_vs_ceiling']:.2f}x")]
+        for label, fmt in rows:
+            lines.append(f"{label:24s}" + "".join(f"{fmt(v):>22s}" for v in vs))
+        if all("breakdown" in v for v in vs):
+            lines.append("where the time goes, train, CPU us per image (step by step; same boxes on both sides)")
+            for side in ("ours_us", "torchvision_us"):
+                for step in vs[0]["breakdown"][side]:
+                    lines.append(f"{('  ' + side.split('_')[0] + ': ' + step)[:40]:40s}"
+                                 + "".join(f"{v['breakdown'][side][step]:14.0f}" for v in vs))
+                lines.append(f"{'  ' + side.split('_')[0] + ': total':40s}"
+                             + "".join(f"{sum(v['breakdown'][side].values()):14.0f}" for v in vs))
+    e = report.get("e2e")
+    if e:
+        lines.append(f"\n2. end to end on cores {e['cores']}: {e['images']} images ({e['repeat']}x each) x "
+                     f"{e['epochs']} epochs (rates over epochs 2..{e['epochs']}), "
+                     f"batch {e['batch_size']}, step {e['step_ms']} ms; shards: {e['shards_url']}")
+        lines.append(f"{'':34s}{'images/s':>10s}{'epoch start s':>15s}{'1st batch s':>13s}{'wait frac':>11s}")
+        for side, label in (("ray", f"Ray Data -> Ray Train ({e['ray']['parquet_reader']} reader)"),
+                            ("dataloader", f"DataLoader(ImageFolder), {e['dataloader']['workers']} workers")):
+            s = e[side]
+            lines.append(f"{label:34s}{s['images_per_s']:10.0f}{s['epoch_start_s']:15.2f}"
+                         f"{s['time_to_first_batch_s']:13.2f}{s['data_wait_frac']:11.2f}")
+        lines.append(f"{'  Ray / DataLoader':34s}{e['ray_vs_dataloader']:9.2f}x")
+    elif "e2e_skipped" in report:
+        lines.append(f"\n2. end to end: skipped: {report['e2e_skipped']}")
+    g = report.get("gpu", {})
+    if "skipped" in g:
+        lines.append(f"\n3. GPU decode: skipped: {g['skipped']}")
+    elif g:
+        lines.append(f"\n3. GPU decode (torchvision.io.decode_jpeg on {g['device']}, batch {g['batch']}), images/s")
+        for name, v in g["variants"].items():
+            lines.append(f"{name:24s}{v['best']:10.0f}")
+    return "\n".join(lines)
+
+
+# --- entry points -----------------------------------------------------------------------------------------------
+
+
+def add_bench_data_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--images", required=True, help="folder of JPEGs (e.g. ../shared/imagenet-samples)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N images (sorted by name)")
+    p.add_argument("--crop", type=int, default=224, help="train RandomResizedCrop size")
+    p.add_argument("--resize", type=int, default=256, help="eval: shorter side")
+    p.add_argument("--eval-crop", type=int, default=224, help="eval: center crop")
+    p.add_argument("--max-side", type=int, default=256, help="re-encoded variant: longer side at most N")
+    p.add_argument("--quality", type=int, default=90, help="re-encoded variant: JPEG quality")
+    p.add_argument("--passes", type=int, default=3, help="kernel: timed passes per side (best is reported)")
+    p.add_argument("--core", type=int, default=None, help="kernel: the core to pin to (default: the last one)")
+    p.add_argument("--cores", type=int, default=2, help="e2e: cores given to each side")
+    p.add_argument("--epochs", type=int, default=5, help="e2e: epochs per side (epoch 1 is warm-up)")
+    p.add_argument("--batch-size", type=int, default=64, help="e2e: training batch size")
+    p.add_argument("--repeat", type=int, default=1, help="e2e: each image this many times per epoch (longer epochs)")
+    p.add_argument("--dataloader-workers", type=int, default=None, help="e2e: DataLoader workers (default: --cores)")
+    p.add_argument("--step-ms", type=float, default=0.0, help="e2e: sleep per batch, a stand-in for a training step")
+    p.add_argument("--shard-mb", type=float, default=8.0, help="e2e: shard size for prepare")
+    p.add_argument("--parquet-reader", choices=("pipeline", "v1"), default="pipeline",
+                   help="e2e: Ray Data's Parquet reader: as the pipeline builds it (Ray's default, DataSourceV2) "
+                        "or the V1 reader (DataContext.use_datasource_v2 = False)")
+    p.add_argument("--s3", default=None, metavar="URL",
+                   help="e2e: write/read the shards at this s3:// URL (AWS_* environment) instead of local disk")
+    p.add_argument("--skip-kernel", action="store_true")
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--skip-gpu", action="store_true")
+    p.add_argument("--work-dir", default=None, help="keep the layout and shards here (default: a temp dir)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the full report as JSON")
+    return p
+
+
+def run_data_bench(images: str, limit: int | None = None, crop: int = 224, resize: int = 256, eval_crop: int = 224,
+                   max_side: int = 256, quality: int = 90, passes: int = 3, core: int | None = None,
+                   cores: int = 2, epochs: int = 5, batch_size: int = 64, dataloader_workers: int | None = None,
+                   step_ms: float = 0.0, shard_mb: float = 8.0, s3: str | None = None, repeat: int = 1,
+                   parquet_reader: str = "pipeline",
+                   kernel: bool = True,
+                   e2e: bool = True, gpu: bool = True, work_dir: str | None = None,
+                   kernel_batch: int | None = None) -> dict[str, Any]:
+    """Run the sections and return the report (see the module doc)."""
+    from imagenet_ray.data.pipeline import DECODE_BATCH_ROWS
+
+    allowed = sorted(os.sched_getaffinity(0))
+    loaded = load_images(images, limit)
+    paths, originals = [p for p, _ in loaded], [d for _, d in loaded]
+    variants = {"original": originals, f"max_side_{max_side}": reencode(originals, max_side, quality)}
+    report: dict[str, Any] = {
+        "command": " ".join(sys.argv), "machine": machine_info(),
+        "images": {"folder": str(images), "count": len(originals),
+                   "mean_bytes": {k: float(np.mean([len(d) for d in v])) for k, v in variants.items()}},
+        "settings": {"crop": crop, "resize": resize, "eval_crop": eval_crop, "max_side": max_side, "quality": quality},
+    }
+    if kernel:
+        report["kernel"] = run_kernel(variants, allowed[-1] if core is None else core, crop, resize, eval_crop,
+                                      kernel_batch or DECODE_BATCH_ROWS, passes)
+    if e2e:
+        if len(allowed) < cores:
+            report["e2e_skipped"] = f"needs {cores} cores, this process may use {len(allowed)}"
+        else:
+            tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="bench-data-")
+            work = Path(work_dir or tmp.name)
+            work.mkdir(parents=True, exist_ok=True)
+            try:
+                report["e2e"] = run_e2e(paths, work, set(allowed[:cores]), crop, epochs, batch_size,
+                                        dataloader_workers if dataloader_workers is not None else cores, step_ms,
+                                        shard_mb, s3, repeat, parquet_reader)
+            finally:
+                if tmp is not None:
+                    tmp.cleanup()
+    if gpu:
+        report["gpu"] = run_gpu(variants, 64, passes)
+    return report
+
+
+def run_bench_data(args: argparse.Namespace) -> int:
+    report = run_data_bench(
+        args.images, limit=args.limit, crop=args.crop, resize=args.resize, eval_crop=args.eval_crop,
+        max_side=args.max_side, quality=args.quality, passes=args.passes, core=args.core, cores=args.cores,
+        epochs=args.epochs, batch_size=args.batch_size, dataloader_workers=args.dataloader_workers,
+        step_ms=args.step_ms, shard_mb=args.shard_mb, s3=args.s3, repeat=args.repeat,
+        parquet_reader=args.parquet_reader, kernel=not args.skip_kernel,
+        e2e=not args.skip_e2e, gpu=not args.skip_gpu, work_dir=args.work_dir)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imagenet-ray bench data", description=__doc__.splitlines()[0])
+    return run_bench_data(add_bench_data_args(parser).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

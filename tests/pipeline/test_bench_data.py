@@ -1,0 +1,78 @@
+"""`imagenet-ray bench data` end to end on a few generated JPEGs: every section, positive throughputs.
+
+No timing thresholds here: speed is measured (docs/benchmarks.md), not asserted.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture
+def jpeg_folder(tmp_path):
+    from imagenet_ray.data.classes import imagenet_classes
+
+    wnids = imagenet_classes().wnids[:3]
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(24):
+        h, w = int(rng.integers(60, 140)), int(rng.integers(60, 140))
+        ys, xs = np.mgrid[0:h, 0:w]
+        img = np.stack([xs * 255 // w, ys * 255 // h, np.full_like(xs, 40 * (i % 3))], -1).astype(np.uint8)
+        mode = "L" if i % 8 == 0 else "RGB"  # a few grayscale JPEGs, as in ImageNet
+        Image.fromarray(img).convert(mode).save(folder / f"{wnids[i % 3]}_{i:03d}.JPEG", quality=90)
+    (folder / "notes.txt").write_text("not an image: ignored")
+    return folder
+
+
+def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
+    import argparse
+
+    from imagenet_ray.bench.data import add_bench_data_args, format_report, run_bench_data, run_data_bench
+
+    cores = min(2, len(os.sched_getaffinity(0)))
+    report = run_data_bench(str(jpeg_folder), crop=32, resize=40, eval_crop=32, max_side=64, passes=1, cores=cores,
+                            epochs=2, batch_size=8, kernel_batch=8, shard_mb=0.02, work_dir=str(tmp_path / "work"))
+
+    kernel = report["kernel"]["variants"]
+    assert set(kernel) == {"original", "max_side_64"}
+    for v in kernel.values():
+        assert v["images"] == 24
+        assert {"pillow", "simplejpeg", "torchvision.io"} <= set(v["decoders"])
+        assert all(d["best"] > 0 for d in v["decoders"].values())
+        assert v["ceiling"] == max(d["best"] for d in v["decoders"].values())
+        for preset in ("train", "eval"):
+            assert v[preset]["ours"]["best"] > 0 and v[preset]["torchvision"]["best"] > 0
+            assert v[preset]["ours_vs_torchvision"] > 0 and v[preset]["ours_vs_ceiling"] > 0
+
+    e2e = report["e2e"]
+    assert e2e["prepare"]["train_images"] == 24 and e2e["prepare"]["shards"] > 1
+    for side in ("ray", "dataloader"):
+        s = e2e[side]
+        assert s["images_per_s"] > 0 and s["time_to_first_batch_s"] > 0
+        assert [e["images"] for e in s["epochs"]] == [24, 24]  # every image, every epoch
+        assert s["decode_errors"] == 0
+    assert e2e["ray_vs_dataloader"] > 0
+
+    gpu = report["gpu"]
+    assert gpu.get("skipped") == "no CUDA device" or all(v["best"] > 0 for v in gpu["variants"].values())
+
+    text = format_report(report)
+    for heading in ("1. kernel", "2. end to end", "3. GPU decode", "ours / torchvision", "Ray / DataLoader"):
+        assert heading in text
+    json.dumps(report)  # the --json payload
+
+    # The CLI entry point (what `imagenet-ray bench data` runs), kernel only, writing JSON.
+    parser = add_bench_data_args(argparse.ArgumentParser())
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--images", str(jpeg_folder), "--limit", "6", "--crop", "32", "--resize", "40",
+                              "--eval-crop", "32", "--passes", "1", "--skip-e2e", "--skip-gpu", "--json", str(out)])
+    assert run_bench_data(args) == 0
+    saved = json.loads(out.read_text())
+    assert saved["images"]["count"] == 6 and "e2e" not in saved and "kernel" in saved
