@@ -59,6 +59,8 @@ class DataSection(_Strict):
     local_shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's shuffle buffer (0 = off)")
     prefetch_batches: int = Field(2, ge=0)
     eval_hflip: bool = Field(False, description="average logits over the image and its mirror at eval")
+    auto_augment: Literal["none", "trivialaugment"] = Field("none", description="TrivialAugmentWide per image")
+    random_erasing: float = Field(0.0, ge=0, lt=1, description="probability of erasing a rectangle per image")
     mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta(α, α); 0 = off")
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(α, α); 0 = off")
     node_labels: dict[str, str] = Field(default_factory=dict, description="run decoding only on Ray nodes with "

@@ -179,7 +179,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from imagenet_ray.config import ExperimentConfig
     from imagenet_ray.tracking import RunTracker
-    from imagenet_ray.train.batch_aug import mix_batch
+    from imagenet_ray.train.batch_aug import mix_batch, random_erase, trivial_augment
     from imagenet_ray.train.checkpoint import load_checkpoint, restore_rng, write_checkpoint_dir
     from imagenet_ray.train.models import build_model
     from imagenet_ray.train.optim import build_sgd, scale_for_world, schedule_from_config
@@ -256,12 +256,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if cfg.data.deterministic:  # everything random in this epoch is a function of (seed, rank, epoch)
             aug_rng = np.random.default_rng([cfg.seed, rank, epoch])
             shuffle_seed = (cfg.seed * 100_003 + epoch * 1_009 + rank) % 2**31
+            torch.manual_seed(shuffle_seed)  # torch's RNG drives TrivialAugmentWide
         timed = _Timer(train_batches(train_shard, epoch_cfg, device, aug_rng, shuffle_seed))
         for batch in timed:
             labels = batch["label"].long()
             if "decode_errors" in batch:  # rows replaced by another image of the batch (transforms.py)
                 decode_errors += int(batch["decode_errors"].sum())
-            x = resize_on_device(to_model_input(batch["image"]), size)
+            images = batch["image"]
+            if cfg.data.auto_augment == "trivialaugment":
+                images = trivial_augment(images)
+            x = resize_on_device(to_model_input(images), size)
+            if cfg.data.random_erasing > 0:
+                x = random_erase(x, cfg.data.random_erasing, aug_rng)
             target = labels
             if mixing:
                 x, target = mix_batch(x, labels, num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha, aug_rng,

@@ -51,10 +51,17 @@ def test_raw_source_with_device_decode_path(local_ray, synth_raw, tmp_path):
         f"data.url={raw}", "data.source=raw", "data.decode_on=gpu", f"train.storage_path={tmp_path / 'runs'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.epochs=1", "data.batch_size=4",
         "data.val_batch_size=4", "data.train_crop=32", "data.val_resize=40", "data.val_crop=32", "name=raw-gpu-path",
+        # the recipe mechanics, all on at once: V2 augmentations, EMA, FFCV resizing/TTA, accumulation
+        "data.auto_augment=trivialaugment", "data.random_erasing=0.5", "data.mixup_alpha=0.2",
+        "data.cutmix_alpha=1.0", "optim.ema_decay=0.9", "data.eval_hflip=true", "optim.grad_accum_steps=2",
+        "data.progressive={start_size: 16, end_size: 32, start_epoch: 0, end_epoch: 2, step: 16}",
+        "model.blurpool=true", "optim.label_smoothing=0.1",
     ])
     metrics = run_training(cfg)
     assert metrics["val/images"] == summary.val_images == 21
+    assert metrics["val_ema/images"] == 21  # EMA weights evaluated on the same exact split
     assert metrics["train/images"] == summary.train_images
+    assert metrics["train/crop_size"] == 16  # epoch 0 of a 16 → 32 ramp
 
 
 def test_evaluate_reproduces_the_training_val_numbers(trained, prepared, tmp_path):

@@ -587,3 +587,27 @@ def test_rng_state_survives_a_checkpoint_round_trip(tmp_path):
     _draw()
     restore_rng(read_checkpoint_dir(tmp_path)["rng"])
     assert _same(after_save, _draw())
+
+
+def test_trivial_augment_keeps_shape_and_dtype_and_changes_pixels():
+    from imagenet_ray.train.batch_aug import trivial_augment
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (16, 24, 24, 3), dtype=torch.uint8)
+    out = trivial_augment(images)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert sum(not torch.equal(a, b) for a, b in zip(out, images)) >= 8  # most images get a non-identity op
+
+
+def test_random_erase_rectangles_and_probability():
+    import numpy as np
+
+    from imagenet_ray.train.batch_aug import random_erase
+
+    x = torch.ones(200, 3, 32, 32)
+    out = random_erase(x, 0.5, np.random.default_rng(0))
+    erased = (out == 0).flatten(1).any(1)
+    assert 70 <= int(erased.sum()) <= 130  # ~ p × N
+    frac = (out[erased] == 0).float().mean(dim=(1, 2, 3))
+    assert float(frac.min()) >= 0.015 and float(frac.max()) <= 0.34  # 2–33 % of the area
+    assert torch.equal(random_erase(x, 0.0, np.random.default_rng(0)), x) and torch.equal(x, torch.ones_like(x))
