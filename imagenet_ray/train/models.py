@@ -22,7 +22,8 @@ class BlurPool2d(nn.Module):
         self.channels = channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.kernel.to(x.dtype), groups=self.channels)
+        # Zero padding, as FFCV's BlurPoolConv2d (reflect padding fails on 1×1 maps of small inputs).
+        return F.conv2d(x, self.kernel.to(x.dtype), padding=1, groups=self.channels)
 
 
 def add_blurpool(model: nn.Module) -> int:
