@@ -7,6 +7,7 @@ arguments, 1 for everything else); tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,10 +52,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     ensure_ray(1)
     result = prepare(source, out, opts, listing=listing)
     print(format_report(result.report))
-    if args.mlflow_uri:
+    mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if mlflow_uri:
         from imagenet_ray.tracking import log_prepared_dataset
 
-        print(f"logged to MLflow run {log_prepared_dataset(args.mlflow_uri, result.report, result.manifest)}")
+        print(f"logged to MLflow run {log_prepared_dataset(mlflow_uri, result.report, result.manifest)}")
     if not result.ok:
         raise UserError("; ".join(result.problems))
     print(f"prepared {result.report['classes']} classes from {source} ({listing.layout} layout) to {out}: "
@@ -112,8 +114,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import os
-
     from imagenet_ray.evaluate import EvalRequest, run_evaluation
 
     if args.crop > args.resize:
@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail when more than this fraction of images is quarantined")
     p.add_argument("--max-side", type=int, default=None, help="re-encoded variant: longer side at most N px")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded variant")
-    p.add_argument("--mlflow-uri", default=None, help="log the report and manifest to MLflow as a dataset")
+    p.add_argument("--mlflow-uri", default=None, help="log the report and manifest to MLflow as a dataset "
+                   "(default: MLFLOW_TRACKING_URI when set)")
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("verify", help="re-read a prepared dataset and check counts and checksums")
