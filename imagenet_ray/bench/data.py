@@ -708,7 +708,8 @@ def add_bench_data_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="e2e: Ray Data's Parquet reader: as the pipeline builds it (Ray's default, DataSourceV2) "
                         "or the V1 reader (DataContext.use_datasource_v2 = False)")
     p.add_argument("--s3", default=None, metavar="URL",
-                   help="e2e: write/read the shards at this s3:// URL (AWS_* environment) instead of local disk")
+                   help="e2e: write/read the shards at this s3:// URL (AWS_* environment) instead of local disk; "
+                        "use a fresh prefix per run (prepare refuses to mix two datasets in one place)")
     p.add_argument("--skip-kernel", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-gpu", action="store_true")

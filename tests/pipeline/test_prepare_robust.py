@@ -140,7 +140,7 @@ def test_killed_run_resumes_to_identical_output(synth_raw, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "imagenet_ray", "prepare", *args, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    total = len(json.loads((tmp_path / "clean" / MANIFEST_NAME).read_text())["splits"]["train"]["shards"])
+    total = sum(len(s["shards"]) for s in json.loads((tmp_path / "clean" / MANIFEST_NAME).read_text())["splits"].values())
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         receipts = list((out / RECEIPTS_DIR).rglob("*.json")) if (out / RECEIPTS_DIR).exists() else []
@@ -156,7 +156,11 @@ def test_killed_run_resumes_to_identical_output(synth_raw, tmp_path):
     resumed = subprocess.run([sys.executable, "-m", "imagenet_ray", "prepare", *args, "--out", str(out)],
                              capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"{done_before} already done" in resumed.stdout or done_before >= total
+    # Tasks of the killed run may still finish a shard after the kill: at least what we saw is reused.
+    import re
+
+    reused = int(re.search(r"(\d+) already done", resumed.stdout).group(1))
+    assert done_before <= reused <= total, (done_before, reused, total)
 
     clean_m = json.loads((tmp_path / "clean" / MANIFEST_NAME).read_text())
     resumed_m = json.loads((out / MANIFEST_NAME).read_text())
