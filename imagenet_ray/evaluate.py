@@ -112,6 +112,17 @@ def val_index_of(key: str) -> int:
     return int(match.group(1)) - 1 if match else -1
 
 
+def real_counts(predictions: list[int], val_indices: list[int], table: list[list[int]]) -> tuple[int, int]:
+    """(top-1 hits, images counted) under ImageNet-ReaL: a prediction is right when it is one of the
+    image's ReaL labels; images with no ReaL label (or not a val image) are not counted."""
+    correct = counted = 0
+    for idx, pred in zip(val_indices, predictions):
+        if 0 <= idx < len(table) and table[idx]:
+            counted += 1
+            correct += int(pred in table[idx])
+    return correct, counted
+
+
 def _eval_with_index(batch, resize: int, crop: int):
     import numpy as np
 
@@ -159,10 +170,8 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
             per_class[0].index_add_(0, labels, (pred == labels).double())
             per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
             if real is not None:
-                for idx, p in zip(batch["val_index"].tolist(), pred.tolist()):
-                    if 0 <= idx < len(real) and real[idx]:
-                        real_hits[1] += 1
-                        real_hits[0] += float(p in real[idx])
+                correct, counted = real_counts(pred.tolist(), batch["val_index"].tolist(), real)
+                real_hits += torch.tensor([correct, counted], dtype=torch.float64, device=device)
     reduced = totals.reduced(device)
     per_class = all_reduce_sum(per_class).cpu()
     real_hits = all_reduce_sum(real_hits).tolist()

@@ -27,15 +27,22 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def ceiling(device, batch: int, steps: int, size: int, compile_model: bool) -> dict:
+def _resnet50_and_sgd(device):
     import torch
 
-    from imagenet_ray.train.loop import autocast_context, loss_fn, to_model_input
     from imagenet_ray.train.models import build_model
     from imagenet_ray.train.optim import build_sgd
 
     model = build_model("resnet50", 1000).to(device, memory_format=torch.channels_last)
-    opt = build_sgd(model, 0.1, 0.9, 5e-5)
+    return model, build_sgd(model, 0.1, 0.9, 5e-5)
+
+
+def ceiling(device, batch: int, steps: int, size: int, compile_model: bool) -> dict:
+    import torch
+
+    from imagenet_ray.train.loop import autocast_context, loss_fn, to_model_input
+
+    model, opt = _resnet50_and_sgd(device)
     step_model = torch.compile(model) if compile_model else model
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
@@ -108,11 +115,8 @@ def end_to_end(device, encoded: list[bytes], labels: list[int], batch: int, size
 
     from imagenet_ray.data.device_decode import train_batch_on_device
     from imagenet_ray.train.loop import autocast_context, loss_fn, to_model_input
-    from imagenet_ray.train.models import build_model
-    from imagenet_ray.train.optim import build_sgd
 
-    model = build_model("resnet50", 1000).to(device, memory_format=torch.channels_last)
-    opt = build_sgd(model, 0.1, 0.9, 5e-5)
+    model, opt = _resnet50_and_sgd(device)
     rng = np.random.default_rng(0)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     data_s = step_s = 0.0

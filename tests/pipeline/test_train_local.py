@@ -84,3 +84,11 @@ def test_evaluate_reproduces_the_training_val_numbers(trained, prepared, tmp_pat
     assert by_file["eval/top1"] == metrics["val/top1"]
     client = MlflowClient(uri)
     assert client.get_run(by_file["mlflow_run_id"]).data.metrics["eval/top1"] == metrics["val/top1"]
+
+    # models:/ — a registered model version whose source is the checkpoint
+    client.create_registered_model("smoke-resnet18")
+    version = client.create_model_version("smoke-resnet18", source=metrics["checkpoint_path"],
+                                          run_id=metrics["mlflow_run_id"]).version
+    by_model = run_evaluation(EvalRequest(checkpoint=f"models:/smoke-resnet18/{version}",
+                                          **{**common, "num_workers": 1}))
+    assert by_model["eval/top1"] == metrics["val/top1"] and by_model["eval/images"] == 21

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ffcv_reference import ffcv_resolution
 import torch
 import torch.nn as nn
 import yaml
@@ -54,13 +55,6 @@ def _global_batch(cfg: ExperimentConfig) -> int:
     return cfg.data.batch_size * cfg.train.num_workers
 
 
-def _ffcv_resolution(epoch, min_res, max_res, end_ramp, start_ramp):
-    """FFCV's ImageNetTrainer.get_resolution."""
-    if epoch <= start_ramp:
-        return min_res
-    if epoch >= end_ramp:
-        return max_res
-    return int(np.round(np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])[0] / 32)) * 32
 
 
 # ---------------------------------------------------------------- every file
@@ -134,7 +128,7 @@ def test_ffcv_train_sizes_follow_ffcv_epoch_by_epoch(path):
     cfg = load_config(path)
     epochs, start, end = FFCV_REFERENCE[path.stem][:3]
     sizes = [train_size_for_epoch(cfg.data, e) for e in range(epochs)]
-    assert sizes == [_ffcv_resolution(e, 160, 192, end, start) for e in range(epochs)]
+    assert sizes == [ffcv_resolution(e, 160, 192, end, start) for e in range(epochs)]
     assert sizes[0] == 160 and sizes[-1] == 192
     assert max(sizes) <= cfg.data.train_crop
 

@@ -111,3 +111,15 @@ def test_ensure_experiment_unusable_path_is_a_user_error(tmp_path):
         ensure_experiment(f"sqlite:///{blocker}/sub/mlflow.db", "x")
     assert str(blocker) in str(info.value)
 
+
+
+def test_real_counts_and_val_index():
+    from imagenet_ray.evaluate import real_counts, val_index_of
+
+    assert val_index_of("ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_00000001.JPEG") == 0
+    assert val_index_of("ILSVRC2012_img_val.tar/ILSVRC2012_val_00050000.JPEG") == 49_999
+    assert val_index_of("train/n01440764/n01440764_1.JPEG") == -1
+    table = [[3], [], [1, 7], [2]]
+    # image 0 right, image 1 has no ReaL label (not counted), image 2 right via its second label,
+    # image 3 wrong, index -1 and 9 are not val images of the table
+    assert real_counts([3, 5, 7, 4, 0, 0], [0, 1, 2, 3, -1, 9], table) == (2, 3)

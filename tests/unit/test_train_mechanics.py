@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+from ffcv_reference import ffcv_resolution
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -300,13 +301,6 @@ def test_param_groups_without_exemption_skips_frozen_params():
 # ================================================================ progressive resizing
 
 
-def _ffcv_resolution(epoch, min_res, max_res, end_ramp, start_ramp):
-    """FFCV's ImageNetTrainer.get_resolution."""
-    if epoch <= start_ramp:
-        return min_res
-    if epoch >= end_ramp:
-        return max_res
-    return int(np.round(np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])[0] / 32)) * 32
 
 
 def test_train_size_without_progressive_is_the_train_crop():
@@ -323,7 +317,7 @@ def test_train_size_ffcv_88_epochs():
     assert set(sizes[76:]) == {192}
     # by hand: 160 + 32·(e - 65)/11 rounds to 192 once (e - 65)/11 > 1/2, i.e. from epoch 71
     assert sizes[70] == 160 and sizes[71] == 192
-    assert sizes == [_ffcv_resolution(e, 160, 192, 76, 65) for e in range(88)]
+    assert sizes == [ffcv_resolution(e, 160, 192, 76, 65) for e in range(88)]
     assert sizes == sorted(sizes)
 
 
@@ -333,7 +327,7 @@ def test_train_size_matches_ffcv_for_other_ramps(start, end):
                                                                      start_epoch=start, end_epoch=end))
     epochs = end + 5
     assert [train_size_for_epoch(data, e) for e in range(epochs)] == \
-        [_ffcv_resolution(e, 160, 192, end, start) for e in range(epochs)]
+        [ffcv_resolution(e, 160, 192, end, start) for e in range(epochs)]
 
 
 def test_train_size_wider_ramp_uses_intermediate_multiples():
