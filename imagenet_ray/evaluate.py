@@ -70,8 +70,8 @@ def resolve_checkpoint_url(ref: str, tracking_uri: str | None) -> str:
         raise UserError(f"{ref}: {' '.join(str(exc).split())[:200]}") from None
 
 
-def load_weights(req: EvalRequest) -> tuple[str, dict[str, Any], int | None]:
-    """(model name, state dict, num_classes from the checkpoint or None) for the request."""
+def load_weights(req: EvalRequest) -> tuple[str, dict[str, Any], int | None, bool]:
+    """(model name, state dict, num_classes from the checkpoint or None, BlurPool used) for the request."""
     import torch
     import yaml
 
@@ -83,7 +83,7 @@ def load_weights(req: EvalRequest) -> tuple[str, dict[str, Any], int | None]:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise UserError(f"{req.weights}: not a PyTorch state dict ({exc})") from None
-        return req.model, state, None
+        return req.model, state, None, False
     if not req.checkpoint:
         raise UserError("give --checkpoint URL|runs:/ID|models:/NAME/VERSION or --weights FILE --model NAME")
     url = resolve_checkpoint_url(req.checkpoint, req.tracking_uri)
@@ -92,7 +92,23 @@ def load_weights(req: EvalRequest) -> tuple[str, dict[str, Any], int | None]:
     cfg = yaml.safe_load(state["config_yaml"])
     model_state = state["model"]
     fc = [v for k, v in model_state.items() if k.endswith(("fc.weight", "classifier.weight", "head.weight"))]
-    return req.model or cfg["model"]["name"], model_state, int(fc[-1].shape[0]) if fc else None
+    # A BlurPool model has other module names: rebuild the architecture the checkpoint was trained with.
+    blurpool = bool(cfg["model"].get("blurpool", False))
+    return req.model or cfg["model"]["name"], model_state, int(fc[-1].shape[0]) if fc else None, blurpool
+
+
+def check_weights_fit(model_name: str, state: dict[str, Any], num_classes: int, blurpool: bool = False) -> None:
+    """The weights load into `model_name` with `num_classes` outputs, or a UserError says why."""
+    from imagenet_ray.config import classification_model_names
+    from imagenet_ray.train.models import build_model
+
+    if model_name not in classification_model_names():
+        raise UserError(f"--model {model_name!r} is not a torchvision classification model")
+    try:
+        build_model(model_name, num_classes, blurpool=blurpool).load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise UserError(f"the weights do not fit {model_name} with {num_classes} classes ({first})") from None
 
 
 def real_label_table(url: str) -> list[list[int]]:
@@ -135,7 +151,6 @@ def _eval_with_index(batch, resize: int, crop: int):
 
 def eval_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entrypoint: evaluate this worker's share of val, all-reduce, report once."""
-    import numpy as np
     import ray.train
     import ray.train.torch
     import torch
@@ -145,7 +160,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     from imagenet_ray.train.models import build_model
 
     device = ray.train.torch.get_device()
-    model = build_model(config["model"], config["num_classes"])
+    model = build_model(config["model"], config["num_classes"], blurpool=config["blurpool"])
     model.load_state_dict(config["state"])
     model = model.to(device, memory_format=torch.channels_last).eval()
     num_classes = config["num_classes"]
@@ -208,10 +223,11 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
     from imagenet_ray.train.trainer import absolute_url, ensure_ray
 
     data = open_prepared(absolute_url(req.data_url))
-    model_name, state, ckpt_classes = load_weights(req)
+    model_name, state, ckpt_classes, blurpool = load_weights(req)
     num_classes = data.num_classes
     if ckpt_classes is not None and ckpt_classes != num_classes:
         raise UserError(f"the model has {ckpt_classes} outputs but {req.data_url} has {num_classes} classes")
+    check_weights_fit(model_name, state, num_classes, blurpool)  # fail here, in one line, not inside a worker
     real = real_label_table(req.real_labels_url) if req.real_labels_url else None
     if real is not None and num_classes != 1000:
         raise UserError(f"ReaL labels index the 1,000 ImageNet classes; {req.data_url} has {num_classes}")
@@ -224,7 +240,7 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
         _eval_with_index, fn_kwargs={"resize": req.resize, "crop": req.crop}, batch_size=32, batch_format="numpy")
     trainer = TorchTrainer(
         eval_loop_per_worker,
-        train_loop_config={"model": model_name, "state": state, "num_classes": num_classes, "real": real,
+        train_loop_config={"model": model_name, "state": state, "blurpool": blurpool, "num_classes": num_classes, "real": real,
                            "hflip": req.hflip, "batch_size": req.batch_size, "num_val": data.num_images("val")},
         scaling_config=ray.train.ScalingConfig(num_workers=req.num_workers, use_gpu=use_gpu),
         datasets={"val": val},

@@ -19,7 +19,7 @@ from PIL import Image
 from imagenet_ray import storage
 from imagenet_ray.data.classes import ClassList, imagenet_classes
 from imagenet_ray.data.layouts import KAGGLE_SYNSETS, KAGGLE_TRAIN_DIR, KAGGLE_VAL_DIR, KAGGLE_VAL_SOLUTION
-from imagenet_ray.errors import UserError
+from imagenet_ray.errors import ConfigError
 
 _ASPECTS = (4 / 3, 4 / 3, 4 / 3, 3 / 4, 1.0, 3 / 2, 16 / 9, 2 / 3)
 GRAYSCALE_FRACTION = 1 / 12
@@ -95,11 +95,11 @@ def write_synthetic_imagenet(
 ) -> SynthSummary:
     """Write a miniature ImageNet in Kaggle's CLS-LOC layout to `out_url`."""
     if num_classes < 1 or train_per_class < 1 or val_per_class < 0:
-        raise UserError("synth: --classes and --train-per-class must be ≥ 1, --val-per-class ≥ 0")
+        raise ConfigError("synth: --classes and --train-per-class must be ≥ 1, --val-per-class ≥ 0")
     all_classes = imagenet_classes()
     if wnids is None:
         if num_classes > len(all_classes):
-            raise UserError(f"synth: --classes must be ≤ {len(all_classes)}")
+            raise ConfigError(f"synth: --classes must be ≤ {len(all_classes)}")
         wnids = list(all_classes.wnids[:num_classes])
     classes: ClassList = all_classes.subset(wnids)
     root = storage.resolve(out_url)

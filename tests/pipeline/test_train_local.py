@@ -42,7 +42,7 @@ def test_two_workers_count_every_val_image_once(trained):
     assert state["epoch"] == 1 and state["mlflow_run_id"] == run.info.run_id
 
 
-def test_raw_source_with_device_decode_path(local_ray, synth_raw, tmp_path):
+def test_raw_source_with_device_decode_path(local_ray, synth_raw, prepared, tmp_path):
     """data.source=raw + data.decode_on=gpu (run on CPU here): same exact val accounting."""
     from imagenet_ray.train.trainer import run_training
 
@@ -62,6 +62,13 @@ def test_raw_source_with_device_decode_path(local_ray, synth_raw, tmp_path):
     assert metrics["val_ema/images"] == 21  # EMA weights evaluated on the same exact split
     assert metrics["train/images"] == summary.train_images
     assert metrics["train/crop_size"] == 16  # epoch 0 of a 16 → 32 ramp
+
+    # evaluate rebuilds the BlurPool architecture the checkpoint was trained with
+    from imagenet_ray.evaluate import EvalRequest, run_evaluation
+
+    evaluated = run_evaluation(EvalRequest(data_url=str(prepared[0]), checkpoint=metrics["checkpoint_path"],
+                                           resize=40, crop=32, hflip=True, batch_size=8, num_workers=1))
+    assert evaluated["eval/images"] == 21
 
 
 def test_evaluate_reproduces_the_training_val_numbers(trained, prepared, tmp_path):

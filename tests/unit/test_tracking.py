@@ -123,3 +123,19 @@ def test_real_counts_and_val_index():
     # image 0 right, image 1 has no ReaL label (not counted), image 2 right via its second label,
     # image 3 wrong, index -1 and 9 are not val images of the table
     assert real_counts([3, 5, 7, 4, 0, 0], [0, 1, 2, 3, -1, 9], table) == (2, 3)
+
+
+def test_weights_that_do_not_fit_are_one_clear_error():
+    import torchvision
+
+    from imagenet_ray.errors import UserError
+    from imagenet_ray.evaluate import check_weights_fit
+
+    state = torchvision.models.resnet18(num_classes=10).state_dict()
+    check_weights_fit("resnet18", state, 10)
+    with pytest.raises(UserError, match="do not fit resnet34 with 10 classes"):
+        check_weights_fit("resnet34", state, 10)
+    with pytest.raises(UserError, match="do not fit resnet18 with 3 classes"):
+        check_weights_fit("resnet18", state, 3)
+    with pytest.raises(UserError, match="not a torchvision classification model"):
+        check_weights_fit("resnet9000", state, 10)
