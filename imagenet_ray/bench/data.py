@@ -14,16 +14,19 @@ Sections (all sides of a comparison run in the same process, on the same images 
              Sides are interleaved chunk by chunk in rotating order, so that machine noise hits all of
              them alike; the table shows the best pass, the JSON every pass. Then a step-by-step
              breakdown of both train pipelines (where the time goes).
-2. e2e       End to end on --cores cores (every process pinned to them): Ray Data reading Parquet
-             shards written by the project's own prepare (local disk, or --s3 URL) into one Ray Train
-             worker (TorchTrainer; iter_torch_batches with the training loop's prefetch and local
-             shuffle) vs torch DataLoader(ImageFolder, torchvision's reference transform,
+2. e2e       End to end on --cores cores (every process pinned to them): the training job's own
+             pipeline (build_train_dataset + exact_val_data_config: Ray Data reading the Parquet shards
+             written by the project's prepare, decoding in fused read+decode tasks) into one Ray Train
+             worker (TorchTrainer; iter_torch_batches with the default config's prefetch and local
+             shuffle), from local disk and, with --s3, from an S3 server (the same shards, copied), vs
+             torch DataLoader(ImageFolder, torchvision's reference transform,
              num_workers=--dataloader-workers, persistent workers) over the same images on local disk.
              Both sides only consume batches (optionally sleeping --step-ms per batch as a stand-in for
-             a training step): images/s over epochs 2..N, epoch start (time to an epoch's first batch),
-             time to the very first batch, fraction of time blocked in next(). --repeat lists every
-             image N times per epoch, so that epochs are long enough for the per-epoch start to weigh
-             as little as it does on the full dataset.
+             a training step): images/s over epochs 2..N (and "in epoch": without each epoch's start),
+             epoch start (time to an epoch's first batch), time to the very first batch, fraction of
+             time blocked in next(). Shards are prepare's default size (128 MB, so a read task is as
+             large as on the real dataset) and --repeat lists every image N times per epoch, so that
+             an epoch has many shards per core, as the full dataset has.
 3. gpu       torchvision.io.decode_jpeg(device="cuda") on batches of the same images, when CUDA exists.
 
 Writes a table to stdout and everything (every pass, machine, versions) to --json. Wiring into a CLI:
@@ -51,6 +54,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+DEFAULT_SHARD_MB = 128.0  # = PrepareOptions.shard_mb: the bench's read tasks are the size the real dataset's are
 WNID_PREFIX = re.compile(r"^(n\d{8})_")
 FALLBACK_WNID = "n00000000"  # class of images whose names do not start with a wnid
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -480,41 +484,17 @@ def _ray_bench_loop(config: dict[str, Any]) -> None:
     Path(config["result_path"]).write_text(json.dumps(epochs))
 
 
-# Ray 2.60 reads Parquet in bins of row groups of up to 128 MiB (RAY_DATA_PARQUET_BIN_PACKING_BYTES,
-# read on the driver when the read is planned), whatever override_num_blocks says. The full dataset's
-# 128 MiB shards make one read task each; the bench's few small shards would all land in ONE task and
-# run on one core. Bins of one shard keep the miniature's structure (many tasks per core) the same.
-BIN_PACKING_ENV = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
-
-
-def _with_env(name: str, value: int | None, fn: Callable[[], Any]) -> Any:
-    if value is None:
-        return fn()
-    old = os.environ.get(name)
-    os.environ[name] = str(int(value))
-    try:
-        return fn()
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-
 def run_ray_side(url: str, crop: int, epochs: int, batch_size: int, step_s: float, storage_dir: str,
-                 local_shuffle_buffer: int = 256, prefetch_batches: int = 2,
-                 bin_bytes: int | None = None, parquet_reader: str = "pipeline") -> dict[str, Any]:
+                 local_shuffle_buffer: int = 256, prefetch_batches: int = 2) -> dict[str, Any]:
+    """The pipeline exactly as the training job builds it (build_train_dataset, exact_val_data_config,
+    iteration as train/loop.py with the default config's shuffle buffer and prefetch) into one worker."""
     import ray.train
     from ray.data import DataContext
     from ray.train.torch import TorchTrainer
 
-    from imagenet_ray.data.pipeline import build_train_dataset, open_prepared
+    from imagenet_ray.data.pipeline import build_train_dataset, exact_val_data_config, open_prepared
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    old_v2 = ctx.use_datasource_v2
-    if parquet_reader == "v1":  # Ray Data's first Parquet reader instead of the default (DataSourceV2)
-        ctx.use_datasource_v2 = False
+    DataContext.get_current().enable_progress_bars = False
     result_path = str(Path(storage_dir) / "ray_side_epochs.json")
     Path(storage_dir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -524,15 +504,55 @@ def run_ray_side(url: str, crop: int, epochs: int, batch_size: int, step_s: floa
                            "local_shuffle_buffer": local_shuffle_buffer, "prefetch_batches": prefetch_batches},
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name="bench-data", storage_path=storage_dir),
-        datasets={"train": _with_env(BIN_PACKING_ENV, bin_bytes,
-                                     lambda: build_train_dataset(open_prepared(url), crop, 0))},
+        datasets={"train": build_train_dataset(open_prepared(url), crop, 0)},
+        dataset_config=exact_val_data_config(),  # as the training job splits its datasets
     )
-    ctx.use_datasource_v2 = old_v2  # the dataset keeps the reader it was planned with
     trainer.fit()
     out = _summarise(json.loads(Path(result_path).read_text()), batch_size)
     out["fit_wall_s"] = time.perf_counter() - t0
-    out["parquet_reader"] = parquet_reader
+    out["shards_url"] = url
     return out
+
+
+LOCAL_S3 = "local"  # `--s3` without a URL: a SeaweedFS server started (and stopped) by the benchmark
+
+
+@contextlib.contextmanager
+def s3_location(s3: str | None, work: Path) -> Iterator[str | None]:
+    """The s3:// URL to put the shards at (None without --s3), with this process's AWS_* environment
+    pointing at the server while it is in use. With LOCAL_S3 the benchmark starts its own SeaweedFS
+    (the project's service, on loopback, pinned to the same cores as everything else); with a URL
+    it uses the server and credentials already in the AWS_* environment."""
+    if s3 is None or s3 != LOCAL_S3:
+        yield s3
+        return
+    from imagenet_ray.services import start_stack
+
+    stack = start_stack(work / "services", buckets=("imagenet",), only=("s3",))
+    aws = {k: v for k, v in stack.env().items() if k.startswith("AWS_")}
+    saved = {k: os.environ.get(k) for k in aws}
+    os.environ.update(aws)  # the driver builds the S3 filesystem; Ray ships it to the read tasks
+    try:
+        yield "s3://imagenet/bench-data"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        stack.stop()
+
+
+def copy_tree(src_url: str, dst_url: str) -> float:
+    """Copy a prepared dataset (shards, manifest, receipts) to another location; returns seconds."""
+    import pyarrow.fs as pafs
+
+    from imagenet_ray import storage
+
+    t0 = time.perf_counter()
+    src, dst = storage.resolve(src_url), storage.resolve(dst_url)
+    pafs.copy_files(src.path, dst.path, source_filesystem=src.fs, destination_filesystem=dst.fs, use_threads=True)
+    return time.perf_counter() - t0
 
 
 def run_dataloader_side(train_dir: Path, crop: int, epochs: int, batch_size: int, workers: int,
@@ -551,46 +571,60 @@ def run_dataloader_side(train_dir: Path, crop: int, epochs: int, batch_size: int
 
 
 def run_e2e(images: Sequence[Path], work: Path, cores: set[int], crop: int, epochs: int, batch_size: int,
-            dataloader_workers: int, step_ms: float, shard_mb: float, s3_url: str | None,
-            repeat: int = 1, parquet_reader: str = "pipeline", val_images: int = 50) -> dict[str, Any]:
+            dataloader_workers: int, step_ms: float, shard_mb: float, s3: str | None,
+            repeat: int = 1, val_images: int = 50) -> dict[str, Any]:
+    """Ray Data → Ray Train from local Parquet (and from S3 with --s3) vs DataLoader, same cores."""
     import ray
 
     from imagenet_ray.data.prepare import PrepareOptions, prepare
 
     layout = work / "layout"
     train_dir = build_folder_layout(images, layout, val_images, repeat)
-    out_url = s3_url or str(work / "prepared")
+    local_url = str(work / "prepared")
     step_s = step_ms / 1000.0
     result: dict[str, Any] = {"cores": sorted(cores), "epochs": epochs, "batch_size": batch_size,
-                              "step_ms": step_ms, "shards_url": out_url, "images": len(images) * repeat,
-                              "repeat": repeat}
-    with pinned(cores, threads=1):
+                              "step_ms": step_ms, "images": len(images) * repeat, "repeat": repeat}
+    with pinned(cores, threads=1), s3_location(s3, work) as s3_url:
         started_ray = not ray.is_initialized()
         if started_ray:
             # The training worker reserves 1 logical CPU and mostly waits; Ray Data gets len(cores), like
-            # the DataLoader's workers. Every process is pinned to the same physical cores.
+            # the DataLoader's workers. Every process (and the S3 server) is pinned to the same cores.
             ray.init(address="local", num_cpus=len(cores) + 1, _node_ip_address="127.0.0.1", include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
         result["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         result["ray_started_by_bench"] = started_ray
         try:
             t0 = time.perf_counter()
-            prep = prepare(str(layout), out_url, PrepareOptions(shard_mb=shard_mb, max_quarantine_frac=1.0))
+            prep = prepare(str(layout), local_url, PrepareOptions(shard_mb=shard_mb, max_quarantine_frac=1.0))
             if not prep.ok:
                 raise RuntimeError(f"prepare failed: {prep.problems}")
             train_split = prep.manifest["splits"]["train"]
             result["prepare"] = {"wall_s": time.perf_counter() - t0, "shards": len(train_split["shards"]),
-                                 "train_images": train_split["num_images"], "shard_mb": shard_mb}
-            result["ray"] = run_ray_side(out_url, crop, epochs, batch_size, step_s, str(work / "ray_results"),
-                                         bin_bytes=max(1, int(shard_mb * 2**20)), parquet_reader=parquet_reader)
+                                 "train_images": train_split["num_images"], "shard_mb": shard_mb,
+                                 "shard_bytes_mean": float(np.mean([sh["bytes"] for sh in train_split["shards"]]))}
+            result["ray"] = run_ray_side(local_url, crop, epochs, batch_size, step_s, str(work / "ray_results"))
+            if s3_url:
+                result["s3_copy_s"] = copy_tree(local_url, s3_url)  # the same shards, byte for byte
+                result["ray_s3"] = run_ray_side(s3_url, crop, epochs, batch_size, step_s, str(work / "ray_results_s3"))
+                result["s3_server"] = "SeaweedFS started by the benchmark" if s3 == LOCAL_S3 else "AWS_* environment"
         finally:
             if started_ray:
                 ray.shutdown()
-        result["dataloader"] = run_dataloader_side(train_dir, crop, epochs, batch_size, dataloader_workers, step_s)
-    for ratio, key in (("ray_vs_dataloader", "images_per_s"), ("ray_vs_dataloader_in_epoch", "in_epoch_images_per_s")):
-        theirs = result["dataloader"][key]
-        result[ratio] = result["ray"][key] / theirs if theirs else 0.0
+    result["dataloader"] = run_dataloader_side_pinned(train_dir, crop, epochs, batch_size, dataloader_workers,
+                                                      step_s, cores)
+    for side in ("ray", "ray_s3"):
+        if side not in result:
+            continue
+        for suffix, key in (("", "images_per_s"), ("_in_epoch", "in_epoch_images_per_s")):
+            theirs = result["dataloader"][key]
+            result[f"{side}_vs_dataloader{suffix}"] = result[side][key] / theirs if theirs else 0.0
     return result
+
+
+def run_dataloader_side_pinned(train_dir: Path, crop: int, epochs: int, batch_size: int, workers: int,
+                               step_s: float, cores: set[int]) -> dict[str, Any]:
+    with pinned(cores, threads=1):
+        return run_dataloader_side(train_dir, crop, epochs, batch_size, workers, step_s)
 
 
 # --- section 3: GPU decode --------------------------------------------------------------------------------------
@@ -663,15 +697,23 @@ def format_report(report: dict[str, Any]) -> str:
     e = report.get("e2e")
     if e:
         lines.append(f"\n2. end to end on cores {e['cores']}: {e['images']} images ({e['repeat']}x each) x "
-                     f"{e['epochs']} epochs (rates over epochs 2..{e['epochs']}), "
-                     f"batch {e['batch_size']}, step {e['step_ms']} ms; shards: {e['shards_url']}")
-        lines.append(f"{'':34s}{'images/s':>10s}{'epoch start s':>15s}{'1st batch s':>13s}{'wait frac':>11s}")
-        for side, label in (("ray", f"Ray Data -> Ray Train ({e['ray']['parquet_reader']} reader)"),
-                            ("dataloader", f"DataLoader(ImageFolder), {e['dataloader']['workers']} workers")):
+                     f"{e['epochs']} epochs (rates over epochs 2..{e['epochs']}), batch {e['batch_size']}, "
+                     f"step {e['step_ms']} ms; {e['prepare']['shards']} shards of "
+                     f"{e['prepare']['shard_bytes_mean'] / 2**20:.0f} MB")
+        lines.append(f"{'':40s}{'images/s':>10s}{'in epoch':>10s}{'epoch start s':>15s}{'1st batch s':>13s}"
+                     f"{'wait frac':>11s}")
+        sides = [("ray", "Ray Data -> Ray Train, local Parquet"), ("ray_s3", "Ray Data -> Ray Train, Parquet on S3"),
+                 ("dataloader", f"DataLoader(ImageFolder), {e['dataloader']['workers']} workers")]
+        for side, label in sides:
+            if side not in e:
+                continue
             s = e[side]
-            lines.append(f"{label:34s}{s['images_per_s']:10.0f}{s['epoch_start_s']:15.2f}"
-                         f"{s['time_to_first_batch_s']:13.2f}{s['data_wait_frac']:11.2f}")
-        lines.append(f"{'  Ray / DataLoader':34s}{e['ray_vs_dataloader']:9.2f}x")
+            lines.append(f"{label:40s}{s['images_per_s']:10.0f}{s['in_epoch_images_per_s']:10.0f}"
+                         f"{s['epoch_start_s']:15.2f}{s['time_to_first_batch_s']:13.2f}{s['data_wait_frac']:11.2f}")
+        for side, label in (("ray", "  Ray (local) / DataLoader"), ("ray_s3", "  Ray (S3) / DataLoader")):
+            if f"{side}_vs_dataloader" in e:
+                lines.append(f"{label:40s}{e[f'{side}_vs_dataloader']:9.2f}x"
+                             f"{e[f'{side}_vs_dataloader_in_epoch']:9.2f}x")
     elif "e2e_skipped" in report:
         lines.append(f"\n2. end to end: skipped: {report['e2e_skipped']}")
     g = report.get("gpu", {})
@@ -698,18 +740,18 @@ def add_bench_data_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--passes", type=int, default=3, help="kernel: timed passes per side (best is reported)")
     p.add_argument("--core", type=int, default=None, help="kernel: the core to pin to (default: the last one)")
     p.add_argument("--cores", type=int, default=2, help="e2e: cores given to each side")
-    p.add_argument("--epochs", type=int, default=5, help="e2e: epochs per side (epoch 1 is warm-up)")
+    p.add_argument("--epochs", type=int, default=3, help="e2e: epochs per side (epoch 1 is warm-up)")
     p.add_argument("--batch-size", type=int, default=64, help="e2e: training batch size")
-    p.add_argument("--repeat", type=int, default=1, help="e2e: each image this many times per epoch (longer epochs)")
+    p.add_argument("--repeat", type=int, default=20,
+                   help="e2e: each image this many times per epoch (epochs long enough for many shards per core)")
     p.add_argument("--dataloader-workers", type=int, default=None, help="e2e: DataLoader workers (default: --cores)")
     p.add_argument("--step-ms", type=float, default=0.0, help="e2e: sleep per batch, a stand-in for a training step")
-    p.add_argument("--shard-mb", type=float, default=8.0, help="e2e: shard size for prepare")
-    p.add_argument("--parquet-reader", choices=("pipeline", "v1"), default="pipeline",
-                   help="e2e: Ray Data's Parquet reader: as the pipeline builds it (Ray's default, DataSourceV2) "
-                        "or the V1 reader (DataContext.use_datasource_v2 = False)")
-    p.add_argument("--s3", default=None, metavar="URL",
-                   help="e2e: write/read the shards at this s3:// URL (AWS_* environment) instead of local disk; "
-                        "use a fresh prefix per run (prepare refuses to mix two datasets in one place)")
+    p.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_MB,
+                   help="e2e: shard size for prepare (default: prepare's own)")
+    p.add_argument("--s3", nargs="?", const=LOCAL_S3, default=None, metavar="URL",
+                   help="e2e: also read the same shards from S3: from a SeaweedFS server the benchmark starts on "
+                        "127.0.0.1 (no URL), or at this s3:// URL (server and credentials from the AWS_* "
+                        "environment; use a fresh prefix per run)")
     p.add_argument("--skip-kernel", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-gpu", action="store_true")
@@ -720,9 +762,8 @@ def add_bench_data_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_data_bench(images: str, limit: int | None = None, crop: int = 224, resize: int = 256, eval_crop: int = 224,
                    max_side: int = 256, quality: int = 90, passes: int = 3, core: int | None = None,
-                   cores: int = 2, epochs: int = 5, batch_size: int = 64, dataloader_workers: int | None = None,
-                   step_ms: float = 0.0, shard_mb: float = 8.0, s3: str | None = None, repeat: int = 1,
-                   parquet_reader: str = "pipeline",
+                   cores: int = 2, epochs: int = 3, batch_size: int = 64, dataloader_workers: int | None = None,
+                   step_ms: float = 0.0, shard_mb: float | None = None, s3: str | None = None, repeat: int = 1,
                    kernel: bool = True,
                    e2e: bool = True, gpu: bool = True, work_dir: str | None = None,
                    kernel_batch: int | None = None) -> dict[str, Any]:
@@ -752,7 +793,7 @@ def run_data_bench(images: str, limit: int | None = None, crop: int = 224, resiz
             try:
                 report["e2e"] = run_e2e(paths, work, set(allowed[:cores]), crop, epochs, batch_size,
                                         dataloader_workers if dataloader_workers is not None else cores, step_ms,
-                                        shard_mb, s3, repeat, parquet_reader)
+                                        shard_mb or DEFAULT_SHARD_MB, s3, repeat)
             finally:
                 if tmp is not None:
                     tmp.cleanup()
@@ -766,8 +807,7 @@ def run_bench_data(args: argparse.Namespace) -> int:
         args.images, limit=args.limit, crop=args.crop, resize=args.resize, eval_crop=args.eval_crop,
         max_side=args.max_side, quality=args.quality, passes=args.passes, core=args.core, cores=args.cores,
         epochs=args.epochs, batch_size=args.batch_size, dataloader_workers=args.dataloader_workers,
-        step_ms=args.step_ms, shard_mb=args.shard_mb, s3=args.s3, repeat=args.repeat,
-        parquet_reader=args.parquet_reader, kernel=not args.skip_kernel,
+        step_ms=args.step_ms, shard_mb=args.shard_mb, s3=args.s3, repeat=args.repeat, kernel=not args.skip_kernel,
         e2e=not args.skip_e2e, gpu=not args.skip_gpu, work_dir=args.work_dir)
     print(format_report(report))
     if args.json:

@@ -243,39 +243,46 @@ def _wait_healthy(stack: LocalStack, svc: ModuleType, popen, log_offset: int, st
 
 
 def start_stack(root_dir: Path, ray_num_cpus: int | None = None,
-                buckets: tuple[str, ...] | list[str] = DEFAULT_BUCKETS) -> LocalStack:
+                buckets: tuple[str, ...] | list[str] = DEFAULT_BUCKETS,
+                only: tuple[str, ...] | None = None) -> LocalStack:
     """Start S3, MLflow and a Ray head on fresh free ports with data under `root_dir`.
 
-    The `mlflow` bucket (MLflow's artifact store) is always created. If a service fails because a
-    picked port was taken in the meantime, everything is stopped and started again on new ports
-    (up to 3 attempts); any other failure stops everything and raises a one-line UserError."""
+    `only`: names of the services to start (e.g. ("s3",) for a benchmark that needs storage only);
+    default all three. The `mlflow` bucket (MLflow's artifact store) is always created. If a service
+    fails because a picked port was taken in the meantime, everything is stopped and started again on
+    new ports (up to 3 attempts); any other failure stops everything and raises a one-line UserError."""
     root_dir = Path(root_dir).resolve()
     root_dir.mkdir(parents=True, exist_ok=True)
     if mlflow_server.ARTIFACTS_BUCKET not in buckets:
         buckets = (*buckets, mlflow_server.ARTIFACTS_BUCKET)
+    services = SERVICES if only is None else tuple(svc for svc in SERVICES if svc.NAME in only)
+    unknown = set(only or ()) - {svc.NAME for svc in SERVICES}
+    if unknown:
+        raise UserError(f"unknown service(s) {', '.join(sorted(unknown))}; known: "
+                        f"{', '.join(svc.NAME for svc in SERVICES)}")
     for attempt in range(1, _START_ATTEMPTS + 1):
         try:
-            return _start_once(_new_stack(root_dir, ray_num_cpus, tuple(buckets)))
+            return _start_once(_new_stack(root_dir, ray_num_cpus, tuple(buckets)), services)
         except _PortConflict as exc:
             if attempt == _START_ATTEMPTS:
                 raise UserError(f"{exc} (port conflicts in {attempt} attempts)") from None
     raise AssertionError("unreachable")
 
 
-def _start_once(stack: LocalStack) -> LocalStack:
+def _start_once(stack: LocalStack, services: tuple[ModuleType, ...] = SERVICES) -> LocalStack:
     stack.logs_dir.mkdir(parents=True, exist_ok=True)
     commands = {}
-    for svc in SERVICES:  # fail on a missing binary before anything runs
+    for svc in services:  # fail on a missing binary before anything runs
         svc.prepare(stack)
         commands[svc.NAME] = svc.command(stack)
 
     cancel = threading.Event()
-    pool = ThreadPoolExecutor(len(SERVICES), thread_name_prefix="services-start")
+    pool = ThreadPoolExecutor(len(services), thread_name_prefix="services-start")
     try:
         base = stack.service_env()
         t0 = time.monotonic()
         waiters = []
-        for svc in SERVICES:
+        for svc in services:
             log = stack.log_path(svc.NAME)
             offset = log.stat().st_size if log.exists() else 0
             popen, stack.processes[svc.NAME] = process.spawn(commands[svc.NAME], env=svc.environ(stack, base),

@@ -34,11 +34,15 @@ def jpeg_folder(tmp_path):
 def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
     import argparse
 
-    from imagenet_ray.bench.data import add_bench_data_args, format_report, run_bench_data, run_data_bench
+    from imagenet_ray.bench.data import LOCAL_S3, add_bench_data_args, format_report, run_bench_data, run_data_bench
+
+    aws_before = {k for k in os.environ if k.startswith("AWS_")}
 
     cores = min(2, len(os.sched_getaffinity(0)))
+    # --s3 without a URL: the benchmark starts (and stops) its own SeaweedFS for the S3 side.
     report = run_data_bench(str(jpeg_folder), crop=32, resize=40, eval_crop=32, max_side=64, passes=1, cores=cores,
-                            epochs=2, batch_size=8, kernel_batch=8, shard_mb=0.02, work_dir=str(tmp_path / "work"))
+                            epochs=2, batch_size=8, kernel_batch=8, shard_mb=0.02, s3=LOCAL_S3,
+                            work_dir=str(tmp_path / "work"))
 
     kernel = report["kernel"]["variants"]
     assert set(kernel) == {"original", "max_side_64"}
@@ -53,18 +57,21 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
 
     e2e = report["e2e"]
     assert e2e["prepare"]["train_images"] == 24 and e2e["prepare"]["shards"] > 1
-    for side in ("ray", "dataloader"):
+    for side in ("ray", "ray_s3", "dataloader"):
         s = e2e[side]
         assert s["images_per_s"] > 0 and s["time_to_first_batch_s"] > 0
         assert [e["images"] for e in s["epochs"]] == [24, 24]  # every image, every epoch
         assert s["decode_errors"] == 0
-    assert e2e["ray_vs_dataloader"] > 0
+    assert e2e["ray_s3"]["shards_url"].startswith("s3://") and e2e["s3_copy_s"] > 0
+    assert e2e["ray_vs_dataloader"] > 0 and e2e["ray_s3_vs_dataloader"] > 0
+    assert not any(k.startswith("AWS_") and k not in aws_before for k in os.environ)  # environment restored
 
     gpu = report["gpu"]
     assert gpu.get("skipped") == "no CUDA device" or all(v["best"] > 0 for v in gpu["variants"].values())
 
     text = format_report(report)
-    for heading in ("1. kernel", "2. end to end", "3. GPU decode", "ours / torchvision", "Ray / DataLoader"):
+    for heading in ("1. kernel", "2. end to end", "3. GPU decode", "ours / torchvision", "Ray (local) / DataLoader",
+                    "Ray (S3) / DataLoader", "Parquet on S3"):
         assert heading in text
     json.dumps(report)  # the --json payload
 

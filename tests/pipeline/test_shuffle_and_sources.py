@@ -39,3 +39,21 @@ def test_raw_layout_source_reads_every_image_once(local_ray, synth_raw):
     train = build_train_dataset(data, crop=16, seed=1)
     labels = np.concatenate(_epoch_labels(train, 8, buffer=0))
     assert sorted(labels.tolist()) == sorted(r.label for r in data.listing.train)
+
+
+def test_read_and_decode_run_as_one_task_per_shard(local_ray, prepared, monkeypatch):
+    # With enough shards for the cluster's CPUs, each shard is read and decoded by one fused task
+    # (no object-store hop for the JPEG bytes): pretend this Ray has 1 CPU so the 3-shard fixture counts.
+    from imagenet_ray.data import pipeline
+
+    root, manifest = prepared
+    shards = len(manifest["splits"]["train"]["shards"])
+    assert shards >= 2
+    monkeypatch.setattr(pipeline, "_cluster_cpus", lambda: 1.0)
+    ds = build_train_dataset(open_prepared(str(root)), crop=16, seed=2).materialize()
+    stats = ds.stats()
+    assert "ReadParquet->MapBatches(_train_map)" in stats, stats
+    assert ds.count() == manifest["splits"]["train"]["num_images"]
+    classes = manifest["classes"]
+    expected = [classes.index(w) for w, n in manifest["splits"]["train"]["per_class"].items() for _ in range(n)]
+    assert sorted(ds.to_pandas()["label"].tolist()) == sorted(expected)

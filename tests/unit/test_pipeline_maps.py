@@ -1,0 +1,64 @@
+"""The pipeline's map functions and read sizing as pure functions (no Ray)."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from imagenet_ray.data import pipeline
+from imagenet_ray.data.pipeline import _eval_map, _train_map, read_blocks, row_chunks
+
+
+def _jpeg(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 50, 3), value, np.uint8)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _block(n: int) -> dict[str, np.ndarray]:
+    # Each image's grey level encodes its label, so rows can be traced through the maps.
+    return {"image": np.array([_jpeg(4 * i) for i in range(n)], dtype=object),
+            "label": np.arange(n, dtype=np.int64), "key": np.array([f"k{i}" for i in range(n)], dtype=object)}
+
+
+def test_read_blocks_asks_for_one_block_per_shard_only_when_shards_can_fill_the_cpus():
+    assert read_blocks(1100, 64) == 1100  # the full dataset: one fused read+decode task per shard
+    assert read_blocks(66, 2) == 66
+    assert read_blocks(8, 4) == 8
+    assert read_blocks(7, 4) is None  # too few shards: let Ray split the read for parallelism
+    assert read_blocks(1, 0) is None
+
+
+def test_row_chunks_cover_every_row_in_order():
+    block = {"a": np.arange(70), "b": np.arange(70) * 2}
+    chunks = list(row_chunks(block, 32))
+    assert [len(c["a"]) for c in chunks] == [32, 32, 6]
+    assert np.array_equal(np.concatenate([c["a"] for c in chunks]), block["a"])
+    assert np.array_equal(np.concatenate([c["b"] for c in chunks]), block["b"])
+    assert list(row_chunks({"a": np.arange(0)}, 32)) == []
+
+
+def test_train_map_decodes_every_row_once_in_a_new_order_each_call():
+    n = pipeline.DECODE_BATCH_ROWS + 9  # more than one chunk
+    block = _block(n)
+    runs = []
+    for _ in range(2):
+        out = list(_train_map(block, size=16))
+        assert [len(o["label"]) for o in out] == [pipeline.DECODE_BATCH_ROWS, 9]
+        labels = np.concatenate([o["label"] for o in out])
+        images = np.concatenate([o["image"] for o in out])
+        assert sorted(labels.tolist()) == list(range(n))  # every row exactly once
+        assert images.shape == (n, 16, 16, 3) and images.dtype == np.uint8
+        # the pixels still belong to their label (uniform images survive crop and flip)
+        assert np.all(np.abs(images.reshape(n, -1).mean(1) - 4 * labels) <= 2)
+        assert sum(int(o["decode_errors"].sum()) for o in out) == 0
+        runs.append(labels)
+    assert not np.array_equal(runs[0], runs[1]), "rows visited in the same order twice"
+    assert not np.array_equal(runs[0], np.arange(n)), "rows visited in stored order"
+
+
+def test_eval_map_keeps_the_stored_order():
+    n = pipeline.DECODE_BATCH_ROWS + 3
+    out = list(_eval_map(_block(n), resize=20, crop=16))
+    assert np.array_equal(np.concatenate([o["label"] for o in out]), np.arange(n))
+    assert np.concatenate([o["image"] for o in out]).shape == (n, 16, 16, 3)
