@@ -484,6 +484,46 @@ def _ray_bench_loop(config: dict[str, Any]) -> None:
     Path(config["result_path"]).write_text(json.dumps(epochs))
 
 
+class ObjectStoreMonitor:
+    """Samples Ray's object store every `interval` seconds while a side runs: peak bytes in use, and
+    how much was spilled to disk / restored meanwhile (the raylet's own counters, all nodes)."""
+
+    def __init__(self, interval: float = 0.5):
+        import threading
+
+        self.interval, self.peak_used, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, name="object-store-monitor", daemon=True)
+
+    @staticmethod
+    def _stats():
+        import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        return get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # a missed sample only lowers the peak's resolution
+                self.peak_used = max(self.peak_used, int(self._stats().object_store_bytes_used))
+
+    def __enter__(self) -> "ObjectStoreMonitor":
+        self._start = self._stats()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        end = self._stats()
+        mib = 2**20
+        self.result = {
+            "capacity_mib": end.object_store_bytes_avail / mib, "peak_used_mib": self.peak_used / mib,
+            "spilled_mib": (end.spilled_bytes_total - self._start.spilled_bytes_total) / mib,
+            "spilled_objects": int(end.spilled_objects_total - self._start.spilled_objects_total),
+            "restored_mib": (end.restored_bytes_total - self._start.restored_bytes_total) / mib,
+        }
+
+
 def run_ray_side(url: str, crop: int, epochs: int, batch_size: int, step_s: float, storage_dir: str,
                  local_shuffle_buffer: int = 256, prefetch_batches: int = 2) -> dict[str, Any]:
     """The pipeline exactly as the training job builds it (build_train_dataset, exact_val_data_config,
@@ -507,10 +547,12 @@ def run_ray_side(url: str, crop: int, epochs: int, batch_size: int, step_s: floa
         datasets={"train": build_train_dataset(open_prepared(url), crop, 0)},
         dataset_config=exact_val_data_config(),  # as the training job splits its datasets
     )
-    trainer.fit()
+    with ObjectStoreMonitor() as store:
+        trainer.fit()
     out = _summarise(json.loads(Path(result_path).read_text()), batch_size)
     out["fit_wall_s"] = time.perf_counter() - t0
     out["shards_url"] = url
+    out["object_store"] = store.result
     return out
 
 
@@ -710,6 +752,12 @@ def format_report(report: dict[str, Any]) -> str:
             s = e[side]
             lines.append(f"{label:40s}{s['images_per_s']:10.0f}{s['in_epoch_images_per_s']:10.0f}"
                          f"{s['epoch_start_s']:15.2f}{s['time_to_first_batch_s']:13.2f}{s['data_wait_frac']:11.2f}")
+        for side in ("ray", "ray_s3"):
+            if side in e:
+                o = e[side]["object_store"]
+                lines.append(f"  {side}: object store peak {o['peak_used_mib']:.0f} of {o['capacity_mib']:.0f} MiB, "
+                             f"spilled {o['spilled_mib']:.0f} MiB ({o['spilled_objects']} objects), "
+                             f"restored {o['restored_mib']:.0f} MiB")
         for side, label in (("ray", "  Ray (local) / DataLoader"), ("ray_s3", "  Ray (S3) / DataLoader")):
             if f"{side}_vs_dataloader" in e:
                 lines.append(f"{label:40s}{e[f'{side}_vs_dataloader']:9.2f}x"

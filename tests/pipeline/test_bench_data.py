@@ -62,6 +62,9 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
         assert s["images_per_s"] > 0 and s["time_to_first_batch_s"] > 0
         assert [e["images"] for e in s["epochs"]] == [24, 24]  # every image, every epoch
         assert s["decode_errors"] == 0
+    for side in ("ray", "ray_s3"):
+        store = e2e[side]["object_store"]
+        assert store["capacity_mib"] > 0 and store["spilled_mib"] >= 0 and store["peak_used_mib"] >= 0
     assert e2e["ray_s3"]["shards_url"].startswith("s3://") and e2e["s3_copy_s"] > 0
     assert e2e["ray_vs_dataloader"] > 0 and e2e["ray_s3_vs_dataloader"] > 0
     assert not any(k.startswith("AWS_") and k not in aws_before for k in os.environ)  # environment restored
@@ -71,7 +74,7 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
 
     text = format_report(report)
     for heading in ("1. kernel", "2. end to end", "3. GPU decode", "ours / torchvision", "Ray (local) / DataLoader",
-                    "Ray (S3) / DataLoader", "Parquet on S3"):
+                    "Ray (S3) / DataLoader", "Parquet on S3", "object store peak"):
         assert heading in text
     json.dumps(report)  # the --json payload
 
