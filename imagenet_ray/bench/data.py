@@ -66,7 +66,10 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 def load_images(folder: str, limit: int | None = None) -> list[tuple[Path, bytes]]:
     """(path, bytes) of the images in `folder` (not recursive), sorted by name; Pillow must decode them."""
     from imagenet_ray.data.decode import DecodeError, decode_rgb
+    from imagenet_ray.errors import UserError
 
+    if not Path(folder).is_dir():
+        raise UserError(f"bench data --images {folder}: not a folder")
     paths = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     out = []
     for p in paths:
@@ -80,7 +83,7 @@ def load_images(folder: str, limit: int | None = None) -> list[tuple[Path, bytes
         if limit and len(out) >= limit:
             break
     if not out:
-        raise ValueError(f"{folder}: no decodable .jpeg/.jpg/.png images")
+        raise UserError(f"bench data --images {folder}: no decodable .jpeg/.jpg/.png images")
     return out
 
 
@@ -818,6 +821,10 @@ def run_data_bench(images: str, limit: int | None = None, crop: int = 224, resiz
     """Run the sections and return the report (see the module doc)."""
     from imagenet_ray.data.pipeline import DECODE_BATCH_ROWS
 
+    from imagenet_ray.errors import UserError
+
+    if s3 not in (None, LOCAL_S3) and not s3.startswith("s3://"):
+        raise UserError(f"bench data --s3 {s3}: not an s3:// URL (or give --s3 alone for a local SeaweedFS)")
     allowed = sorted(os.sched_getaffinity(0))
     loaded = load_images(images, limit)
     paths, originals = [p for p, _ in loaded], [d for _, d in loaded]
