@@ -568,7 +568,7 @@ def s3_location(s3: str | None, work: Path) -> Iterator[str | None]:
     pointing at the server while it is in use. With LOCAL_S3 the benchmark starts its own SeaweedFS
     (the project's service, on loopback, pinned to the same cores as everything else); with a URL
     it uses the server and credentials already in the AWS_* environment."""
-    if s3 is None or s3 != LOCAL_S3:
+    if s3 != LOCAL_S3:
         yield s3
         return
     from imagenet_ray.services import start_stack
@@ -594,9 +594,15 @@ def copy_tree(src_url: str, dst_url: str) -> float:
 
     from imagenet_ray import storage
 
+    from imagenet_ray.errors import UserError
+
     t0 = time.perf_counter()
     src, dst = storage.resolve(src_url), storage.resolve(dst_url)
-    pafs.copy_files(src.path, dst.path, source_filesystem=src.fs, destination_filesystem=dst.fs, use_threads=True)
+    try:
+        pafs.copy_files(src.path, dst.path, source_filesystem=src.fs, destination_filesystem=dst.fs,
+                        use_threads=True)
+    except OSError as exc:  # wrong credentials, missing bucket, unreachable endpoint: one line
+        raise UserError(storage.describe_os_error(dst_url, exc)) from None
     return time.perf_counter() - t0
 
 
@@ -655,8 +661,8 @@ def run_e2e(images: Sequence[Path], work: Path, cores: set[int], crop: int, epoc
         finally:
             if started_ray:
                 ray.shutdown()
-    result["dataloader"] = run_dataloader_side_pinned(train_dir, crop, epochs, batch_size, dataloader_workers,
-                                                      step_s, cores)
+    with pinned(cores, threads=1):  # after Ray and the S3 server are gone: the same cores, to itself
+        result["dataloader"] = run_dataloader_side(train_dir, crop, epochs, batch_size, dataloader_workers, step_s)
     for side in ("ray", "ray_s3"):
         if side not in result:
             continue
@@ -664,12 +670,6 @@ def run_e2e(images: Sequence[Path], work: Path, cores: set[int], crop: int, epoc
             theirs = result["dataloader"][key]
             result[f"{side}_vs_dataloader{suffix}"] = result[side][key] / theirs if theirs else 0.0
     return result
-
-
-def run_dataloader_side_pinned(train_dir: Path, crop: int, epochs: int, batch_size: int, workers: int,
-                               step_s: float, cores: set[int]) -> dict[str, Any]:
-    with pinned(cores, threads=1):
-        return run_dataloader_side(train_dir, crop, epochs, batch_size, workers, step_s)
 
 
 # --- section 3: GPU decode --------------------------------------------------------------------------------------

@@ -17,3 +17,19 @@ def test_missing_or_empty_image_folder(tmp_path):
 def test_s3_must_be_an_s3_url(tmp_path):
     with pytest.raises(UserError, match="not an s3:// URL"):
         run_data_bench(str(tmp_path), s3="/some/local/path", kernel=False, e2e=True, gpu=False)
+
+
+def test_copy_to_an_unreachable_s3_endpoint_is_one_line(tmp_path, monkeypatch):
+    from imagenet_ray.bench.data import copy_tree
+    from imagenet_ray.services.ports import free_ports
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("shard")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")  # nothing listens there
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    with pytest.raises(UserError, match="s3://bucket/prefix: cannot connect") as err:
+        copy_tree(str(tmp_path / "src"), "s3://bucket/prefix")
+    assert "\n" not in str(err.value)
