@@ -182,6 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from imagenet_ray.train.batch_aug import mix_batch, random_erase, trivial_augment
     from imagenet_ray.train.checkpoint import load_checkpoint, restore_rng, write_checkpoint_dir
     from imagenet_ray.train.models import build_model
+    from imagenet_ray.train.norm_stats import average_batchnorm_stats
     from imagenet_ray.train.optim import build_sgd, scale_for_world, schedule_from_config
 
     cfg = ExperimentConfig.model_validate(loop_config["config"])
@@ -302,6 +303,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last = epoch + 1 == cfg.train.epochs
         per_class = torch.zeros(2, num_classes, dtype=torch.float64, device=device) \
             if (last and cfg.eval.per_class) else None
+        # Every rank evaluates (and rank 0 checkpoints) one model: see norm_stats.py.
+        average_batchnorm_stats(model)
+        if ema is not None:
+            average_batchnorm_stats(ema.module)
         val = evaluate(model, val_batches(val_shard, cfg, device), device, dtype, cfg.data.eval_hflip,
                        per_class).reduced(device)
         if val.samples != plan["num_val"]:
