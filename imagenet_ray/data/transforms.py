@@ -15,7 +15,8 @@ The kernel (measured in docs/benchmarks.md; `imagenet-ray bench data` reruns it)
    decode.decode_rgb_array). Non-JPEG and CMYK inputs go through Pillow;
 3. the crop is a view of the array; one antialiased bilinear resize of just the crop with torch's
    uint8 kernel (AVX2, the same filter as Pillow's BILINEAR resize that torchvision uses, max diff 1);
-4. the flip is torch.flip of the 224x224 result, written straight into the batch array.
+4. the flip mirrors the crop before the resize (bit-identical to mirroring the result, cheaper), and
+   the result is written straight into the batch array.
 No float images on the CPU.
 """
 
@@ -99,13 +100,17 @@ def dct_factor(shorter_side: int, target: int) -> int:
     return k
 
 
-def _resize(arr: np.ndarray, out_h: int, out_w: int) -> torch.Tensor:
-    """Antialiased bilinear resize of an (h, w, 3) uint8 array (a view is fine) → (out_h, out_w, 3) tensor."""
+def _resize(arr: np.ndarray, out_h: int, out_w: int, flip: bool = False) -> torch.Tensor:
+    """Antialiased bilinear resize of an (h, w, 3) uint8 array (a view is fine) → (out_h, out_w, 3) tensor,
+    mirrored left-right if `flip`."""
     # NHWC memory seen as NCHW = channels_last, the layout of torch's fast (AVX2) uint8 kernel. The
     # batch dim must be added before the permute: permute-then-unsqueeze gives a stride that torch does
     # not recognise as channels_last, and the slow path then also returns NCHW memory.
     x = torch.from_numpy(arr).unsqueeze(0).permute(0, 3, 1, 2)
-    x = x.contiguous(memory_format=torch.channels_last)  # copies only a cropped (strided) view
+    # Both copy a cropped (strided) view into channels_last memory. The resize's sampling grid is
+    # mirror-symmetric, so flipping its input gives bit-identical pixels to flipping its output
+    # (tested) and costs a few µs on the crop instead of ~15 µs on the 224x224 result.
+    x = x.flip(3) if flip else x.contiguous(memory_format=torch.channels_last)
     if x.shape[2] != out_h or x.shape[3] != out_w:
         x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
     return x[0].permute(1, 2, 0)  # channels_last NCHW is contiguous HWC
@@ -135,10 +140,8 @@ def _train_into(out: torch.Tensor, data: bytes, size: int, rng) -> None:
         arr = decode_rgb_array(data, factor, header)
         if arr.shape[1] != width or arr.shape[0] != height:
             left, top, w, h = snap_box(left, top, w, h, factor, arr.shape[1], arr.shape[0])
-    y = _resize(arr[top:top + h, left:left + w], size, size)
-    if rng.random() < 0.5:
-        y = y.flip(1)
-    out.copy_(y)
+    flip = rng.random() < 0.5  # drawn after the box, as before: the same RNG stream gives the same crops
+    out.copy_(_resize(arr[top:top + h, left:left + w], size, size, flip))
 
 
 def _eval_into(out: torch.Tensor, data: bytes, resize: int, crop: int) -> None:
@@ -185,9 +188,10 @@ def train_batch(batch: dict[str, np.ndarray], size: int, rng: np.random.Generato
     labels = np.asarray(batch["label"], dtype=np.int64).copy()
     errors = np.zeros(n, np.int32)
     failed: list[int] = []
+    rows = out_t.unbind(0)  # one call for all row views (indexing out_t[i] costs a dispatch per row)
     for i, data in enumerate(images):
         try:
-            _train_into(out_t[i], data, size, rng)
+            _train_into(rows[i], data, size, rng)
         except DecodeError:
             failed.append(i)
     if failed:

@@ -87,6 +87,20 @@ def test_train_image_flip_mirrors_the_same_crop(jpeg_bytes):
     assert not np.array_equal(flipped, kept)
 
 
+@pytest.mark.parametrize("out", [224, 64, 17])
+def test_mirroring_before_the_resize_equals_mirroring_after(out):
+    """The kernel flips the crop, not the result: bit-identical over up- and down-sampling, odd sizes."""
+    from imagenet_ray.data.transforms import _resize
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (300, 257, 3), dtype=np.uint8)
+    for _ in range(40):
+        h, w = int(rng.integers(3, 300)), int(rng.integers(3, 257))
+        top, left = int(rng.integers(0, 300 - h + 1)), int(rng.integers(0, 257 - w + 1))
+        crop = image[top:top + h, left:left + w]  # a strided view, as in the kernel
+        assert torch.equal(_resize(crop, out, out, flip=True), _resize(crop, out, out).flip(1)), (h, w, out)
+
+
 def test_train_image_is_deterministic_for_a_seed(jpeg_bytes):
     data = jpeg_bytes(160, 120)
     a = train_image(data, 32, np.random.default_rng(7))
