@@ -86,3 +86,21 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
     assert run_bench_data(args) == 0
     saved = json.loads(out.read_text())
     assert saved["images"]["count"] == 6 and "e2e" not in saved and "kernel" in saved
+
+
+def test_kernel_in_fresh_processes_reports_each_and_the_median(jpeg_folder, tmp_path, capsys):
+    from imagenet_ray.bench.data import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--images", str(jpeg_folder), "--crop", "32", "--resize", "40", "--eval-crop", "32",
+                 "--max-side", "64", "--passes", "1", "--kernel-processes", "2", "--skip-e2e", "--skip-gpu",
+                 "--json", str(out)]) == 0
+    kernel = json.loads(out.read_text())["kernel"]
+    assert kernel["processes"]["count"] == 2
+    for name, v in kernel["processes"]["variants"].items():
+        first = kernel["variants"][name]  # the full result shown in the table is process 1's
+        assert "breakdown" in first
+        ratios = v["train_ours_vs_torchvision"]["per_process"]
+        assert len(ratios) == 2 and all(r > 0 for r in ratios) and ratios[0] == first["train"]["ours_vs_torchvision"]
+        assert min(ratios) <= v["train_ours_vs_torchvision"]["median"] <= max(ratios)
+    assert "over 2 fresh processes" in capsys.readouterr().out

@@ -33,3 +33,26 @@ def test_copy_to_an_unreachable_s3_endpoint_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="s3://bucket/prefix: cannot connect") as err:
         copy_tree(str(tmp_path / "src"), "s3://bucket/prefix")
     assert "\n" not in str(err.value)
+
+
+def test_kernel_processes_must_be_positive(tmp_path):
+    with pytest.raises(UserError, match="--kernel-processes 0: must be at least 1"):
+        run_data_bench(str(tmp_path), kernel_processes=0, kernel=True, e2e=False, gpu=False)
+
+
+def test_kernel_process_summary_is_per_process_and_median():
+    from imagenet_ray.bench.data import summarise_kernel_processes
+
+    def run(train_ratio, ceiling_ratio, eval_ratio, ours, ref):
+        variant = {"train": {"ours_vs_torchvision": train_ratio, "ours_vs_ceiling": ceiling_ratio,
+                             "ours": {"best": ours}, "torchvision": {"best": ref}},
+                   "eval": {"ours_vs_torchvision": eval_ratio}}
+        return {"variants": {"original": variant}}
+
+    summary = summarise_kernel_processes([run(4.1, 0.5, 2.0, 2700, 660), run(3.5, 0.6, 2.4, 2650, 760),
+                                          run(4.6, 0.4, 2.2, 2750, 600)])
+    assert summary["count"] == 3
+    v = summary["variants"]["original"]
+    assert v["train_ours_vs_torchvision"] == {"per_process": [4.1, 3.5, 4.6], "median": 4.1}
+    assert v["train_ours_vs_ceiling"]["median"] == 0.5 and v["eval_ours_vs_torchvision"]["median"] == 2.2
+    assert v["train_torchvision_best"] == {"per_process": [660, 760, 600], "median": 660}
