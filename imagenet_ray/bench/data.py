@@ -418,6 +418,8 @@ def run_kernel_processes(images: str, limit: int | None, max_side: int, quality:
     """
     import subprocess
 
+    from imagenet_ray.errors import UserError
+
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-kernel-") as tmp:
         for i in range(processes):
@@ -429,8 +431,8 @@ def run_kernel_processes(images: str, limit: int | None, max_side: int, quality:
             code = "import sys; from imagenet_ray.bench.data import kernel_process; kernel_process(*sys.argv[1:])"
             done = subprocess.run([sys.executable, "-c", code, str(params), str(result)])
             if done.returncode != 0:
-                raise RuntimeError(f"bench data: kernel process {i + 1} of {processes} exited {done.returncode} "
-                                   "(its error is above)")
+                raise UserError(f"bench data: kernel process {i + 1} of {processes} exited {done.returncode} "
+                                "(its error is above)")
             runs.append(json.loads(result.read_text()))
     first = dict(runs[0])
     first["processes"] = summarise_kernel_processes(runs)
@@ -901,6 +903,8 @@ def run_data_bench(images: str, limit: int | None = None, crop: int = 224, resiz
     if kernel_processes < 1:
         raise UserError(f"bench data --kernel-processes {kernel_processes}: must be at least 1")
     allowed = sorted(os.sched_getaffinity(0))
+    if kernel and core is not None and core not in allowed:
+        raise UserError(f"bench data --core {core}: not one of the cores this process may use {allowed}")
     loaded = load_images(images, limit)
     paths, originals = [p for p, _ in loaded], [d for _, d in loaded]
     variants = kernel_variants(originals, max_side, quality)
@@ -911,12 +915,12 @@ def run_data_bench(images: str, limit: int | None = None, crop: int = 224, resiz
         "settings": {"crop": crop, "resize": resize, "eval_crop": eval_crop, "max_side": max_side, "quality": quality},
     }
     if kernel:
-        kernel_core, kernel_batch = allowed[-1] if core is None else core, kernel_batch or DECODE_BATCH_ROWS
+        kernel_core, batch_rows = allowed[-1] if core is None else core, kernel_batch or DECODE_BATCH_ROWS
         if kernel_processes == 1:
-            report["kernel"] = run_kernel(variants, kernel_core, crop, resize, eval_crop, kernel_batch, passes)
+            report["kernel"] = run_kernel(variants, kernel_core, crop, resize, eval_crop, batch_rows, passes)
         else:
             report["kernel"] = run_kernel_processes(images, limit, max_side, quality, kernel_core, crop, resize,
-                                                    eval_crop, kernel_batch, passes, kernel_processes)
+                                                    eval_crop, batch_rows, passes, kernel_processes)
     if e2e:
         if len(allowed) < cores:
             report["e2e_skipped"] = f"needs {cores} cores, this process may use {len(allowed)}"

@@ -56,3 +56,11 @@ def test_kernel_process_summary_is_per_process_and_median():
     assert v["train_ours_vs_torchvision"] == {"per_process": [4.1, 3.5, 4.6], "median": 4.1}
     assert v["train_ours_vs_ceiling"]["median"] == 0.5 and v["eval_ours_vs_torchvision"]["median"] == 2.2
     assert v["train_torchvision_best"] == {"per_process": [660, 760, 600], "median": 660}
+
+
+def test_kernel_core_must_be_one_of_this_process_cores(tmp_path):
+    import os
+
+    bad = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(UserError, match=f"--core {bad}: not one of the cores"):
+        run_data_bench(str(tmp_path), core=bad, kernel=True, e2e=False, gpu=False)
