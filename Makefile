@@ -10,7 +10,8 @@ DEMO := .demo
 .PHONY: venv demo test test-unit test-fast clean-demo services-up services-down
 
 # One pip resolve for everything so that boto3's botocore matches aiobotocore's pin.
-$(STAMP): pyproject.toml
+# setup.py builds the cropped JPEG decoder (a C extension): a change to its source reinstalls.
+$(STAMP): pyproject.toml setup.py imagenet_ray/data/_jpeg_crop.c
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "imagenet-ray needs Python 3.11, got " + sys.version.split()[0]'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

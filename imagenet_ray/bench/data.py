@@ -11,6 +11,8 @@ Sections (all sides of a comparison run in the same process, on the same images 
              importable: Pillow, simplejpeg, torchvision.io, and OpenCV / PyTurboJPEG if installed; the
              ceiling is the fastest). On the original images and on a re-encoded variant (longer side
              ≤ --max-side, quality --quality, made on the fly with prepare's own normalize_for_storage).
+             "train ours, whole decode" is the same kernel decoding whole images instead of only the
+             crop (transforms.CROP_DECODE off), so the crop decoder's gain is measured in the same run.
              Sides are interleaved chunk by chunk in rotating order, so that machine noise hits all of
              them alike; the table shows the best pass, the JSON every pass. Then a step-by-step
              breakdown of both train pipelines (where the time goes). The reference's speed differs
@@ -111,6 +113,11 @@ def machine_info() -> dict[str, Any]:
         from PIL import features
 
         versions["libjpeg-turbo (Pillow)"] = features.version_feature("libjpeg_turbo")
+    from imagenet_ray.data import decode
+
+    # Which train decoder ran: without the C extension the kernel decodes whole images (slower).
+    versions["crop decoder (libjpeg-turbo)"] = (decode._jpeg_crop.LIBJPEG_TURBO_VERSION if decode.CROP_DECODER_BUILT
+                                                else "not built: whole-image decode")
     return {"nproc": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)), "cpu_model": model,
             "python": platform.python_version(), "versions": versions}
 
@@ -274,6 +281,15 @@ def kernel_variant(datas: Sequence[bytes], crop: int, resize: int, eval_crop: in
             transforms.DCT_DOWNSCALE = True
 
     sides["train:ours_no_dct"] = ours_no_dct
+
+    def ours_whole_decode(c: Sequence[bytes]) -> None:  # the same kernel, decoding whole images (simplejpeg)
+        transforms.CROP_DECODE = False
+        try:
+            transforms.train_batch(as_batch(c), crop, rng)
+        finally:
+            transforms.CROP_DECODE = True
+
+    sides["train:ours_whole_decode"] = ours_whole_decode
     sides["eval:torchvision"] = lambda c: torch.stack([ref_eval(pil(d)) for d in c])
     sides["eval:ours"] = lambda c: transforms.eval_batch(as_batch(c), resize, eval_crop)
     with warnings.catch_warnings():
@@ -289,7 +305,8 @@ def kernel_variant(datas: Sequence[bytes], crop: int, resize: int, eval_crop: in
     return {
         "images": len(datas), "decoders": decoders, "ceiling_decoder": best_decoder, "ceiling": ceiling,
         "train": {"ours": res["train:ours"], "torchvision": res["train:torchvision"],
-                  "ours_no_dct": res["train:ours_no_dct"],
+                  "ours_no_dct": res["train:ours_no_dct"], "ours_whole_decode": res["train:ours_whole_decode"],
+                  "crop_decode_gain": train_ours / res["train:ours_whole_decode"]["best"],
                   "ours_vs_torchvision": train_ours / train_ref, "ours_vs_ceiling": train_ours / ceiling},
         "eval": {"ours": res["eval:ours"], "torchvision": res["eval:torchvision"],
                  "ours_vs_torchvision": eval_ours / eval_ref, "ours_vs_ceiling": eval_ours / ceiling},
@@ -305,10 +322,10 @@ def breakdown(datas: Sequence[bytes], crop: int, passes: int, seed: int = 0) -> 
     from PIL import Image
 
     from imagenet_ray.data import transforms
-    from imagenet_ray.data.decode import decode_rgb_array, jpeg_header
+    from imagenet_ray.data.decode import decode_rgb_array, decode_rgb_crop, jpeg_header
 
     clock = time.thread_time
-    ours_steps = ("header + box", "decode (libjpeg-turbo)", "crop (+ mirror p=0.5) -> NHWC", "resize (torch AA)",
+    ours_steps = ("header + box", "decode the crop (libjpeg-turbo)", "mirror p=0.5 -> NHWC copy", "resize (torch AA)",
                   "write into batch")
     ref_steps = ("decode (Pillow)", "crop + resize (Pillow)", "flip (p=0.5)", "ToTensor", "Normalize", "collate")
     best_ours, best_ref = dict.fromkeys(ours_steps, float("inf")), dict.fromkeys(ref_steps, float("inf"))
@@ -326,11 +343,17 @@ def breakdown(datas: Sequence[bytes], crop: int, passes: int, seed: int = 0) -> 
             left, top, w, h = transforms.sample_rrc_box(header[0], header[1], rng)
             t1 = clock()
             factor = transforms.dct_factor(min(w, h), crop)
-            arr = decode_rgb_array(d, factor, header)
-            if arr.shape[1] != header[0] or arr.shape[0] != header[1]:
-                left, top, w, h = transforms.snap_box(left, top, w, h, factor, arr.shape[1], arr.shape[0])
+            box = transforms.snap_box(left, top, w, h, factor, -(-header[0] // factor), -(-header[1] // factor))
+            region = decode_rgb_crop(d, factor, *box)
+            if region is None:
+                arr = decode_rgb_array(d, factor, header)
+                if arr.shape[1] != header[0] or arr.shape[0] != header[1]:
+                    left, top, w, h = box
+                region = arr[top:top + h, left:left + w]
+            elif factor > 1:
+                left, top, w, h = box
             t2 = clock()
-            x = torch.from_numpy(arr[top:top + h, left:left + w]).unsqueeze(0).permute(0, 3, 1, 2)
+            x = torch.from_numpy(region).unsqueeze(0).permute(0, 3, 1, 2)
             x = x.flip(3) if rng.random() < 0.5 else x.contiguous(memory_format=torch.channels_last)
             t3 = clock()
             y = torch.nn.functional.interpolate(x, size=(crop, crop), mode="bilinear", antialias=True)
@@ -774,7 +797,8 @@ def run_gpu(variants: dict[str, Sequence[bytes]], batch: int, passes: int) -> di
 def format_report(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"machine: {m['cpu_model']}, nproc {m['nproc']}; {report['images']['count']} images from "
-             f"{report['images']['folder']}"]
+             f"{report['images']['folder']}",
+             f"train decoder: crop decode with libjpeg-turbo {m['versions'].get('crop decoder (libjpeg-turbo)', '?')}"]
     k = report.get("kernel")
     if k:
         lines.append(f"\n1. kernel, images per CPU-second on one core (core {k['core']}, best of {k['passes']} "
@@ -789,6 +813,8 @@ def format_report(report: dict[str, Any]) -> str:
                 ("  ours / torchvision", lambda v: f"{v['train']['ours_vs_torchvision']:.2f}x"),
                 ("  ours / decode ceiling", lambda v: f"{v['train']['ours_vs_ceiling']:.2f}x ({v['ceiling_decoder']})"),
                 ("train ours, no DCT scale", lambda v: f"{v['train']['ours_no_dct']['best']:.0f}"),
+                ("train ours, whole decode", lambda v: f"{v['train']['ours_whole_decode']['best']:.0f}"),
+                ("  crop decode gain", lambda v: f"{v['train']['crop_decode_gain']:.2f}x"),
                 ("eval torchvision", lambda v: f"{v['eval']['torchvision']['best']:.0f}"),
                 ("eval ours", lambda v: f"{v['eval']['ours']['best']:.0f}"),
                 ("  ours / torchvision", lambda v: f"{v['eval']['ours_vs_torchvision']:.2f}x"),

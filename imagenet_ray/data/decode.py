@@ -4,7 +4,9 @@ Two decoders, one acceptance rule. The fast path is libjpeg-turbo through simple
 straight into a numpy array and can downscale in the DCT domain (by 1/2, 1/4, 1/8). It is chosen by
 measurement (docs/benchmarks.md: on real ImageNet JPEGs it is the fastest full decode of the
 candidates and bit-exact with Pillow's). It takes baseline/progressive JPEGs in YCbCr, RGB or
-grayscale, in strict mode. Everything else (CMYK/YCCK JPEGs, PNG, JPEGs with recoverable errors that
+grayscale, in strict mode. For a train crop, decode_rgb_crop first tries the project's small C
+extension over the system's libjpeg-turbo (_jpeg_crop.c), which decodes only the crop's rows and
+columns, bit-identical to the whole-image decode. Everything else (CMYK/YCCK JPEGs, PNG, JPEGs with recoverable errors that
 strict mode rejects, non-images) goes through Pillow, which decides what is undecodable: an input
 is a DecodeError exactly when Pillow cannot load it.
 """
@@ -21,6 +23,14 @@ from PIL import Image
 # inverted CMYK is Pillow's business).
 _FAST_COLORSPACES = frozenset({"YCbCr", "Gray", "RGB"})
 DCT_FACTORS = (1, 2, 4, 8)  # DCT-domain downscale factors used (others are slower than a full decode)
+
+
+try:  # the one compiled part (setup.py); optional, so an install without libjpeg's headers still works
+    from imagenet_ray.data import _jpeg_crop
+except ImportError:  # pragma: no cover - the test suite requires the extension (test_crop_decode.py)
+    _jpeg_crop = None
+
+CROP_DECODER_BUILT = _jpeg_crop is not None
 
 
 class DecodeError(ValueError):
@@ -72,6 +82,22 @@ def decode_rgb_array(data: bytes, reduce: int = 1, size: tuple[int, int] | None 
             pass  # strict mode refused it (truncated, recoverable warnings, ...): Pillow decides
     arr = np.asarray(decode_rgb(data))
     return arr if arr.flags.writeable else arr.copy()
+
+
+def decode_rgb_crop(data: bytes, reduce: int, left: int, top: int, width: int, height: int) -> np.ndarray | None:
+    """Decode only the box (left, top, width, height) of a JPEG decoded at 1/`reduce` size (box in
+    those scaled coordinates) → a writable (height, width, 3) uint8 RGB view, bit-identical to the same
+    box of decode_rgb_array(data, reduce). None when the crop decoder is not built or does not take
+    the data (corrupt, truncated, CMYK, not a JPEG): the caller then decodes the whole image, whose
+    fallback decides what is undecodable."""
+    if _jpeg_crop is None:
+        return None
+    try:
+        buf, x, y, region_w, region_h = _jpeg_crop.decode_crop(data, reduce, left, top, left + width, top + height)
+    except _jpeg_crop.JpegError:  # (a box outside the image is a ValueError: the caller's bug, raised)
+        return None
+    region = np.frombuffer(buf, np.uint8).reshape(region_h, region_w, 3)  # a bytearray: writable
+    return region[:, left - x:left - x + width]
 
 
 def image_size(data: bytes) -> tuple[int, int]:

@@ -10,11 +10,13 @@ fallback); the eval preset is Resize(shorter side) + CenterCrop with torchvision
 
 The kernel (measured in docs/benchmarks.md; `imagenet-ray bench data` reruns it):
 1. the JPEG header gives the size, so the crop box is sampled before any pixel is decoded;
-2. libjpeg-turbo (simplejpeg) decodes into a numpy array, downscaling in the DCT domain by 1/2, 1/4
-   or 1/8 when the crop would still be at least the output size (large images only; see
-   decode.decode_rgb_array). Non-JPEG and CMYK inputs go through Pillow;
-3. the crop is a view of the array; one antialiased bilinear resize of just the crop with torch's
-   uint8 kernel (AVX2, the same filter as Pillow's BILINEAR resize that torchvision uses, max diff 1);
+2. libjpeg-turbo decodes only the crop's rows and columns (decode.decode_rgb_crop, a small C
+   extension: a RandomResizedCrop box is about half the image on average), downscaling in the DCT
+   domain by 1/2, 1/4 or 1/8 when the crop would still be at least the output size (large images
+   only). Without the extension, or for data it refuses, the whole image is decoded (simplejpeg)
+   and the crop is a view of it; non-JPEG and CMYK inputs go through Pillow;
+3. one antialiased bilinear resize of just the crop with torch's uint8 kernel (AVX2, the same filter
+   as Pillow's BILINEAR resize that torchvision uses, max diff 1);
 4. the flip mirrors the crop before the resize (bit-identical to mirroring the result, cheaper), and
    the result is written straight into the batch array.
 No float images on the CPU.
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imagenet_ray.data.decode import DecodeError, decode_rgb_array, jpeg_header
+from imagenet_ray.data.decode import DecodeError, decode_rgb_array, decode_rgb_crop, jpeg_header
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,6 +38,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Decode large JPEGs at 1/2, 1/4 or 1/8 size in the DCT domain when the crop stays ≥ the output size.
 # Read at call time (the benchmark switches it off to measure its effect).
 DCT_DOWNSCALE = True
+
+# Decode only the crop's rows and columns (decode.decode_rgb_crop; bit-identical pixels). Read at call
+# time, like DCT_DOWNSCALE: the benchmark switches it off to measure its effect.
+CROP_DECODE = True
 
 _RRC_SCALE = (0.08, 1.0)
 _RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -133,15 +139,21 @@ def _train_into(out: torch.Tensor, data: bytes, size: int, rng) -> None:
         arr = decode_rgb_array(data)
         width, height = arr.shape[1], arr.shape[0]
         left, top, w, h = sample_rrc_box(width, height, rng)
+        crop = arr[top:top + h, left:left + w]
     else:
         width, height = header
         left, top, w, h = sample_rrc_box(width, height, rng)
         factor = dct_factor(min(w, h), size) if DCT_DOWNSCALE else 1
-        arr = decode_rgb_array(data, factor, header)
-        if arr.shape[1] != width or arr.shape[0] != height:
-            left, top, w, h = snap_box(left, top, w, h, factor, arr.shape[1], arr.shape[0])
+        # libjpeg's 1/factor output is ceil(width / factor) x ceil(height / factor)
+        box = snap_box(left, top, w, h, factor, -(-width // factor), -(-height // factor))
+        crop = decode_rgb_crop(data, factor, *box) if CROP_DECODE else None
+        if crop is None:  # no crop decoder, or it refused the data: whole image, whose fallback decides
+            arr = decode_rgb_array(data, factor, header)
+            if arr.shape[1] != width or arr.shape[0] != height:  # downscaled (not the Pillow fallback)
+                left, top, w, h = box
+            crop = arr[top:top + h, left:left + w]
     flip = rng.random() < 0.5  # drawn after the box, as before: the same RNG stream gives the same crops
-    out.copy_(_resize(arr[top:top + h, left:left + w], size, size, flip))
+    out.copy_(_resize(crop, size, size, flip))
 
 
 def _eval_into(out: torch.Tensor, data: bytes, resize: int, crop: int) -> None:
