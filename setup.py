@@ -10,7 +10,7 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "imagenet_ray.data._jpeg_crop",
+            "imagenet_ray_jpeg",
             sources=["imagenet_ray/data/_jpeg_crop.c"],
             libraries=["jpeg"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-clobbered"],

@@ -113,11 +113,9 @@ def machine_info() -> dict[str, Any]:
         from PIL import features
 
         versions["libjpeg-turbo (Pillow)"] = features.version_feature("libjpeg_turbo")
-    from imagenet_ray.data import decode
+    from imagenet_ray.data.decode import crop_decoder_description
 
-    # Which train decoder ran: without the C extension the kernel decodes whole images (slower).
-    versions["crop decoder (libjpeg-turbo)"] = (decode._jpeg_crop.LIBJPEG_TURBO_VERSION if decode.CROP_DECODER_BUILT
-                                                else "not built: whole-image decode")
+    versions["train decoder"] = crop_decoder_description()  # without the C extension: whole images (slower)
     return {"nproc": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)), "cpu_model": model,
             "python": platform.python_version(), "versions": versions}
 
@@ -798,7 +796,7 @@ def format_report(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"machine: {m['cpu_model']}, nproc {m['nproc']}; {report['images']['count']} images from "
              f"{report['images']['folder']}",
-             f"train decoder: crop decode with libjpeg-turbo {m['versions'].get('crop decoder (libjpeg-turbo)', '?')}"]
+             f"train decoder: {m['versions'].get('train decoder', '?')}"]
     k = report.get("kernel")
     if k:
         lines.append(f"\n1. kernel, images per CPU-second on one core (core {k['core']}, best of {k['passes']} "

@@ -181,16 +181,16 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_jpeg_crop", "Cropped JPEG decode with libjpeg-turbo (see the C source).", -1,
+    PyModuleDef_HEAD_INIT, "imagenet_ray_jpeg", "Cropped JPEG decode with libjpeg-turbo (see the C source).", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__jpeg_crop(void)
+PyMODINIT_FUNC PyInit_imagenet_ray_jpeg(void)
 {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    JpegError = PyErr_NewException("imagenet_ray.data._jpeg_crop.JpegError", PyExc_ValueError, NULL);
+    JpegError = PyErr_NewException("imagenet_ray_jpeg.JpegError", PyExc_ValueError, NULL);
     if (JpegError == NULL || PyModule_AddObject(m, "JpegError", JpegError) < 0) {
         Py_XDECREF(JpegError);
         Py_DECREF(m);

@@ -25,12 +25,24 @@ _FAST_COLORSPACES = frozenset({"YCbCr", "Gray", "RGB"})
 DCT_FACTORS = (1, 2, 4, 8)  # DCT-domain downscale factors used (others are slower than a full decode)
 
 
-try:  # the one compiled part (setup.py); optional, so an install without libjpeg's headers still works
-    from imagenet_ray.data import _jpeg_crop
+# The one compiled part (setup.py, source in _jpeg_crop.c). A top-level module, not one inside this
+# package: a Ray job's `--working-dir .` upload shadows the installed package with a copy of the
+# sources, which (like git) leaves out built files, so the installed extension is found only under a
+# name of its own. Optional: an install without libjpeg's headers still works, decoding whole images.
+try:
+    import imagenet_ray_jpeg as _jpeg_crop
 except ImportError:  # pragma: no cover - the test suite requires the extension (test_crop_decode.py)
     _jpeg_crop = None
 
 CROP_DECODER_BUILT = _jpeg_crop is not None
+CROP_DECODER_TAG = "imagenet_ray.crop_decoder"  # MLflow tag of a training run: crop_decoder_description()
+
+
+def crop_decoder_description() -> str:
+    """What decodes train crops here: 'libjpeg-turbo 2.1.5 (crop decode)' or the whole-image fallback."""
+    if _jpeg_crop is None:
+        return "not built: whole-image decode (simplejpeg)"
+    return f"libjpeg-turbo {_jpeg_crop.LIBJPEG_TURBO_VERSION} (crop decode)"
 
 
 class DecodeError(ValueError):

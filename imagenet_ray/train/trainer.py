@@ -114,6 +114,12 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
                                         flatten(cfg), to_yaml(cfg))
     plan = dataclasses.replace(plan, mlflow_run_id=run_id)
     print(f"{'resuming' if resumed else 'started'} MLflow run {run_id} ({cfg.mlflow.experiment}/{cfg.name})")
+    from imagenet_ray.data.decode import CROP_DECODER_TAG, crop_decoder_description
+    from imagenet_ray.tracking import set_tag
+
+    # Which CPU train decoder this environment has (the job's workers import the same): without the
+    # compiled crop decoder the pipeline still works, decoding whole images, only slower.
+    set_tag(plan.tracking_uri, run_id, CROP_DECODER_TAG, crop_decoder_description())
     storage_loc = storage.resolve(plan.storage_url)
     if not storage.is_remote(storage_loc.url):
         storage.ensure_dir(storage_loc)

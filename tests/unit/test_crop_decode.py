@@ -55,7 +55,7 @@ def test_the_crop_decoder_is_built():
     # setup.py builds it when libjpeg's headers are present, as on every machine this project supports;
     # without it the kernel still works (whole-image decode) but loses its speed, so the suite insists.
     assert decode.CROP_DECODER_BUILT, (
-        "imagenet_ray.data._jpeg_crop did not build: install libjpeg-turbo's headers (Debian: libjpeg-dev) "
+        "the imagenet_ray_jpeg extension did not build: install libjpeg-turbo's headers (Debian: libjpeg-dev) "
         "and reinstall the package (pip install -e .)")
 
 
