@@ -20,8 +20,10 @@
  * Strict like simplejpeg: any libjpeg warning (corrupt or truncated data) is an error, and so is data
  * that does not end with the end-of-image marker (a truncated file whose cut lies below the box would
  * otherwise pass); the Python side then falls back to its full decoder, which decides what is
- * undecodable. The GIL is released while
- * libjpeg works.
+ * undecodable. The GIL is released while libjpeg works.
+ *
+ * Built by setup.py as the top-level module `imagenet_ray_jpeg` (see imagenet_ray/data/decode.py for
+ * why not a submodule of the package).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
