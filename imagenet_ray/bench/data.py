@@ -271,23 +271,18 @@ def kernel_variant(datas: Sequence[bytes], crop: int, resize: int, eval_crop: in
     sides["train:torchvision"] = lambda c: torch.stack([ref_train(pil(d)) for d in c])
     sides["train:ours"] = lambda c: transforms.train_batch(as_batch(c), crop, rng)
 
-    def ours_no_dct(c: Sequence[bytes]) -> None:  # the same kernel, always decoding at full size
-        transforms.DCT_DOWNSCALE = False
-        try:
-            transforms.train_batch(as_batch(c), crop, rng)
-        finally:
-            transforms.DCT_DOWNSCALE = True
+    def ours_without(switch: str) -> Callable[[Sequence[bytes]], None]:
+        """The same kernel with one of its speed-ups (a module-level switch of transforms) turned off."""
+        def run(c: Sequence[bytes]) -> None:
+            setattr(transforms, switch, False)
+            try:
+                transforms.train_batch(as_batch(c), crop, rng)
+            finally:
+                setattr(transforms, switch, True)
+        return run
 
-    sides["train:ours_no_dct"] = ours_no_dct
-
-    def ours_whole_decode(c: Sequence[bytes]) -> None:  # the same kernel, decoding whole images (simplejpeg)
-        transforms.CROP_DECODE = False
-        try:
-            transforms.train_batch(as_batch(c), crop, rng)
-        finally:
-            transforms.CROP_DECODE = True
-
-    sides["train:ours_whole_decode"] = ours_whole_decode
+    sides["train:ours_no_dct"] = ours_without("DCT_DOWNSCALE")  # always decoding at full size
+    sides["train:ours_whole_decode"] = ours_without("CROP_DECODE")  # whole images (simplejpeg), then the crop
     sides["eval:torchvision"] = lambda c: torch.stack([ref_eval(pil(d)) for d in c])
     sides["eval:ours"] = lambda c: transforms.eval_batch(as_batch(c), resize, eval_crop)
     with warnings.catch_warnings():
