@@ -6,9 +6,9 @@ measurement (docs/benchmarks.md: on real ImageNet JPEGs it is the fastest full d
 candidates and bit-exact with Pillow's). It takes baseline/progressive JPEGs in YCbCr, RGB or
 grayscale, in strict mode. For a train crop, decode_rgb_crop first tries the project's small C
 extension over the system's libjpeg-turbo (_jpeg_crop.c), which decodes only the crop's rows and
-columns, bit-identical to the whole-image decode. Everything else (CMYK/YCCK JPEGs, PNG, JPEGs with recoverable errors that
-strict mode rejects, non-images) goes through Pillow, which decides what is undecodable: an input
-is a DecodeError exactly when Pillow cannot load it.
+columns, bit-identical to the whole-image decode. Everything else (CMYK/YCCK JPEGs, PNG, JPEGs with
+recoverable errors that strict mode rejects, non-images) goes through Pillow, which decides what is
+undecodable: an input is a DecodeError exactly when Pillow cannot load it.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def decode_rgb_crop(data: bytes, reduce: int, left: int, top: int, width: int, h
     if _jpeg_crop is None:
         return None
     try:
-        buf, x, y, region_w, region_h = _jpeg_crop.decode_crop(data, reduce, left, top, left + width, top + height)
+        buf, x, _, region_w, region_h = _jpeg_crop.decode_crop(data, reduce, left, top, left + width, top + height)
     except _jpeg_crop.JpegError:  # (a box outside the image is a ValueError: the caller's bug, raised)
         return None
     region = np.frombuffer(buf, np.uint8).reshape(region_h, region_w, 3)  # a bytearray: writable

@@ -14,9 +14,10 @@ from typing import Any
 
 from imagenet_ray import storage
 from imagenet_ray.config import ExperimentConfig, flatten, to_yaml
+from imagenet_ray.data.decode import CROP_DECODER_TAG, crop_decoder_description
 from imagenet_ray.data.pipeline import build_train_dataset, build_val_dataset, exact_val_data_config, open_source
 from imagenet_ray.errors import UserError
-from imagenet_ray.tracking import ensure_experiment, find_or_start_run, resolve_tracking_uri
+from imagenet_ray.tracking import ensure_experiment, find_or_start_run, resolve_tracking_uri, set_tag
 from imagenet_ray.train.optim import scale_for_world
 
 
@@ -114,9 +115,6 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
                                         flatten(cfg), to_yaml(cfg))
     plan = dataclasses.replace(plan, mlflow_run_id=run_id)
     print(f"{'resuming' if resumed else 'started'} MLflow run {run_id} ({cfg.mlflow.experiment}/{cfg.name})")
-    from imagenet_ray.data.decode import CROP_DECODER_TAG, crop_decoder_description
-    from imagenet_ray.tracking import set_tag
-
     # Which CPU train decoder this environment has (the job's workers import the same): without the
     # compiled crop decoder the pipeline still works, decoding whole images, only slower.
     set_tag(plan.tracking_uri, run_id, CROP_DECODER_TAG, crop_decoder_description())
@@ -155,7 +153,6 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
     if result.checkpoint is not None:
         # `evaluate --checkpoint runs:/<id>` finds the weights through this tag.
         from imagenet_ray.evaluate import CHECKPOINT_TAG
-        from imagenet_ray.tracking import set_tag
 
         set_tag(plan.tracking_uri, run_id, CHECKPOINT_TAG, checkpoint_url(storage_loc, result.checkpoint.path))
     metrics["tracking_uri"] = plan.tracking_uri
