@@ -318,8 +318,8 @@ def breakdown(datas: Sequence[bytes], crop: int, passes: int, seed: int = 0) -> 
     from imagenet_ray.data.decode import decode_rgb_array, decode_rgb_crop, jpeg_header
 
     clock = time.thread_time
-    ours_steps = ("header + box", "decode the crop (libjpeg-turbo)", "mirror p=0.5 -> NHWC copy", "resize (torch AA)",
-                  "write into batch")
+    ours_steps = ("header + box", "decode the crop (libjpeg-turbo)", "mirror p=0.5 -> NHWC copy",
+                  "resize (torch AA)", "write into batch")
     ref_steps = ("decode (Pillow)", "crop + resize (Pillow)", "flip (p=0.5)", "ToTensor", "Normalize", "collate")
     best_ours, best_ref = dict.fromkeys(ours_steps, float("inf")), dict.fromkeys(ref_steps, float("inf"))
     out = torch.empty((crop, crop, 3), dtype=torch.uint8)
