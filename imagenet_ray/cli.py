@@ -1,23 +1,60 @@
 """`imagenet-ray` command line: synth | prepare | verify | train | evaluate | bench | services.
 
-Every command turns a user error into one line on stderr and a non-zero exit (2 for bad config or
-arguments, 1 for everything else); tracebacks are for bugs only.
+Argument parsing and dispatch only. Messages go through `logging` (plain lines: INFO on stdout, warnings on
+stderr); a user error ends as one line on stderr and exit 2 (bad config or arguments) or 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
 from imagenet_ray.errors import ConfigError, UserError
 
 DEFAULT_SERVICES_DIR = ".services"
+log = logging.getLogger(__name__)
+
+
+class _StdStream(logging.StreamHandler[TextIO]):
+    """A handler on whatever sys.stdout/sys.stderr is at emit time (pytest's capsys swaps them)."""
+
+    def __init__(self, name: str) -> None:
+        self._stream_name = name
+        super().__init__()
+
+    @property
+    def stream(self) -> TextIO:
+        stream: TextIO = getattr(sys, self._stream_name)
+        return stream
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass  # StreamHandler.__init__ and setStream assign it; the stream is looked up at emit time
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Plain messages from this package: below WARNING on stdout (as the program's output always was),
+    warnings and errors on stderr. Libraries' loggers are left as they are (their INFO stays quiet)."""
+    package = logging.getLogger("imagenet_ray")
+    if any(isinstance(h, _StdStream) for h in package.handlers):
+        return
+    out, err = _StdStream("stdout"), _StdStream("stderr")
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+    package.setLevel(level)
 
 
 class _ArgParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's default prints usage + exits 2; keep it one line
+    def error(self, message: str) -> NoReturn:  # argparse's default prints usage + exits 2; keep it one line
         raise ConfigError(f"{self.prog}: {message}")
 
 
@@ -25,15 +62,20 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from imagenet_ray.data.synth import write_synthetic_imagenet
 
     summary = write_synthetic_imagenet(args.out, args.classes, args.train_per_class, args.val_per_class, args.seed)
-    print(f"wrote {summary.train_images} train + {summary.val_images} val images of {summary.classes} classes "
-          f"to {summary.url} (Kaggle CLS-LOC layout)")
+    log.info(
+        "wrote %d train + %d val images of %d classes to %s (Kaggle CLS-LOC layout)",
+        summary.train_images,
+        summary.val_images,
+        summary.classes,
+        summary.url,
+    )
     return 0
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from imagenet_ray.data.layouts import LAYOUTS, detect_and_list
     from imagenet_ray.data.prepare import REPORT_NAME, PrepareOptions, prepare
-    from imagenet_ray.train.trainer import absolute_url, ensure_ray
+    from imagenet_ray.runtime import absolute_url, ensure_ray
 
     if args.shard_mb <= 0:
         raise ConfigError("prepare: --shard-mb must be > 0")
@@ -45,54 +87,73 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         raise ConfigError("prepare: --quality must be within [1, 100]")
     if args.layout is not None and args.layout not in LAYOUTS:
         raise ConfigError(f"prepare: --layout must be one of {', '.join(LAYOUTS)}")
-    opts = PrepareOptions(shard_mb=args.shard_mb, seed=args.seed, max_quarantine_frac=args.max_quarantine_frac,
-                          max_side=args.max_side, quality=args.quality, layout=args.layout)
+    opts = PrepareOptions(
+        shard_mb=args.shard_mb,
+        seed=args.seed,
+        max_quarantine_frac=args.max_quarantine_frac,
+        max_side=args.max_side,
+        quality=args.quality,
+        layout=args.layout,
+    )
     source, out = absolute_url(args.source), absolute_url(args.out)
     listing = detect_and_list(source, layout=args.layout)  # fail on a bad source before starting Ray
     ensure_ray(1)
     result = prepare(source, out, opts, listing=listing)
-    print(format_report(result.report))
+    log.info("%s", format_report(result.report))
     mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if mlflow_uri:
         from imagenet_ray.tracking import log_prepared_dataset
 
-        print(f"logged to MLflow run {log_prepared_dataset(mlflow_uri, result.report, result.manifest)}")
+        log.info("logged to MLflow run %s", log_prepared_dataset(mlflow_uri, result.report, result.manifest))
     if not result.ok:
         raise UserError("; ".join(result.problems))
-    print(f"prepared {result.report['classes']} classes from {source} ({listing.layout} layout) to {out}: "
-          f"{result.written_shards} shards written, {result.skipped_shards} already done; report in {REPORT_NAME}")
+    log.info(
+        "prepared %s classes from %s (%s layout) to %s: %d shards written, %d already done; report in %s",
+        result.report["classes"],
+        source,
+        listing.layout,
+        out,
+        result.written_shards,
+        result.skipped_shards,
+        REPORT_NAME,
+    )
     return 0
 
 
-def format_report(report: dict) -> str:
+def format_report(report: dict[str, Any]) -> str:
     lines = [f"layout {report['layout']}, {report['classes']} classes, {report['wall_seconds']:.1f} s"]
     for split, s in report["splits"].items():
         notes = ", ".join(f"{k} {v}" for k, v in s["notes"].items()) or "none"
-        lines.append(f"{split}: {s['written']:,} written + {s['quarantined']:,} quarantined of {s['listed']:,} listed; "
-                     f"per class {s['min_per_class']}..{s['max_per_class']}; {s['shards']} shards; "
-                     f"{s['bytes_in'] / 2**20:,.1f} MB in, {s['bytes_out'] / 2**20:,.1f} MB out; notes: {notes}")
+        lines.append(
+            f"{split}: {s['written']:,} written + {s['quarantined']:,} quarantined of {s['listed']:,} listed; "
+            f"per class {s['min_per_class']}..{s['max_per_class']}; {s['shards']} shards; "
+            f"{s['bytes_in'] / 2**20:,.1f} MB in, {s['bytes_out'] / 2**20:,.1f} MB out; notes: {notes}"
+        )
         for q in s["quarantined_files"][:20]:
             lines.append(f"  quarantined {q['key']}: {q['reason']}")
         if len(s["quarantined_files"]) > 20:
             lines.append(f"  ... and {len(s['quarantined_files']) - 20} more (see the report)")
     for split, o in report.get("official", {}).items():
-        lines.append(f"{split}: {o['listed']:,} listed vs official {o['expected']:,}: "
-                     f"{'ok' if o['matches'] else 'DIFFERENT'}")
+        lines.append(
+            f"{split}: {o['listed']:,} listed vs official {o['expected']:,}: {'ok' if o['matches'] else 'DIFFERENT'}"
+        )
     return "\n".join(lines)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from imagenet_ray.data.verify import verify
-    from imagenet_ray.train.trainer import absolute_url
+    from imagenet_ray.runtime import absolute_url
 
     url = absolute_url(args.url)
     checked, bad = verify(url)
     for check in bad:
-        print(f"{check.path}: {check.problem}", file=sys.stderr)
+        log.warning("%s: %s", check.path, check.problem)
     if bad:
-        raise UserError(f"verify {url}: {len(bad)} of {checked} shards do not match the manifest "
-                        f"(first: {bad[0].path}: {bad[0].problem})")
-    print(f"verify {url}: all {checked} shards match the manifest (size, sha256, rows)")
+        raise UserError(
+            f"verify {url}: {len(bad)} of {checked} shards do not match the manifest "
+            f"(first: {bad[0].path}: {bad[0].problem})"
+        )
+    log.info("verify %s: all %d shards match the manifest (size, sha256, rows)", url, checked)
     return 0
 
 
@@ -102,14 +163,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     metrics = run_training(cfg)
-    print(f"final: val/top1={metrics.get('val/top1', float('nan')):.4f} "
-          f"val/top5={metrics.get('val/top5', float('nan')):.4f} "
-          f"(epoch {metrics.get('epoch')}, {int(metrics.get('val/images', 0))} val images)")
-    print(f"mlflow run: {metrics.get('mlflow_run_id')} in {metrics['tracking_uri']}")
+    log.info(
+        "final: val/top1=%.4f val/top5=%.4f (epoch %s, %d val images)",
+        metrics.get("val/top1", float("nan")),
+        metrics.get("val/top5", float("nan")),
+        metrics.get("epoch"),
+        int(metrics.get("val/images", 0)),
+    )
+    log.info("mlflow run: %s in %s", metrics.get("mlflow_run_id"), metrics["tracking_uri"])
     if metrics.get("checkpoint_path"):
-        print(f"checkpoint: {metrics['checkpoint_path']}")
+        log.info("checkpoint: %s", metrics["checkpoint_path"])
     if metrics["tracking_uri"].startswith("sqlite:///"):
-        print(f"open the MLflow UI: mlflow ui --backend-store-uri {metrics['tracking_uri']}")
+        log.info("open the MLflow UI: mlflow ui --backend-store-uri %s", metrics["tracking_uri"])
     return 0
 
 
@@ -120,19 +185,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("evaluate: --crop must not exceed --resize")
     if args.num_workers < 1 or args.batch_size < 1:
         raise ConfigError("evaluate: --num-workers and --batch-size must be ≥ 1")
-    req = EvalRequest(data_url=args.data, resize=args.resize, crop=args.crop, hflip=args.hflip,
-                      batch_size=args.batch_size, num_workers=args.num_workers, checkpoint=args.checkpoint,
-                      weights=args.weights, model=args.model, real_labels_url=args.real_labels,
-                      tracking_uri=args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-                      experiment=args.experiment, storage_path=args.storage_path)
+    req = EvalRequest(
+        data_url=args.data,
+        resize=args.resize,
+        crop=args.crop,
+        hflip=args.hflip,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        checkpoint=args.checkpoint,
+        weights=args.weights,
+        model=args.model,
+        real_labels_url=args.real_labels,
+        tracking_uri=args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+        experiment=args.experiment,
+        storage_path=args.storage_path,
+    )
     metrics = run_evaluation(req)
-    line = (f"eval/top1={metrics['eval/top1']:.4f} eval/top5={metrics['eval/top5']:.4f} "
-            f"on {int(metrics['eval/images'])} images")
+    line = (
+        f"eval/top1={metrics['eval/top1']:.4f} eval/top5={metrics['eval/top5']:.4f} "
+        f"on {int(metrics['eval/images'])} images"
+    )
     if "eval/real_top1" in metrics:
         line += f"; ReaL top-1={metrics['eval/real_top1']:.4f} on {int(metrics['eval/real_images'])} images"
-    print(line)
+    log.info("%s", line)
     if metrics.get("mlflow_run_id"):
-        print(f"mlflow run: {metrics['mlflow_run_id']}")
+        log.info("mlflow run: %s", metrics["mlflow_run_id"])
     return 0
 
 
@@ -143,13 +220,15 @@ def _cmd_services(args: argparse.Namespace) -> int:
     return {"up": services.up, "down": services.down, "status": services.status}[args.action](state_dir)
 
 
-def _bench(module: str, add_args: str, run: str, parser: argparse.ArgumentParser):
+def _bench(
+    module: str, add_args: str, run: str, parser: argparse.ArgumentParser
+) -> Callable[[argparse.Namespace], int]:
     """Add a benchmark's arguments to its parser; import its module (and heavy deps) only when called."""
     import importlib
 
     mod = importlib.import_module(module)
     getattr(mod, add_args)(parser)
-    return lambda args: getattr(mod, run)(args)
+    return lambda args: int(getattr(mod, run)(args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,14 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--shard-mb", type=float, default=128.0, help="target shard size (MiB of source bytes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shard plan (class mixing)")
-    p.add_argument("--layout", default=None, help="force a layout instead of detecting it: "
-                   "kaggle (CLS-LOC), folders (train|val/<wnid>/), devkit (flat val + devkit), tars (original tarballs)")
-    p.add_argument("--max-quarantine-frac", type=float, default=0.001,
-                   help="fail when more than this fraction of images is quarantined")
+    p.add_argument(
+        "--layout",
+        default=None,
+        help="force a layout instead of detecting it: kaggle (CLS-LOC), "
+        "folders (train|val/<wnid>/), devkit (flat val + devkit), tars (original tarballs)",
+    )
+    p.add_argument(
+        "--max-quarantine-frac",
+        type=float,
+        default=0.001,
+        help="fail when more than this fraction of images is quarantined",
+    )
     p.add_argument("--max-side", type=int, default=None, help="re-encoded variant: longer side at most N px")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded variant")
-    p.add_argument("--mlflow-uri", default=None, help="log the report and manifest to MLflow as a dataset "
-                   "(default: MLFLOW_TRACKING_URI when set)")
+    p.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="log the report and manifest to MLflow as a dataset (default: MLFLOW_TRACKING_URI when set)",
+    )
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("verify", help="re-read a prepared dataset and check counts and checksums")
@@ -221,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
+    # The final one-line error is written directly: it must reach stderr even if logging is reconfigured.
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
@@ -240,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _find_user_error(exc: BaseException) -> UserError | None:
-    seen = set()
-    stack = [exc]
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
@@ -252,10 +344,8 @@ def _find_user_error(exc: BaseException) -> UserError | None:
         stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
         # Ray's RayTaskError exposes the original exception through as_instanceof_cause()
         if hasattr(e, "as_instanceof_cause"):
-            try:
+            with contextlib.suppress(Exception):
                 stack.append(e.as_instanceof_cause())
-            except Exception:
-                pass
     return None
 
 

@@ -1,9 +1,7 @@
-"""One strict, typed config tree: YAML file + dotted `key=value` overrides.
+"""One strict, typed, frozen config tree: YAML files (`extends:` for recipes as deltas) + dotted overrides.
 
-Unknown keys, wrong types and impossible values are rejected before any work starts, with one line
-naming the key (`ConfigError`, exit code 2). Config objects are frozen: values derived from them
-(absolute URLs, the learning rate scaled to the global batch) get their own names elsewhere and the
-config itself is never mutated as run state.
+Unknown keys, wrong types and impossible values fail before any work starts, in one line naming the
+key (`ConfigError`, exit code 2). Derived values get their own names elsewhere; configs are never run state.
 """
 
 from __future__ import annotations
@@ -16,7 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from imagenet_ray.errors import ConfigError
+from imagenet_ray.errors import ConfigError, describe_error
+
+Tree = dict[str, Any]  # a raw config tree as read from YAML, before validation
 
 
 class _Strict(BaseModel):
@@ -40,7 +40,7 @@ class ProgressiveResize(_Strict):
     step: int = Field(32, ge=1, description="sizes are rounded to the nearest multiple of this")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "ProgressiveResize":
+    def _ordered(self) -> ProgressiveResize:
         if self.end_epoch <= self.start_epoch:
             raise ValueError("end_epoch must be after start_epoch")
         return self
@@ -51,33 +51,35 @@ class DataSection(_Strict):
     source: Literal["prepared", "raw"] = Field("prepared", description="raw = read an ILSVRC layout directly")
     decode_on: Literal["cpu", "gpu"] = Field("cpu", description="gpu = ship JPEG bytes, decode on the worker")
     train_crop: int = Field(64, ge=8, description="RandomResizedCrop output size")
-    val_resize: int = Field(73, ge=8, description="shorter side before the center crop")
-    val_crop: int = Field(64, ge=8, description="center crop size")
     progressive: ProgressiveResize | None = Field(None, description="grow the train crop over epochs")
     batch_size: int = Field(32, gt=0, description="images per worker per step")
-    val_batch_size: int = Field(64, gt=0)
     local_shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's shuffle buffer (0 = off)")
     prefetch_batches: int = Field(2, ge=0)
-    eval_hflip: bool = Field(False, description="average logits over the image and its mirror at eval")
     auto_augment: Literal["none", "trivialaugment"] = Field("none", description="TrivialAugmentWide per image")
     random_erasing: float = Field(0.0, ge=0, lt=1, description="probability of erasing a rectangle per image")
     mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta(α, α); 0 = off")
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(α, α); 0 = off")
-    node_labels: dict[str, str] = Field(default_factory=dict, description="run decoding only on Ray nodes with "
-                                        "these labels, e.g. {ray.io/node-group: cpu-workers}")
-    deterministic: bool = Field(False, description="order-preserving data, augmentation seeded by (seed, epoch) "
-                                "on the worker: resume is exact at epoch boundaries (needs decode_on=gpu; slower)")
+    node_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="run decoding only on Ray nodes with these labels, e.g. {ray.io/node-group: cpu-workers}",
+    )
+    deterministic: bool = Field(
+        False,
+        description="order-preserving data, augmentation seeded by (seed, epoch) "
+        "on the worker: resume is exact at epoch boundaries (needs decode_on=gpu; slower)",
+    )
 
     @model_validator(mode="after")
-    def _crop_fits(self) -> "DataSection":
-        if self.val_crop > self.val_resize:
-            raise ValueError(f"val_crop ({self.val_crop}) must not exceed val_resize ({self.val_resize})")
+    def _consistent(self) -> DataSection:
         if self.deterministic and self.decode_on != "gpu":
-            raise ValueError("deterministic needs decode_on=gpu (augmentation must run on the worker, "
-                             "seeded per epoch)")
+            raise ValueError(
+                "deterministic needs decode_on=gpu (augmentation must run on the worker, seeded per epoch)"
+            )
         if self.progressive is not None and self.progressive.end_size > self.train_crop:
-            raise ValueError(f"progressive.end_size ({self.progressive.end_size}) must not exceed train_crop "
-                             f"({self.train_crop}), the size the CPU pipeline decodes to")
+            raise ValueError(
+                f"progressive.end_size ({self.progressive.end_size}) must not exceed train_crop "
+                f"({self.train_crop}), the size the CPU pipeline decodes to"
+            )
         return self
 
 
@@ -110,8 +112,9 @@ class OptimSection(_Strict):
     step_gamma: float = Field(0.1, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA decay per update (every ema_every_steps steps), "
-                             "evaluated alongside; 0 = off")
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="EMA decay per update (every ema_every_steps steps), evaluated alongside; 0 = off"
+    )
     ema_every_steps: int = Field(1, ge=1)
 
 
@@ -124,8 +127,11 @@ class TrainSection(_Strict):
     storage_path: str = Field(".demo/runs", description="checkpoints go to <storage_path>/<name>")
     checkpoints_to_keep: int = Field(2, gt=0, description="best K by val/top1 (the latest is kept too)")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
-    stop_after_epochs: int | None = Field(None, gt=0, description="end this job after N epochs in total (a time "
-                                          "box); resubmit with the same name to continue")
+    stop_after_epochs: int | None = Field(
+        None,
+        gt=0,
+        description="end this job after N epochs in total (a time box); resubmit with the same name to continue",
+    )
 
     @field_validator("num_workers")
     @classmethod
@@ -148,7 +154,19 @@ class TrainSection(_Strict):
 
 
 class EvalSection(_Strict):
+    """Validation during training (and the evaluate job's defaults): the eval preset and what is counted."""
+
+    resize: int = Field(73, ge=8, description="shorter side before the center crop")
+    crop: int = Field(64, ge=8, description="center crop size")
+    hflip: bool = Field(False, description="average logits over the image and its mirror")
+    batch_size: int = Field(64, gt=0, description="images per worker per eval batch")
     per_class: bool = Field(True, description="log per-class top-1 as an artifact after the last epoch")
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> EvalSection:
+        if self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        return self
 
 
 class MlflowSection(_Strict):
@@ -190,7 +208,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+def apply_overrides(tree: Tree, overrides: list[str]) -> Tree:
     """Return a copy of `tree` with each dotted override applied; unknown keys fail."""
     result = _deep_copy(tree)
     for text in overrides:
@@ -215,27 +233,62 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return result
 
 
-def _deep_copy(tree: dict) -> dict:
+def _deep_copy(tree: Tree) -> Tree:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Load a YAML config (or the embedded defaults when path is None) and apply overrides."""
+EXTENDS_KEY = "extends"
+
+
+def _read_yaml_mapping(path: Path) -> Tree:
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {source} not found")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML ({describe_error(exc, 200)})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{source}: top level must be a mapping")
+    return loaded
+
+
+def merge_trees(base: Tree, delta: Tree) -> Tree:
+    """`delta` over `base`: mappings merge key by key, every other value replaces (a copy; inputs untouched)."""
+    merged = _deep_copy(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_trees(merged[key], value)
+        else:
+            merged[key] = _deep_copy(value) if isinstance(value, dict) else value
+    return merged
+
+
+def load_tree(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> Tree:
+    """The raw tree of a config file with its `extends:` bases (paths relative to the file) merged under it."""
+    p = Path(path).resolve() if _chain else Path(path)
+    key = p.resolve()
+    if key in _chain:
+        cycle = " -> ".join(str(c) for c in (*_chain, key))
+        raise ConfigError(f"{path}: extends cycle ({cycle})")
+    tree = _read_yaml_mapping(p)
+    bases = tree.pop(EXTENDS_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: {EXTENDS_KEY} must be a file path or a list of them")
+    merged: Tree = {}
+    for base in bases:
+        merged = merge_trees(merged, load_tree(key.parent / base, (*_chain, key)))
+    return merge_trees(merged, tree)
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load a YAML config (or the embedded defaults when path is None), its bases, then the overrides."""
     source = str(path) if path is not None else "<defaults>"
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {source} not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: invalid YAML ({' '.join(str(exc).split())[:200]})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: top level must be a mapping")
-        tree = loaded
+    tree = load_tree(path) if path is not None else {}
     tree = apply_overrides(tree, list(overrides))
     try:
         return ExperimentConfig.model_validate(tree)

@@ -1,12 +1,7 @@
-"""`imagenet-ray evaluate`: Top-1/Top-5 (+ per-class, + ImageNet-ReaL) of a checkpoint or a
-torchvision weights file on a prepared val set, with any eval preset, as a Ray Train job logged to
-MLflow. Every val image is counted exactly once across workers (same split and all-reduce as training).
-
-Weights come from:
-- a checkpoint directory URL written by `train` (`.../checkpoint_YYYY-...`, holding state.pt),
-- `runs:/<run_id>`: the latest checkpoint of that training run (its `imagenet_ray.checkpoint` tag),
-- `models:/<name>/<version>`: a registered model version whose source is such a checkpoint URL,
-- `--weights FILE --model NAME`: a torchvision state dict (e.g. resnet50-0676ba61.pth, IMAGENET1K_V1).
+"""`imagenet-ray evaluate`: Top-1/Top-5 (+ per-class, + ImageNet-ReaL) of a checkpoint (URL, `runs:/<id>`,
+`models:/<name>/<version>`) or a torchvision weights file (`--weights FILE --model NAME`) on a prepared
+val set, as a Ray Train job with training's evaluation engine, logged to MLflow. Every val image is
+counted exactly once across workers (same split and all-reduce as training).
 """
 
 from __future__ import annotations
@@ -14,16 +9,32 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from imagenet_ray import storage
-from imagenet_ray.errors import UserError
+import ray.train
+import ray.train.torch
+import torch
+import yaml
+from ray.train.torch import TorchTrainer
 
-CHECKPOINT_TAG = "imagenet_ray.checkpoint"
-_VAL_ID = re.compile(r"ILSVRC2012_val_(\d{8})")
+from imagenet_ray import storage
+from imagenet_ray.config import classification_model_names
+from imagenet_ray.data.format import PreparedDataset, open_prepared
+from imagenet_ray.data.pipeline import build_val_dataset, exact_val_data_config
+from imagenet_ray.errors import UserError, describe_error
+from imagenet_ray.runtime import absolute_url, cluster_has_gpu, configure_worker_logging, ensure_ray
+from imagenet_ray.tracking import RunSink
+from imagenet_ray.train.checkpoint import CHECKPOINT_TAG, read_checkpoint_url
+from imagenet_ray.train.device import DEVICE_DEFAULT
+from imagenet_ray.train.evaluation import PerClassCounts, evaluate, val_batches
+from imagenet_ray.train.metrics import all_reduce_sum
+from imagenet_ray.train.models import build_model
+from imagenet_ray.train.report import report_with_marker
+
+PREFETCH_BATCHES = 2
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,20 @@ class EvalRequest:
     storage_path: str | None = None  # result storage for Ray Train (shared URL on a multi-node cluster)
 
 
+@dataclass(frozen=True)
+class EvalWorkerPlan:
+    """What every evaluation worker reads (pickled inside Ray Train's `train_loop_config`)."""
+
+    model: str
+    state: dict[str, Any]
+    blurpool: bool
+    num_classes: int
+    num_val: int
+    hflip: bool
+    batch_size: int
+    real: list[list[int]] | None  # ImageNet-ReaL label table, or None
+
+
 def resolve_checkpoint_url(ref: str, tracking_uri: str | None) -> str:
     """runs:/ and models:/ references → the checkpoint directory URL they point at."""
     if not ref.startswith(("runs:/", "models:/")):
@@ -55,26 +80,25 @@ def resolve_checkpoint_url(ref: str, tracking_uri: str | None) -> str:
     client = MlflowClient(tracking_uri)
     try:
         if ref.startswith("runs:/"):
-            run_id = ref[len("runs:/"):].strip("/").split("/")[0]
+            run_id = ref[len("runs:/") :].strip("/").split("/")[0]
             url = client.get_run(run_id).data.tags.get(CHECKPOINT_TAG)
             if not url:
-                raise UserError(f"{ref}: the run has no {CHECKPOINT_TAG} tag (not a finished imagenet-ray training run)")
-            return url
-        name, _, version = ref[len("models:/"):].strip("/").partition("/")
+                raise UserError(
+                    f"{ref}: the run has no {CHECKPOINT_TAG} tag (not a finished imagenet-ray training run)"
+                )
+            return str(url)
+        name, _, version = ref[len("models:/") :].strip("/").partition("/")
         if not version:
             raise UserError(f"{ref}: expected models:/<name>/<version>")
-        return client.get_model_version(name, version).source
+        return str(client.get_model_version(name, version).source)
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"{ref}: {' '.join(str(exc).split())[:200]}") from None
+        raise UserError(f"{ref}: {describe_error(exc, 200)}") from None
 
 
 def load_weights(req: EvalRequest) -> tuple[str, dict[str, Any], int | None, bool]:
     """(model name, state dict, num_classes from the checkpoint or None, BlurPool used) for the request."""
-    import torch
-    import yaml
-
     if req.weights:
         if not req.model:
             raise UserError("--weights needs --model (the torchvision architecture name)")
@@ -86,9 +110,7 @@ def load_weights(req: EvalRequest) -> tuple[str, dict[str, Any], int | None, boo
         return req.model, state, None, False
     if not req.checkpoint:
         raise UserError("give --checkpoint URL|runs:/ID|models:/NAME/VERSION or --weights FILE --model NAME")
-    url = resolve_checkpoint_url(req.checkpoint, req.tracking_uri)
-    loc = storage.resolve(url).child("state.pt")
-    state = torch.load(io.BytesIO(storage.read_bytes(loc)), map_location="cpu", weights_only=False)
+    state = read_checkpoint_url(resolve_checkpoint_url(req.checkpoint, req.tracking_uri))
     cfg = yaml.safe_load(state["config_yaml"])
     model_state = state["model"]
     fc = [v for k, v in model_state.items() if k.endswith(("fc.weight", "classifier.weight", "head.weight"))]
@@ -99,16 +121,14 @@ def load_weights(req: EvalRequest) -> tuple[str, dict[str, Any], int | None, boo
 
 def check_weights_fit(model_name: str, state: dict[str, Any], num_classes: int, blurpool: bool = False) -> None:
     """The weights load into `model_name` with `num_classes` outputs, or a UserError says why."""
-    from imagenet_ray.config import classification_model_names
-    from imagenet_ray.train.models import build_model
-
     if model_name not in classification_model_names():
         raise UserError(f"--model {model_name!r} is not a torchvision classification model")
     try:
         build_model(model_name, num_classes, blurpool=blurpool).load_state_dict(state)
     except (RuntimeError, KeyError, TypeError) as exc:
-        first = " ".join(str(exc).split())[:200]
-        raise UserError(f"the weights do not fit {model_name} with {num_classes} classes ({first})") from None
+        raise UserError(
+            f"the weights do not fit {model_name} with {num_classes} classes ({describe_error(exc, 200)})"
+        ) from None
 
 
 def real_label_table(url: str) -> list[list[int]]:
@@ -122,106 +142,56 @@ def real_label_table(url: str) -> list[list[int]]:
     return table
 
 
-def val_index_of(key: str) -> int:
-    """0-based ILSVRC2012 val index from a source key, or -1."""
-    match = _VAL_ID.search(key)
-    return int(match.group(1)) - 1 if match else -1
-
-
 def real_counts(predictions: list[int], val_indices: list[int], table: list[list[int]]) -> tuple[int, int]:
     """(top-1 hits, images counted) under ImageNet-ReaL: a prediction is right when it is one of the
     image's ReaL labels; images with no ReaL label (or not a val image) are not counted."""
     correct = counted = 0
-    for idx, pred in zip(val_indices, predictions):
+    for idx, pred in zip(val_indices, predictions, strict=False):
         if 0 <= idx < len(table) and table[idx]:
             counted += 1
             correct += int(pred in table[idx])
     return correct, counted
 
 
-def _eval_with_index(batch, resize: int, crop: int):
-    import numpy as np
+class RealCounts:
+    """Evaluation hook: ReaL [top-1 hits, images with labels] from each batch's `val_index` column."""
 
-    from imagenet_ray.data import transforms
+    def __init__(self, table: list[list[int]], device: torch.device) -> None:
+        self.table = table
+        self.hits = torch.zeros(2, dtype=torch.float64, device=device)
 
-    out = transforms.eval_batch(batch, resize, crop)
-    out["val_index"] = np.array([val_index_of(str(k)) for k in batch["key"]], dtype=np.int64)
-    return out
+    def add(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        correct, counted = real_counts(logits.argmax(1).tolist(), batch["val_index"].tolist(), self.table)
+        self.hits += torch.tensor([correct, counted], dtype=torch.float64, device=self.hits.device)
 
 
-def eval_loop_per_worker(config: dict[str, Any]) -> None:
+def eval_loop_per_worker(config: dict[str, EvalWorkerPlan]) -> None:
     """Ray Train entrypoint: evaluate this worker's share of val, all-reduce, report once."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from imagenet_ray.train.loop import to_model_input
-    from imagenet_ray.train.metrics import EvalTotals, all_reduce_sum, topk_correct
-    from imagenet_ray.train.models import build_model
-
+    configure_worker_logging()
+    plan = config["plan"]
     device = ray.train.torch.get_device()
-    model = build_model(config["model"], config["num_classes"], blurpool=config["blurpool"])
-    model.load_state_dict(config["state"])
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    num_classes = config["num_classes"]
-    real = config["real"]
-    totals = EvalTotals()
-    per_class = torch.zeros(2, num_classes, dtype=torch.float64, device=device)
-    real_hits = torch.zeros(2, dtype=torch.float64, device=device)  # [correct, images with labels]
-    shard = ray.train.get_dataset_shard("val")
-    with torch.inference_mode():
-        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], device=device):
-            labels = batch["label"].long()
-            x = to_model_input(batch["image"])
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
-                torch.autocast("cpu", enabled=False)
-            with autocast:
-                logits = model(x).float()
-                if config["hflip"]:
-                    logits = (logits + model(x.flip(-1)).float()) / 2
-            totals.add(torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item(), labels.shape[0],
-                       topk_correct(logits, labels))
-            pred = logits.argmax(1)
-            per_class[0].index_add_(0, labels, (pred == labels).double())
-            per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
-            if real is not None:
-                correct, counted = real_counts(pred.tolist(), batch["val_index"].tolist(), real)
-                real_hits += torch.tensor([correct, counted], dtype=torch.float64, device=device)
-    reduced = totals.reduced(device)
-    per_class = all_reduce_sum(per_class).cpu()
-    real_hits = all_reduce_sum(real_hits).tolist()
-    if reduced.samples != config["num_val"]:
-        raise RuntimeError(f"evaluation counted {reduced.samples} images, the manifest lists {config['num_val']}")
-    metrics = reduced.as_metrics("eval")
-    if real is not None:
+    model = build_model(plan.model, plan.num_classes, blurpool=plan.blurpool)
+    model.load_state_dict(plan.state)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    per_class = PerClassCounts(plan.num_classes, device)
+    real = RealCounts(plan.real, device) if plan.real is not None else None
+    batches = val_batches(ray.train.get_dataset_shard("val"), plan.batch_size, PREFETCH_BATCHES, device)
+    reduced = evaluate(
+        model, batches, device, DEVICE_DEFAULT, plan.hflip, hooks=[per_class] if real is None else [per_class, real]
+    ).reduced(device)
+    counts = per_class.reduced()
+    real_hits = all_reduce_sum(real.hits).tolist() if real is not None else None
+    if reduced.samples != plan.num_val:
+        raise RuntimeError(f"evaluation counted {reduced.samples} images, the manifest lists {plan.num_val}")
+    metrics: dict[str, Any] = dict(reduced.as_metrics("eval"))
+    if real_hits is not None:
         metrics["eval/real_top1"] = real_hits[0] / max(1.0, real_hits[1])
         metrics["eval/real_images"] = real_hits[1]
-    metrics["per_class_top1"] = json.dumps((per_class[0] / per_class[1].clamp(min=1)).tolist())
-    # Ray Train (V2) returns the metrics of the last *checkpointed* report: attach a tiny one.
-    report_with_marker(metrics)
-
-
-def report_with_marker(metrics: dict[str, Any]) -> None:
-    import tempfile
-
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if ray.train.get_context().get_world_rank() == 0:
-            with open(f"{tmp}/metrics.json", "w") as f:
-                json.dump(metrics, f)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
+    metrics["per_class_top1"] = json.dumps((counts[0] / counts[1].clamp(min=1)).tolist())
+    report_with_marker(metrics)  # Ray Train (V2) returns the metrics of the last *checkpointed* report
 
 
 def run_evaluation(req: EvalRequest) -> dict[str, Any]:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from imagenet_ray.data.pipeline import exact_val_data_config, open_prepared
-    from imagenet_ray.train.trainer import absolute_url, ensure_ray
-
     data = open_prepared(absolute_url(req.data_url))
     model_name, state, ckpt_classes, blurpool = load_weights(req)
     num_classes = data.num_classes
@@ -232,53 +202,48 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
     if real is not None and num_classes != 1000:
         raise UserError(f"ReaL labels index the 1,000 ImageNet classes; {req.data_url} has {num_classes}")
     ensure_ray(req.num_workers)
-    import ray
-
-    use_gpu = req.use_gpu if req.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    fs, paths = data.shard_paths("val")
-    val = ray.data.read_parquet(paths, filesystem=fs).select_columns(["image", "label", "key"]).map_batches(
-        _eval_with_index, fn_kwargs={"resize": req.resize, "crop": req.crop}, batch_size=32, batch_format="numpy")
+    use_gpu = req.use_gpu if req.use_gpu is not None else cluster_has_gpu()
+    plan = EvalWorkerPlan(
+        model=model_name,
+        state=state,
+        blurpool=blurpool,
+        num_classes=num_classes,
+        num_val=data.num_images("val"),
+        hflip=req.hflip,
+        batch_size=req.batch_size,
+        real=real,
+    )
     trainer = TorchTrainer(
         eval_loop_per_worker,
-        train_loop_config={"model": model_name, "state": state, "blurpool": blurpool, "num_classes": num_classes, "real": real,
-                           "hflip": req.hflip, "batch_size": req.batch_size, "num_val": data.num_images("val")},
+        train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(num_workers=req.num_workers, use_gpu=use_gpu),
-        datasets={"val": val},
+        datasets={"val": build_val_dataset(data, req.resize, req.crop, decode_on="cpu", with_val_index=True)},
         dataset_config=exact_val_data_config(equal_split=()),
-        run_config=ray.train.RunConfig(name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-                                       storage_path=_storage_path(req)),
+        run_config=ray.train.RunConfig(
+            name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            storage_path=req.storage_path or tempfile.mkdtemp(prefix="imagenet-ray-eval-"),
+        ),
     )
     metrics = dict(trainer.fit().metrics or {})
     if req.tracking_uri:
-        metrics["mlflow_run_id"] = _log(req, model_name, metrics, data)
+        metrics["mlflow_run_id"] = _log(req.tracking_uri, req, model_name, metrics, data)
     return metrics
 
 
-def _storage_path(req: EvalRequest) -> str:
-    """Where the evaluation's (tiny) result checkpoint goes: a shared URL on a cluster, else a temp dir."""
-    if req.storage_path:
-        return req.storage_path
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="imagenet-ray-eval-")
-
-
-def _log(req: EvalRequest, model_name: str, metrics: dict[str, Any], data) -> str:
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
-
-    from imagenet_ray.tracking import RunTracker, ensure_experiment, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(req.tracking_uri)
-    client = MlflowClient(uri)
-    run = client.create_run(ensure_experiment(uri, req.experiment), run_name=f"evaluate {model_name}")
-    params = {"checkpoint": req.checkpoint or "", "weights": req.weights or "", "model": model_name,
-              "data": req.data_url, "resize": req.resize, "crop": req.crop, "hflip": req.hflip,
-              "real_labels": req.real_labels_url or ""}
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    tracker = RunTracker(uri, run.info.run_id)
-    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
-    tracker.log_dict({"classes": list(data.manifest["classes"]), "top1": json.loads(metrics["per_class_top1"])},
-                     "per_class_top1.json")
-    tracker.finish()
-    return run.info.run_id
+def _log(tracking_uri: str, req: EvalRequest, model_name: str, metrics: dict[str, Any], data: PreparedDataset) -> str:
+    """One MLflow run per evaluation: the request as params, the metrics, the per-class artifact."""
+    params = {
+        "checkpoint": req.checkpoint or "",
+        "weights": req.weights or "",
+        "model": model_name,
+        "data": req.data_url,
+        "resize": req.resize,
+        "crop": req.crop,
+        "hflip": req.hflip,
+        "real_labels": req.real_labels_url or "",
+    }
+    sink = RunSink.create(tracking_uri, req.experiment, f"evaluate {model_name}", params=params)
+    sink.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
+    sink.log_dict({"classes": data.class_wnids, "top1": json.loads(metrics["per_class_top1"])}, "per_class_top1.json")
+    sink.finish()
+    return sink.run_id

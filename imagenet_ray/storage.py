@@ -34,7 +34,7 @@ class Location:
     fs: pafs.FileSystem
     path: str
 
-    def child(self, *parts: str) -> "Location":
+    def child(self, *parts: str) -> Location:
         return Location(join(self.url, *parts), self.fs, posixpath.join(self.path, *parts))
 
 
@@ -92,10 +92,25 @@ def resolve(url: str) -> Location:
     return Location(path if scheme == "" else url, pafs.LocalFileSystem(), path)
 
 
-_DENIED_MARKERS = ("access_denied", "accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch",
-                   "http status 403", "status code: 403", "status code 403", "forbidden")
-_UNREACHABLE_MARKERS = ("curlcode: 7", "couldn't connect", "connection refused", "could not connect",
-                        "failed to connect", "network_connection")
+_DENIED_MARKERS = (
+    "access_denied",
+    "accessdenied",
+    "access denied",
+    "invalidaccesskeyid",
+    "signaturedoesnotmatch",
+    "http status 403",
+    "status code: 403",
+    "status code 403",
+    "forbidden",
+)
+_UNREACHABLE_MARKERS = (
+    "curlcode: 7",
+    "couldn't connect",
+    "connection refused",
+    "could not connect",
+    "failed to connect",
+    "network_connection",
+)
 
 
 def describe_os_error(url: str, exc: BaseException) -> str:
@@ -104,8 +119,10 @@ def describe_os_error(url: str, exc: BaseException) -> str:
     # Match error codes, not bare numbers: the text includes object keys like ILSVRC2012_val_00000403.JPEG.
     lowered = text.lower().replace(url.lower(), "")
     if any(m in lowered for m in _DENIED_MARKERS):
-        return (f"{url}: access denied by the storage server (check AWS_ACCESS_KEY_ID / "
-                f"AWS_SECRET_ACCESS_KEY and the endpoint)")
+        return (
+            f"{url}: access denied by the storage server (check AWS_ACCESS_KEY_ID / "
+            f"AWS_SECRET_ACCESS_KEY and the endpoint)"
+        )
     if "nosuchbucket" in lowered or "bucket does not exist" in lowered:
         return f"{url}: bucket does not exist"
     if any(m in lowered for m in _UNREACHABLE_MARKERS):

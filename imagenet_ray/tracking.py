@@ -1,21 +1,46 @@
-"""MLflow: one run per training run, created once by rank 0, resumed by id after a restart.
+"""The one MLflow sink: `RunSink` creates, finds or reattaches a run and is the only thing that logs to one.
 
-Uses `MlflowClient` with an explicit tracking URI (no global fluent state), so workers, drivers and
-tests can each talk to their own store. Only config values and metrics are sent; credentials live in
-the environment and never appear in the config.
+`MlflowClient` with an explicit tracking URI (no global fluent state), so workers, drivers and tests
+each talk to their own store. Only config values and metrics are sent, never credentials. Every MLflow
+failure becomes one `UserError` line naming the store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from imagenet_ray.errors import UserError
+from imagenet_ray.errors import UserError, describe_error
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+__all__ = [
+    "DATASETS_EXPERIMENT",
+    "RUN_NAME_TAG",
+    "STORAGE_TAG",
+    "RunSink",
+    "RunTracker",
+    "describe_error",
+    "ensure_experiment",
+    "find_or_start_run",
+    "local_artifact_root",
+    "log_prepared_dataset",
+    "resolve_tracking_uri",
+    "set_tag",
+]
 
 RUN_NAME_TAG = "imagenet_ray.run_name"
 STORAGE_TAG = "imagenet_ray.storage"
+DATASETS_EXPERIMENT = "imagenet-ray-datasets"
+_PARAMS_PER_BATCH = 100  # MLflow's cap on params in one log_batch
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -24,7 +49,7 @@ def resolve_tracking_uri(uri: str) -> str:
     if uri == "databricks":  # MLflow's bare form for the Databricks workspace in the environment
         return uri
     if parsed.scheme == "sqlite":
-        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
         if not path:
             raise UserError(f"mlflow.tracking_uri: {uri!r} must look like sqlite:///path/to.db")
         if path.startswith("/"):
@@ -41,145 +66,234 @@ def resolve_tracking_uri(uri: str) -> str:
 def local_artifact_root(tracking_uri: str) -> str | None:
     """For a sqlite store, keep artifacts beside the database (not in the worker's cwd)."""
     if tracking_uri.startswith("sqlite:///"):
-        return str(Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts")
+        return str(Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts")
     return None
+
+
+@contextlib.contextmanager
+def _mlflow_errors(uri: str) -> Iterator[None]:
+    """MlflowException, requests and sqlite errors become one line for the user; ours pass through."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"MLflow at {uri}: {describe_error(exc)}") from None
+
+
+def _client(uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Experiment id for `name`, creating it (with a stable artifact location) if needed."""
-    from mlflow.tracking import MlflowClient
-
-    try:
+    with _mlflow_errors(tracking_uri):
         if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        client = MlflowClient(tracking_uri)
+            Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        client = _client(tracking_uri)
         exp = client.get_experiment_by_name(name)
         if exp is not None:
-            return exp.experiment_id
+            return str(exp.experiment_id)
         root = local_artifact_root(tracking_uri)
-        return client.create_experiment(name, artifact_location=Path(root).as_uri() if root else None)
-    except Exception as exc:  # MlflowException, requests errors: one line for the user
-        raise UserError(f"MLflow at {tracking_uri}: {' '.join(str(exc).split())[:300]}") from None
+        return str(client.create_experiment(name, artifact_location=Path(root).as_uri() if root else None))
 
 
-def find_or_start_run(tracking_uri: str, experiment_id: str, run_name: str, storage_url: str,
-                      params: dict[str, Any], config_yaml: str) -> tuple[str, bool]:
-    """(run id, resumed). One MLflow run per training run: a run is identified by its name and its
-    checkpoint storage, the same pair Ray Train uses to resume, so a resubmitted job or a restarted
-    worker group continues the run that already exists."""
-    from mlflow.tracking import MlflowClient
+class RunSink:
+    """The handle for one MLflow run: the only writer of that run while it is open."""
 
-    client = MlflowClient(tracking_uri)
-    try:
-        existing = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = "
-                                           f"'{storage_url}'", order_by=["attributes.start_time DESC"], max_results=1)
-        if existing:
-            return existing[0].info.run_id, True
-        tracker = RunTracker.start(tracking_uri, experiment_id, run_name, params, config_yaml,
-                                   tags={STORAGE_TAG: storage_url})
-        return tracker.run_id, False
-    except Exception as exc:
-        raise UserError(f"MLflow at {tracking_uri}: {' '.join(str(exc).split())[:300]}") from None
-
-
-class RunTracker:
-    """Logging handle for one MLflow run (used on rank 0 only)."""
-
-    def __init__(self, tracking_uri: str, run_id: str):
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri)
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
+        with _mlflow_errors(tracking_uri):
+            self._client = _client(tracking_uri)
+
+    # -- opening a run ----------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        uri: str,
+        experiment_name: str,
+        run_name: str,
+        *,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        texts: dict[str, str] | None = None,
+    ) -> RunSink:
+        """A new run in `experiment_name` (created if needed) with its params, tags and text artifacts
+        (`texts` maps artifact file → text)."""
+        uri = resolve_tracking_uri(uri)
+        return cls._create_in(
+            uri, ensure_experiment(uri, experiment_name), run_name, params=params, tags=tags, texts=texts
+        )
 
     @classmethod
-    def start(cls, tracking_uri: str, experiment_id: str, run_name: str, params: dict[str, Any],
-              config_yaml: str, tags: dict[str, str] | None = None) -> "RunTracker":
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
+    def _create_in(
+        cls,
+        uri: str,
+        experiment_id: str,
+        run_name: str,
+        *,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        texts: dict[str, str] | None = None,
+    ) -> RunSink:
+        with _mlflow_errors(uri):
+            run = _client(uri).create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+        sink = cls(uri, run.info.run_id)
+        sink.log_params(params or {})
+        for artifact_file, text in (texts or {}).items():
+            sink.log_text(text, artifact_file)
+        return sink
 
-        client = MlflowClient(tracking_uri)
-        run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
-        tracker = cls(tracking_uri, run.info.run_id)
+    @classmethod
+    def find_or_create(
+        cls, uri: str, experiment_name: str, run_name: str, storage_url: str, params: dict[str, Any], config_yaml: str
+    ) -> tuple[RunSink, bool]:
+        """(sink, resumed). One MLflow run per training run: a run is identified by its name and its
+        checkpoint storage, the pair Ray Train resumes by, so a resubmitted job continues its run."""
+        uri = resolve_tracking_uri(uri)
+        return cls._find_or_create_in(
+            uri, ensure_experiment(uri, experiment_name), run_name, storage_url, params, config_yaml
+        )
+
+    @classmethod
+    def _find_or_create_in(
+        cls, uri: str, experiment_id: str, run_name: str, storage_url: str, params: dict[str, Any], config_yaml: str
+    ) -> tuple[RunSink, bool]:
+        with _mlflow_errors(uri):
+            existing = _client(uri).search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage_url}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+        if existing:
+            return cls(uri, existing[0].info.run_id), True
+        sink = cls._create_in(
+            uri,
+            experiment_id,
+            run_name,
+            params=params,
+            tags={RUN_NAME_TAG: run_name, STORAGE_TAG: storage_url},
+            texts={"config.yaml": config_yaml},
+        )
+        return sink, False
+
+    @classmethod
+    def attach(cls, uri: str, run_id: str, reopen: bool = False) -> RunSink:
+        """The existing run `run_id`; with `reopen`, marked RUNNING again (a time box or crash ended it)."""
+        sink = cls(resolve_tracking_uri(uri), run_id)
+        if reopen:
+            sink.reopen()
+        return sink
+
+    # -- writing ----------------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(k, str(v)) for k, v in sorted(params.items())]
-        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            client.log_batch(run.info.run_id, params=items[i:i + 100])
-        client.log_text(run.info.run_id, config_yaml, "config.yaml")
-        return tracker
+        with _mlflow_errors(self.tracking_uri):
+            for i in range(0, len(items), _PARAMS_PER_BATCH):
+                self._client.log_batch(self.run_id, params=items[i : i + _PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        with _mlflow_errors(self.tracking_uri):
+            self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        with _mlflow_errors(self.tracking_uri):
+            self._client.log_dict(self.run_id, data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        with _mlflow_errors(self.tracking_uri):
+            self._client.log_text(self.run_id, text, artifact_file)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        with _mlflow_errors(self.tracking_uri):
+            for key, value in tags.items():
+                self._client.set_tag(self.run_id, key, value)
+
+    def log_dataset_input(self, url: str, digest: str, context: str) -> bool:
+        """Record the dataset at `url` as an input of this run; False where MLflow knows no source for
+        the URL's scheme (e.g. gs:// without extras)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
+            try:
+                source = resolve_dataset_source(url)
+            except Exception:  # no dataset source registered for this URL scheme
+                return False
+        # MetaDataset is concrete at runtime; mlflow's annotations leave `profile` abstract.
+        dataset = MetaDataset(source, name=url, digest=digest)  # type: ignore[abstract]
+        with _mlflow_errors(self.tracking_uri):
+            self._client.log_inputs(
+                self.run_id,
+                datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],
+            )
+        return True
 
     def reopen(self) -> None:
         """Mark a resumed run as running again (it may have been ended by a time box or a crash)."""
-        if self.client.get_run(self.run_id).info.status != "RUNNING":
-            self.client.update_run(self.run_id, status="RUNNING")
-
-    def logged_steps(self, key: str) -> set[int]:
-        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
-
-    def log_dict(self, data: dict, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        with _mlflow_errors(self.tracking_uri):
+            if self._client.get_run(self.run_id).info.status != "RUNNING":
+                self._client.update_run(self.run_id, status="RUNNING")
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        with _mlflow_errors(self.tracking_uri):
+            self._client.set_terminated(self.run_id, status)
+
+    # -- reading ----------------------------------------------------------------------------------
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps already logged for metric `key` (a restarted worker never logs an epoch twice)."""
+        with _mlflow_errors(self.tracking_uri):
+            return {m.step for m in self._client.get_metric_history(self.run_id, key)}
 
 
-DATASETS_EXPERIMENT = "imagenet-ray-datasets"
+RunTracker = RunSink  # transition alias: the old name
+
+
+def find_or_start_run(
+    tracking_uri: str, experiment_id: str, run_name: str, storage_url: str, params: dict[str, Any], config_yaml: str
+) -> tuple[str, bool]:
+    """Transition wrapper of `RunSink.find_or_create` by experiment id: (run id, resumed)."""
+    sink, resumed = RunSink._find_or_create_in(tracking_uri, experiment_id, run_name, storage_url, params, config_yaml)
+    return sink.run_id, resumed
+
+
+def set_tag(tracking_uri: str, run_id: str, key: str, value: str) -> None:
+    """Transition wrapper of `RunSink.set_tags`."""
+    RunSink(tracking_uri, run_id).set_tags({key: value})
 
 
 def log_prepared_dataset(tracking_uri: str, report: dict[str, Any], manifest: dict[str, Any] | None) -> str:
     """Log a preparation as an MLflow run: counts as metrics, report + manifest as artifacts, and the
     prepared dataset as a run input (name = output URL, digest from the shard checksums)."""
-    import hashlib
-
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag, Param
-
-    uri = resolve_tracking_uri(tracking_uri)
-    experiment_id = ensure_experiment(uri, DATASETS_EXPERIMENT)
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    run = client.create_run(experiment_id, run_name=f"prepare {report['out']}")
-    run_id = run.info.run_id
-    params = {"source": report["source"], "layout": report["layout"], "out": report["out"],
-              "tool_version": report["tool_version"]}
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    tracker = RunTracker(uri, run_id)
+    params = {
+        "source": report["source"],
+        "layout": report["layout"],
+        "out": report["out"],
+        "tool_version": report["tool_version"],
+    }
+    sink = RunSink.create(tracking_uri, DATASETS_EXPERIMENT, f"prepare {report['out']}", params=params)
     metrics = {"classes": report["classes"], "wall_seconds": report["wall_seconds"]}
     for split, s in report["splits"].items():
         for key in ("listed", "written", "quarantined", "bytes_in", "bytes_out"):
             metrics[f"{split}/{key}"] = s[key]
-    tracker.log_metrics(metrics, step=0)
-    tracker.log_dict(report, "_report.json")
+    sink.log_metrics(metrics, step=0)
+    sink.log_dict(report, "_report.json")
     if manifest is not None:
-        tracker.log_dict(manifest, "_manifest.json")
-        digest = hashlib.sha256("".join(s["sha256"] for sp in manifest["splits"].values()
-                                        for s in sp["shards"]).encode()).hexdigest()[:16]
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
-            try:
-                source = resolve_dataset_source(report["out"])
-            except Exception:  # no dataset source registered for this URL scheme (e.g. gs:// without extras)
-                source = None
-        if source is not None:
-            dataset = MetaDataset(source, name=report["out"], digest=digest)
-            client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                             tags=[InputTag("mlflow.data.context", "prepared")])])
-    tracker.finish("FINISHED" if manifest is not None else "FAILED")
-    return run_id
-
-
-def set_tag(tracking_uri: str, run_id: str, key: str, value: str) -> None:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri).set_tag(run_id, key, value)
+        sink.log_dict(manifest, "_manifest.json")
+        digest = hashlib.sha256(
+            "".join(s["sha256"] for sp in manifest["splits"].values() for s in sp["shards"]).encode()
+        ).hexdigest()[:16]
+        sink.log_dataset_input(report["out"], digest, context="prepared")
+    sink.finish("FINISHED" if manifest is not None else "FAILED")
+    return sink.run_id

@@ -6,7 +6,6 @@ Takes the same arguments as `imagenet-ray evaluate`.
 import sys
 
 import _bootstrap  # noqa: F401  (puts the working dir on sys.path)
-
 from imagenet_ray.cli import main
 
 if __name__ == "__main__":

@@ -1,40 +1,8 @@
 """`imagenet-ray bench data`: how fast the data pipeline is, against torchvision's, in one run.
 
-Sections (all sides of a comparison run in the same process, on the same images and cores):
-
-1. kernel    Per-core throughput on one CPU core (the process pinned with sched_setaffinity, torch
-             and OpenCV single-threaded), in images per CPU-second of this process (wall-clock rates
-             are in the JSON too): our train/eval presets (transforms.train_batch/eval_batch, batches
-             of DECODE_BATCH_ROWS) vs torchvision's reference transforms (PIL open + RandomResizedCrop +
-             RandomHorizontalFlip + ToTensor + Normalize, collated with torch.stack as a DataLoader
-             does) vs the decode-only ceiling (full decode to RGB with each candidate decoder that is
-             importable: Pillow, simplejpeg, torchvision.io, and OpenCV / PyTurboJPEG if installed; the
-             ceiling is the fastest). On the original images and on a re-encoded variant (longer side
-             ≤ --max-side, quality --quality, made on the fly with prepare's own normalize_for_storage).
-             "train ours, whole decode" is the same kernel decoding whole images instead of only the
-             crop (transforms.CROP_DECODE off), so the crop decoder's gain is measured in the same run.
-             Sides are interleaved chunk by chunk in rotating order, so that machine noise hits all of
-             them alike; the table shows the best pass, the JSON every pass. Then a step-by-step
-             breakdown of both train pipelines (where the time goes). The reference's speed differs
-             between processes much more than between passes, so the CLI runs the section in
-             --kernel-processes fresh processes (default 3) and reports each one's ratios and the median.
-2. e2e       End to end on --cores cores (every process pinned to them): the training job's own
-             pipeline (build_train_dataset + exact_val_data_config: Ray Data reading the Parquet shards
-             written by the project's prepare, decoding in fused read+decode tasks) into one Ray Train
-             worker (TorchTrainer; iter_torch_batches with the default config's prefetch and local
-             shuffle), from local disk and, with --s3, from an S3 server (the same shards, copied), vs
-             torch DataLoader(ImageFolder, torchvision's reference transform,
-             num_workers=--dataloader-workers, persistent workers) over the same images on local disk.
-             Both sides only consume batches (optionally sleeping --step-ms per batch as a stand-in for
-             a training step): images/s over epochs 2..N (and "in epoch": without each epoch's start),
-             epoch start (time to an epoch's first batch), time to the very first batch, fraction of
-             time blocked in next(). Shards are prepare's default size (128 MB, so a read task is as
-             large as on the real dataset) and --repeat lists every image N times per epoch, so that
-             an epoch has many shards per core, as the full dataset has.
-3. gpu       torchvision.io.decode_jpeg(device="cuda") on batches of the same images, when CUDA exists.
-
-Writes a table to stdout and everything (every pass, machine, versions) to --json. Wiring into a CLI:
-`add_bench_data_args(parser)` + `run_bench_data(args)`; `python -m imagenet_ray.bench.data` works too.
+Sections: 1. kernel (per core, ours vs torchvision vs the decode-only ceiling, in fresh processes),
+2. e2e (Ray Data → Ray Train vs DataLoader(ImageFolder) on the same cores), 3. gpu (nvJPEG decode).
+Table to stdout, everything to --json; the method is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -43,6 +11,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import platform
 import re
@@ -52,10 +21,15 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
+
+from imagenet_ray.errors import UserError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 DEFAULT_SHARD_MB = 128.0  # = PrepareOptions.shard_mb: the bench's read tasks are the size the real dataset's are
@@ -70,7 +44,6 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 def load_images(folder: str, limit: int | None = None) -> list[tuple[Path, bytes]]:
     """(path, bytes) of the images in `folder` (not recursive), sorted by name; Pillow must decode them."""
     from imagenet_ray.data.decode import DecodeError, decode_rgb
-    from imagenet_ray.errors import UserError
 
     if not Path(folder).is_dir():
         raise UserError(f"bench data --images {folder}: not a folder")
@@ -81,7 +54,7 @@ def load_images(folder: str, limit: int | None = None) -> list[tuple[Path, bytes
         try:
             decode_rgb(data)
         except DecodeError:
-            print(f"bench data: skipping {p.name}: not decodable", file=sys.stderr)
+            log.warning(f"bench data: skipping {p.name}: not decodable")
             continue
         out.append((p, data))
         if limit and len(out) >= limit:
@@ -93,7 +66,7 @@ def load_images(folder: str, limit: int | None = None) -> list[tuple[Path, bytes
 
 def reencode(datas: Sequence[bytes], max_side: int, quality: int) -> list[bytes]:
     """The re-encoded variant, exactly as `prepare --max-side N --quality Q` stores it."""
-    from imagenet_ray.data.decode import normalize_for_storage
+    from imagenet_ray.data.storage_rules import normalize_for_storage
 
     return [normalize_for_storage(d, max_side=max_side, quality=quality)[0] for d in datas]
 
@@ -116,8 +89,13 @@ def machine_info() -> dict[str, Any]:
     from imagenet_ray.data.decode import crop_decoder_description
 
     versions["train decoder"] = crop_decoder_description()  # without the C extension: whole images (slower)
-    return {"nproc": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)), "cpu_model": model,
-            "python": platform.python_version(), "versions": versions}
+    return {
+        "nproc": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 @contextlib.contextmanager
@@ -180,8 +158,9 @@ def decoder_candidates() -> dict[str, Callable[[bytes], Any]]:
         if flag is not None:
             cands["opencv"] = lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), flag)
         else:
-            cands["opencv"] = lambda d: cv2.cvtColor(cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR),
-                                                     cv2.COLOR_BGR2RGB)
+            cands["opencv"] = lambda d: cv2.cvtColor(
+                cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+            )
     with contextlib.suppress(Exception):
         import turbojpeg
 
@@ -214,15 +193,16 @@ def _with_fallback(fn: Callable[[bytes], Any], fallbacks: list[int]) -> Callable
     return run
 
 
-def interleaved(sides: dict[str, Callable[[Sequence[bytes]], Any]], datas: Sequence[bytes], chunk: int,
-                passes: int) -> dict[str, dict[str, Any]]:
+def interleaved(
+    sides: dict[str, Callable[[Sequence[bytes]], Any]], datas: Sequence[bytes], chunk: int, passes: int
+) -> dict[str, dict[str, Any]]:
     """Throughput (images/s) of each side, interleaved chunk by chunk in rotating order, per pass.
 
     Two clocks: CPU time of this process (`best`, `median`, `passes`: images per CPU-second, what one
     core delivers; robust when other processes share the core) and wall time (`wall_*`). On an idle
     core they agree.
     """
-    chunks = [datas[i:i + chunk] for i in range(0, len(datas), chunk)]
+    chunks = [datas[i : i + chunk] for i in range(0, len(datas), chunk)]
     names = list(sides)
     for name in names:  # warm-up: imports, caches, allocator
         sides[name](chunks[0])
@@ -231,7 +211,7 @@ def interleaved(sides: dict[str, Callable[[Sequence[bytes]], Any]], datas: Seque
     for _ in range(passes):
         cpu, wall = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
         for ci, c in enumerate(chunks):
-            order = names[ci % len(names):] + names[:ci % len(names)]
+            order = names[ci % len(names) :] + names[: ci % len(names)]
             for name in order:
                 c0, w0 = time.process_time(), time.perf_counter()
                 sides[name](c)
@@ -240,13 +220,22 @@ def interleaved(sides: dict[str, Callable[[Sequence[bytes]], Any]], datas: Seque
         for name in names:
             cpu_rates[name].append(len(datas) / max(cpu[name], 1e-9))
             wall_rates[name].append(len(datas) / max(wall[name], 1e-9))
-    return {n: {"best": max(cpu_rates[n]), "median": statistics.median(cpu_rates[n]), "passes": cpu_rates[n],
-                "wall_best": max(wall_rates[n]), "wall_median": statistics.median(wall_rates[n]),
-                "wall_passes": wall_rates[n]} for n in names}
+    return {
+        n: {
+            "best": max(cpu_rates[n]),
+            "median": statistics.median(cpu_rates[n]),
+            "passes": cpu_rates[n],
+            "wall_best": max(wall_rates[n]),
+            "wall_median": statistics.median(wall_rates[n]),
+            "wall_passes": wall_rates[n],
+        }
+        for n in names
+    }
 
 
-def kernel_variant(datas: Sequence[bytes], crop: int, resize: int, eval_crop: int, batch: int, passes: int,
-                   seed: int = 0) -> dict[str, Any]:
+def kernel_variant(
+    datas: Sequence[bytes], crop: int, resize: int, eval_crop: int, batch: int, passes: int, seed: int = 0
+) -> dict[str, Any]:
     """One variant (originals or re-encoded): decoders, train preset, eval preset; ratios within the run."""
     import torch
     from PIL import Image
@@ -267,22 +256,15 @@ def kernel_variant(datas: Sequence[bytes], crop: int, resize: int, eval_crop: in
 
     fallbacks = {name: [0] for name in decoder_candidates()}
     sides: dict[str, Callable[[Sequence[bytes]], Any]] = {
-        f"decode:{name}": _with_fallback(fn, fallbacks[name]) for name, fn in decoder_candidates().items()}
+        f"decode:{name}": _with_fallback(fn, fallbacks[name]) for name, fn in decoder_candidates().items()
+    }
     sides["train:torchvision"] = lambda c: torch.stack([ref_train(pil(d)) for d in c])
     sides["train:ours"] = lambda c: transforms.train_batch(as_batch(c), crop, rng)
 
-    def ours_without(switch: str) -> Callable[[Sequence[bytes]], None]:
-        """The same kernel with one of its speed-ups (a module-level switch of transforms) turned off."""
-        def run(c: Sequence[bytes]) -> None:
-            setattr(transforms, switch, False)
-            try:
-                transforms.train_batch(as_batch(c), crop, rng)
-            finally:
-                setattr(transforms, switch, True)
-        return run
-
-    sides["train:ours_no_dct"] = ours_without("DCT_DOWNSCALE")  # always decoding at full size
-    sides["train:ours_whole_decode"] = ours_without("CROP_DECODE")  # whole images (simplejpeg), then the crop
+    no_dct, whole_decode = transforms.KernelOptions(dct_downscale=False), transforms.KernelOptions(crop_decode=False)
+    sides["train:ours_no_dct"] = lambda c: transforms.train_batch(as_batch(c), crop, rng, no_dct)  # full-size decode
+    # whole images (simplejpeg), then the crop
+    sides["train:ours_whole_decode"] = lambda c: transforms.train_batch(as_batch(c), crop, rng, whole_decode)
     sides["eval:torchvision"] = lambda c: torch.stack([ref_eval(pil(d)) for d in c])
     sides["eval:ours"] = lambda c: transforms.eval_batch(as_batch(c), resize, eval_crop)
     with warnings.catch_warnings():
@@ -296,13 +278,25 @@ def kernel_variant(datas: Sequence[bytes], crop: int, resize: int, eval_crop: in
     train_ours, train_ref = res["train:ours"]["best"], res["train:torchvision"]["best"]
     eval_ours, eval_ref = res["eval:ours"]["best"], res["eval:torchvision"]["best"]
     return {
-        "images": len(datas), "decoders": decoders, "ceiling_decoder": best_decoder, "ceiling": ceiling,
-        "train": {"ours": res["train:ours"], "torchvision": res["train:torchvision"],
-                  "ours_no_dct": res["train:ours_no_dct"], "ours_whole_decode": res["train:ours_whole_decode"],
-                  "crop_decode_gain": train_ours / res["train:ours_whole_decode"]["best"],
-                  "ours_vs_torchvision": train_ours / train_ref, "ours_vs_ceiling": train_ours / ceiling},
-        "eval": {"ours": res["eval:ours"], "torchvision": res["eval:torchvision"],
-                 "ours_vs_torchvision": eval_ours / eval_ref, "ours_vs_ceiling": eval_ours / ceiling},
+        "images": len(datas),
+        "decoders": decoders,
+        "ceiling_decoder": best_decoder,
+        "ceiling": ceiling,
+        "train": {
+            "ours": res["train:ours"],
+            "torchvision": res["train:torchvision"],
+            "ours_no_dct": res["train:ours_no_dct"],
+            "ours_whole_decode": res["train:ours_whole_decode"],
+            "crop_decode_gain": train_ours / res["train:ours_whole_decode"]["best"],
+            "ours_vs_torchvision": train_ours / train_ref,
+            "ours_vs_ceiling": train_ours / ceiling,
+        },
+        "eval": {
+            "ours": res["eval:ours"],
+            "torchvision": res["eval:torchvision"],
+            "ours_vs_torchvision": eval_ours / eval_ref,
+            "ours_vs_ceiling": eval_ours / ceiling,
+        },
     }
 
 
@@ -318,8 +312,13 @@ def breakdown(datas: Sequence[bytes], crop: int, passes: int, seed: int = 0) -> 
     from imagenet_ray.data.decode import decode_rgb_array, decode_rgb_crop, jpeg_header
 
     clock = time.thread_time
-    ours_steps = ("header + box", "decode the crop (libjpeg-turbo)", "mirror p=0.5 -> NHWC copy",
-                  "resize (torch AA)", "write into batch")
+    ours_steps = (
+        "header + box",
+        "decode the crop (libjpeg-turbo)",
+        "mirror p=0.5 -> NHWC copy",
+        "resize (torch AA)",
+        "write into batch",
+    )
     ref_steps = ("decode (Pillow)", "crop + resize (Pillow)", "flip (p=0.5)", "ToTensor", "Normalize", "collate")
     best_ours, best_ref = dict.fromkeys(ours_steps, float("inf")), dict.fromkeys(ref_steps, float("inf"))
     out = torch.empty((crop, crop, 3), dtype=torch.uint8)
@@ -342,7 +341,7 @@ def breakdown(datas: Sequence[bytes], crop: int, passes: int, seed: int = 0) -> 
                 arr = decode_rgb_array(d, factor, header)
                 if arr.shape[1] != header[0] or arr.shape[0] != header[1]:
                     left, top, w, h = box
-                region = arr[top:top + h, left:left + w]
+                region = arr[top : top + h, left : left + w]
             elif factor > 1:
                 left, top, w, h = box
             t2 = clock()
@@ -354,14 +353,15 @@ def breakdown(datas: Sequence[bytes], crop: int, passes: int, seed: int = 0) -> 
             t4 = clock()
             out.copy_(y)
             t5 = clock()
-            for k, v in zip(ours_steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            for k, v in zip(ours_steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
                 acc_o[k] += v
             # torchvision's reference on the same image, step by step (same box for comparability)
             t0 = clock()
             img = Image.open(io.BytesIO(d)).convert("RGB")
             t1 = clock()
-            img = TF.resized_crop(img, top * factor, left * factor, h * factor, w * factor, [crop, crop],
-                                  T.InterpolationMode.BILINEAR)
+            img = TF.resized_crop(
+                img, top * factor, left * factor, h * factor, w * factor, [crop, crop], T.InterpolationMode.BILINEAR
+            )
             t2 = clock()
             if rng.random() < 0.5:
                 img = TF.hflip(img)
@@ -375,7 +375,7 @@ def breakdown(datas: Sequence[bytes], crop: int, passes: int, seed: int = 0) -> 
                 torch.stack(tensors)
                 tensors.clear()
             t6 = clock()
-            for k, v in zip(ref_steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+            for k, v in zip(ref_steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5), strict=True):
                 acc_r[k] += v
         n = sum(1 for d in datas if jpeg_header(d) is not None)
         for acc, best in ((acc_o, best_ours), (acc_r, best_ref)):
@@ -388,16 +388,22 @@ def breakdown(datas: Sequence[bytes], crop: int, passes: int, seed: int = 0) -> 
 _COLLATE_ROWS = 32  # the reference side collates like a DataLoader batch (for the breakdown)
 
 
-def run_kernel(variants: dict[str, Sequence[bytes]], core: int, crop: int, resize: int, eval_crop: int,
-               batch: int, passes: int, with_breakdown: bool = True) -> dict[str, Any]:
+def run_kernel(
+    variants: dict[str, Sequence[bytes]],
+    core: int,
+    crop: int,
+    resize: int,
+    eval_crop: int,
+    batch: int,
+    passes: int,
+    with_breakdown: bool = True,
+) -> dict[str, Any]:
     with pinned({core}, threads=1):
-        out = {"core": core, "batch": batch, "passes": passes,
-               "variants": {name: kernel_variant(d, crop, resize, eval_crop, batch, passes)
-                            for name, d in variants.items()}}
+        results = {name: kernel_variant(d, crop, resize, eval_crop, batch, passes) for name, d in variants.items()}
         if with_breakdown:
             for name, d in variants.items():
-                out["variants"][name]["breakdown"] = breakdown(d, crop, passes)
-        return out
+                results[name]["breakdown"] = breakdown(d, crop, passes)
+        return {"core": core, "batch": batch, "passes": passes, "variants": results}
 
 
 def kernel_variants(originals: Sequence[bytes], max_side: int, quality: int) -> dict[str, Sequence[bytes]]:
@@ -417,16 +423,28 @@ def summarise_kernel_processes(runs: Sequence[dict[str, Any]]) -> dict[str, Any]
     """
     out: dict[str, Any] = {"count": len(runs), "variants": {}}
     for name in runs[0]["variants"]:
-        per = {f"{preset}_{field}": [r["variants"][name][preset][field] for r in runs]
-               for preset, field in KERNEL_RATIOS}
+        per = {
+            f"{preset}_{field}": [r["variants"][name][preset][field] for r in runs] for preset, field in KERNEL_RATIOS
+        }
         per["train_ours_best"] = [r["variants"][name]["train"]["ours"]["best"] for r in runs]
         per["train_torchvision_best"] = [r["variants"][name]["train"]["torchvision"]["best"] for r in runs]
         out["variants"][name] = {k: {"per_process": v, "median": statistics.median(v)} for k, v in per.items()}
     return out
 
 
-def run_kernel_processes(images: str, limit: int | None, max_side: int, quality: int, core: int, crop: int,
-                         resize: int, eval_crop: int, batch: int, passes: int, processes: int) -> dict[str, Any]:
+def run_kernel_processes(
+    images: str,
+    limit: int | None,
+    max_side: int,
+    quality: int,
+    core: int,
+    crop: int,
+    resize: int,
+    eval_crop: int,
+    batch: int,
+    passes: int,
+    processes: int,
+) -> dict[str, Any]:
     """The kernel section in `processes` fresh Python processes, one after another on the same core.
 
     Returns the first process's full result (with its step-by-step breakdown) plus "processes":
@@ -434,21 +452,33 @@ def run_kernel_processes(images: str, limit: int | None, max_side: int, quality:
     """
     import subprocess
 
-    from imagenet_ray.errors import UserError
-
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-kernel-") as tmp:
         for i in range(processes):
             params, result = Path(tmp) / f"params{i}.json", Path(tmp) / f"kernel{i}.json"
-            params.write_text(json.dumps({
-                "images": images, "limit": limit, "max_side": max_side, "quality": quality, "core": core,
-                "crop": crop, "resize": resize, "eval_crop": eval_crop, "batch": batch, "passes": passes,
-                "with_breakdown": i == 0}))
+            params.write_text(
+                json.dumps(
+                    {
+                        "images": images,
+                        "limit": limit,
+                        "max_side": max_side,
+                        "quality": quality,
+                        "core": core,
+                        "crop": crop,
+                        "resize": resize,
+                        "eval_crop": eval_crop,
+                        "batch": batch,
+                        "passes": passes,
+                        "with_breakdown": i == 0,
+                    }
+                )
+            )
             code = "import sys; from imagenet_ray.bench.data import kernel_process; kernel_process(*sys.argv[1:])"
             done = subprocess.run([sys.executable, "-c", code, str(params), str(result)])
             if done.returncode != 0:
-                raise UserError(f"bench data: kernel process {i + 1} of {processes} exited {done.returncode} "
-                                "(its error is above)")
+                raise UserError(
+                    f"bench data: kernel process {i + 1} of {processes} exited {done.returncode} (its error is above)"
+                )
             runs.append(json.loads(result.read_text()))
     first = dict(runs[0])
     first["processes"] = summarise_kernel_processes(runs)
@@ -459,8 +489,16 @@ def kernel_process(params_path: str, result_path: str) -> None:
     """Entry point of one fresh kernel process (run_kernel_processes): params JSON in, result JSON out."""
     p = json.loads(Path(params_path).read_text())
     originals = [d for _, d in load_images(p["images"], p["limit"])]
-    result = run_kernel(kernel_variants(originals, p["max_side"], p["quality"]), p["core"], p["crop"], p["resize"],
-                        p["eval_crop"], p["batch"], p["passes"], p["with_breakdown"])
+    result = run_kernel(
+        kernel_variants(originals, p["max_side"], p["quality"]),
+        p["core"],
+        p["crop"],
+        p["resize"],
+        p["eval_crop"],
+        p["batch"],
+        p["passes"],
+        p["with_breakdown"],
+    )
     Path(result_path).write_text(json.dumps(result))
 
 
@@ -490,7 +528,7 @@ def build_folder_layout(images: Sequence[Path], root: Path, val_images: int, rep
         for r in range(repeat):
             name = p.name if r == 0 else f"{p.stem}_r{r}{p.suffix}"
             place(p, root / "train" / wnid_of(p) / name)
-    for p in images[:max(1, val_images)]:
+    for p in images[: max(1, val_images)]:
         place(p, root / "val" / wnid_of(p) / p.name)
     wnids = sorted({wnid_of(p) for p in images})
     (root / KAGGLE_SYNSETS).write_text("".join(f"{w} {w}\n" for w in wnids))
@@ -509,14 +547,19 @@ def _summarise(epochs: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
     wait = sum(e["wait_s"] for e in steady)
     after_first = sum(e["images"] - e["first_batch_images"] for e in steady)
     after_first_s = sum(e["wall_s"] - e["first_batch_s"] for e in steady)
-    return {"images_per_s": images / wall if wall else 0.0,
-            "in_epoch_images_per_s": after_first / after_first_s if after_first_s > 0 else 0.0,
-            "epoch_start_s": statistics.mean(e["first_batch_s"] for e in steady), "steady_epochs": len(steady),
-            "time_to_first_batch_s": epochs[0]["first_batch_s"], "data_wait_s": wait,
-            "data_wait_frac": wait / wall if wall else 0.0,
-            "first_epoch_images_per_s": epochs[0]["images"] / epochs[0]["wall_s"] if epochs[0]["wall_s"] else 0.0,
-            "decode_errors": sum(e.get("decode_errors", 0) for e in epochs), "batch_size": batch_size,
-            "epochs": epochs}
+    return {
+        "images_per_s": images / wall if wall else 0.0,
+        "in_epoch_images_per_s": after_first / after_first_s if after_first_s > 0 else 0.0,
+        "epoch_start_s": statistics.mean(e["first_batch_s"] for e in steady),
+        "steady_epochs": len(steady),
+        "time_to_first_batch_s": epochs[0]["first_batch_s"],
+        "data_wait_s": wait,
+        "data_wait_frac": wait / wall if wall else 0.0,
+        "first_epoch_images_per_s": epochs[0]["images"] / epochs[0]["wall_s"] if epochs[0]["wall_s"] else 0.0,
+        "decode_errors": sum(e.get("decode_errors", 0) for e in epochs),
+        "batch_size": batch_size,
+        "epochs": epochs,
+    }
 
 
 def consume(batches_for_epoch: Callable[[int], Any], epochs: int, step_s: float) -> list[dict[str, Any]]:
@@ -544,22 +587,33 @@ def consume(batches_for_epoch: Callable[[int], Any], epochs: int, step_s: float)
                 first, first_n = time.perf_counter() - t0, n
             if step_s:
                 time.sleep(step_s)
-        out.append({"epoch": epoch, "images": n, "wall_s": time.perf_counter() - t0, "wait_s": wait,
-                    "first_batch_s": first if first is not None else 0.0, "first_batch_images": first_n,
-                    "decode_errors": errors})
+        out.append(
+            {
+                "epoch": epoch,
+                "images": n,
+                "wall_s": time.perf_counter() - t0,
+                "wait_s": wait,
+                "first_batch_s": first if first is not None else 0.0,
+                "first_batch_images": first_n,
+                "decode_errors": errors,
+            }
+        )
     return out
 
 
 def _ray_bench_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: iterate the train shard as train/loop.py does, report per-epoch timings."""
+    """Ray Train worker: iterate the train shard as the training runner does, report per-epoch timings."""
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
 
     def batches(_epoch: int):
-        # As train/loop.py iterates (dtypes inferred: uint8 images, int64 labels, int32 decode_errors).
-        return shard.iter_torch_batches(batch_size=config["batch_size"], prefetch_batches=config["prefetch_batches"],
-                                        local_shuffle_buffer_size=config["local_shuffle_buffer"] or None)
+        # As train/runner.py iterates (dtypes inferred: uint8 images, int64 labels, int32 decode_errors).
+        return shard.iter_torch_batches(
+            batch_size=config["batch_size"],
+            prefetch_batches=config["prefetch_batches"],
+            local_shuffle_buffer_size=config["local_shuffle_buffer"] or None,
+        )
 
     epochs = consume(batches, config["epochs"], config["step_s"])
     # A file, not ray.train.report: Ray Train v2 keeps metrics only with checkpoints. The bench's Ray is
@@ -589,7 +643,7 @@ class ObjectStoreMonitor:
             with contextlib.suppress(Exception):  # a missed sample only lowers the peak's resolution
                 self.peak_used = max(self.peak_used, int(self._stats().object_store_bytes_used))
 
-    def __enter__(self) -> "ObjectStoreMonitor":
+    def __enter__(self) -> ObjectStoreMonitor:
         self._start = self._stats()
         self._thread.start()
         return self
@@ -600,17 +654,26 @@ class ObjectStoreMonitor:
         end = self._stats()
         mib = 2**20
         self.result = {
-            "capacity_mib": end.object_store_bytes_avail / mib, "peak_used_mib": self.peak_used / mib,
+            "capacity_mib": end.object_store_bytes_avail / mib,
+            "peak_used_mib": self.peak_used / mib,
             "spilled_mib": (end.spilled_bytes_total - self._start.spilled_bytes_total) / mib,
             "spilled_objects": int(end.spilled_objects_total - self._start.spilled_objects_total),
             "restored_mib": (end.restored_bytes_total - self._start.restored_bytes_total) / mib,
         }
 
 
-def run_ray_side(url: str, crop: int, epochs: int, batch_size: int, step_s: float, storage_dir: str,
-                 local_shuffle_buffer: int = 256, prefetch_batches: int = 2) -> dict[str, Any]:
+def run_ray_side(
+    url: str,
+    crop: int,
+    epochs: int,
+    batch_size: int,
+    step_s: float,
+    storage_dir: str,
+    local_shuffle_buffer: int = 256,
+    prefetch_batches: int = 2,
+) -> dict[str, Any]:
     """The pipeline exactly as the training job builds it (build_train_dataset, exact_val_data_config,
-    iteration as train/loop.py with the default config's shuffle buffer and prefetch) into one worker."""
+    iteration as train/runner.py with the default config's shuffle buffer and prefetch) into one worker."""
     import ray.train
     from ray.data import DataContext
     from ray.train.torch import TorchTrainer
@@ -623,8 +686,14 @@ def run_ray_side(url: str, crop: int, epochs: int, batch_size: int, step_s: floa
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         _ray_bench_loop,
-        train_loop_config={"batch_size": batch_size, "epochs": epochs, "step_s": step_s, "result_path": result_path,
-                           "local_shuffle_buffer": local_shuffle_buffer, "prefetch_batches": prefetch_batches},
+        train_loop_config={
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "step_s": step_s,
+            "result_path": result_path,
+            "local_shuffle_buffer": local_shuffle_buffer,
+            "prefetch_batches": prefetch_batches,
+        },
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name="bench-data", storage_path=storage_dir),
         datasets={"train": build_train_dataset(open_prepared(url), crop, 0)},
@@ -674,36 +743,51 @@ def copy_tree(src_url: str, dst_url: str) -> float:
 
     from imagenet_ray import storage
 
-    from imagenet_ray.errors import UserError
-
     t0 = time.perf_counter()
     src, dst = storage.resolve(src_url), storage.resolve(dst_url)
     try:
-        pafs.copy_files(src.path, dst.path, source_filesystem=src.fs, destination_filesystem=dst.fs,
-                        use_threads=True)
+        pafs.copy_files(src.path, dst.path, source_filesystem=src.fs, destination_filesystem=dst.fs, use_threads=True)
     except OSError as exc:  # wrong credentials, missing bucket, unreachable endpoint: one line
         raise UserError(storage.describe_os_error(dst_url, exc)) from None
     return time.perf_counter() - t0
 
 
-def run_dataloader_side(train_dir: Path, crop: int, epochs: int, batch_size: int, workers: int,
-                        step_s: float) -> dict[str, Any]:
+def run_dataloader_side(
+    train_dir: Path, crop: int, epochs: int, batch_size: int, workers: int, step_s: float
+) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
     ds = ImageFolder(str(train_dir), transform=reference_train_transform(crop))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+    )
     torch.manual_seed(0)
     out = _summarise(consume(lambda _e: loader, epochs, step_s), batch_size)
     out["workers"] = workers
     return out
 
 
-def run_e2e(images: Sequence[Path], work: Path, cores: set[int], crop: int, epochs: int, batch_size: int,
-            dataloader_workers: int, step_ms: float, shard_mb: float, s3: str | None,
-            repeat: int = 1, val_images: int = 50) -> dict[str, Any]:
+def run_e2e(
+    images: Sequence[Path],
+    work: Path,
+    cores: set[int],
+    crop: int,
+    epochs: int,
+    batch_size: int,
+    dataloader_workers: int,
+    step_ms: float,
+    shard_mb: float,
+    s3: str | None,
+    repeat: int = 1,
+    val_images: int = 50,
+) -> dict[str, Any]:
     """Ray Data → Ray Train from local Parquet (and from S3 with --s3) vs DataLoader, same cores."""
     import ray
 
@@ -713,26 +797,42 @@ def run_e2e(images: Sequence[Path], work: Path, cores: set[int], crop: int, epoc
     train_dir = build_folder_layout(images, layout, val_images, repeat)
     local_url = str(work / "prepared")
     step_s = step_ms / 1000.0
-    result: dict[str, Any] = {"cores": sorted(cores), "epochs": epochs, "batch_size": batch_size,
-                              "step_ms": step_ms, "images": len(images) * repeat, "repeat": repeat}
+    result: dict[str, Any] = {
+        "cores": sorted(cores),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "step_ms": step_ms,
+        "images": len(images) * repeat,
+        "repeat": repeat,
+    }
     with pinned(cores, threads=1), s3_location(s3, work) as s3_url:
         started_ray = not ray.is_initialized()
         if started_ray:
             # The training worker reserves 1 logical CPU and mostly waits; Ray Data gets len(cores), like
             # the DataLoader's workers. Every process (and the S3 server) is pinned to the same cores.
-            ray.init(address="local", num_cpus=len(cores) + 1, _node_ip_address="127.0.0.1", include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            ray.init(
+                address="local",
+                num_cpus=len(cores) + 1,
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         result["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         result["ray_started_by_bench"] = started_ray
         try:
             t0 = time.perf_counter()
             prep = prepare(str(layout), local_url, PrepareOptions(shard_mb=shard_mb, max_quarantine_frac=1.0))
-            if not prep.ok:
+            if not prep.ok or prep.manifest is None:
                 raise RuntimeError(f"prepare failed: {prep.problems}")
             train_split = prep.manifest["splits"]["train"]
-            result["prepare"] = {"wall_s": time.perf_counter() - t0, "shards": len(train_split["shards"]),
-                                 "train_images": train_split["num_images"], "shard_mb": shard_mb,
-                                 "shard_bytes_mean": float(np.mean([sh["bytes"] for sh in train_split["shards"]]))}
+            result["prepare"] = {
+                "wall_s": time.perf_counter() - t0,
+                "shards": len(train_split["shards"]),
+                "train_images": train_split["num_images"],
+                "shard_mb": shard_mb,
+                "shard_bytes_mean": float(np.mean([sh["bytes"] for sh in train_split["shards"]])),
+            }
             result["ray"] = run_ray_side(local_url, crop, epochs, batch_size, step_s, str(work / "ray_results"))
             if s3_url:
                 result["s3_copy_s"] = copy_tree(local_url, s3_url)  # the same shards, byte for byte
@@ -769,7 +869,7 @@ def run_gpu(variants: dict[str, Sequence[bytes]], batch: int, passes: int) -> di
         warnings.simplefilter("ignore")
         for name, datas in variants.items():
             tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas if jpeg_header(d)]
-            chunks = [tensors[i:i + batch] for i in range(0, len(tensors), batch)]
+            chunks = [tensors[i : i + batch] for i in range(0, len(tensors), batch)]
             decode_jpeg(chunks[0], mode=ImageReadMode.RGB, device="cuda")
             torch.cuda.synchronize()
             rates = []
@@ -779,8 +879,12 @@ def run_gpu(variants: dict[str, Sequence[bytes]], batch: int, passes: int) -> di
                     decode_jpeg(c, mode=ImageReadMode.RGB, device="cuda")
                 torch.cuda.synchronize()
                 rates.append(len(tensors) / (time.perf_counter() - t0))
-            out["variants"][name] = {"images": len(tensors), "best": max(rates), "median": statistics.median(rates),
-                                     "passes": rates}
+            out["variants"][name] = {
+                "images": len(tensors),
+                "best": max(rates),
+                "median": statistics.median(rates),
+                "passes": rates,
+            }
     return out
 
 
@@ -789,73 +893,98 @@ def run_gpu(variants: dict[str, Sequence[bytes]], batch: int, passes: int) -> di
 
 def format_report(report: dict[str, Any]) -> str:
     m = report["machine"]
-    lines = [f"machine: {m['cpu_model']}, nproc {m['nproc']}; {report['images']['count']} images from "
-             f"{report['images']['folder']}",
-             f"train decoder: {m['versions'].get('train decoder', '?')}"]
+    lines = [
+        f"machine: {m['cpu_model']}, nproc {m['nproc']}; {report['images']['count']} images from "
+        f"{report['images']['folder']}",
+        f"train decoder: {m['versions'].get('train decoder', '?')}",
+    ]
     k = report.get("kernel")
     if k:
-        lines.append(f"\n1. kernel, images per CPU-second on one core (core {k['core']}, best of {k['passes']} "
-                     f"interleaved passes; wall-clock figures in the JSON)")
+        lines.append(
+            f"\n1. kernel, images per CPU-second on one core (core {k['core']}, best of {k['passes']} "
+            f"interleaved passes; wall-clock figures in the JSON)"
+        )
         lines.append(f"{'':24s}" + "".join(f"{v:>22s}" for v in k["variants"]))
         vs = list(k["variants"].values())
         dec_names = list(vs[0]["decoders"])
         for d in dec_names:
             lines.append(f"{'decode ' + d:24s}" + "".join(f"{v['decoders'][d]['best']:22.0f}" for v in vs))
-        rows = [("train torchvision", lambda v: f"{v['train']['torchvision']['best']:.0f}"),
-                ("train ours", lambda v: f"{v['train']['ours']['best']:.0f}"),
-                ("  ours / torchvision", lambda v: f"{v['train']['ours_vs_torchvision']:.2f}x"),
-                ("  ours / decode ceiling", lambda v: f"{v['train']['ours_vs_ceiling']:.2f}x ({v['ceiling_decoder']})"),
-                ("train ours, no DCT scale", lambda v: f"{v['train']['ours_no_dct']['best']:.0f}"),
-                ("train ours, whole decode", lambda v: f"{v['train']['ours_whole_decode']['best']:.0f}"),
-                ("  crop decode gain", lambda v: f"{v['train']['crop_decode_gain']:.2f}x"),
-                ("eval torchvision", lambda v: f"{v['eval']['torchvision']['best']:.0f}"),
-                ("eval ours", lambda v: f"{v['eval']['ours']['best']:.0f}"),
-                ("  ours / torchvision", lambda v: f"{v['eval']['ours_vs_torchvision']:.2f}x"),
-                ("  ours / decode ceiling", lambda v: f"{v['eval']['ours_vs_ceiling']:.2f}x")]
+        rows = [
+            ("train torchvision", lambda v: f"{v['train']['torchvision']['best']:.0f}"),
+            ("train ours", lambda v: f"{v['train']['ours']['best']:.0f}"),
+            ("  ours / torchvision", lambda v: f"{v['train']['ours_vs_torchvision']:.2f}x"),
+            ("  ours / decode ceiling", lambda v: f"{v['train']['ours_vs_ceiling']:.2f}x ({v['ceiling_decoder']})"),
+            ("train ours, no DCT scale", lambda v: f"{v['train']['ours_no_dct']['best']:.0f}"),
+            ("train ours, whole decode", lambda v: f"{v['train']['ours_whole_decode']['best']:.0f}"),
+            ("  crop decode gain", lambda v: f"{v['train']['crop_decode_gain']:.2f}x"),
+            ("eval torchvision", lambda v: f"{v['eval']['torchvision']['best']:.0f}"),
+            ("eval ours", lambda v: f"{v['eval']['ours']['best']:.0f}"),
+            ("  ours / torchvision", lambda v: f"{v['eval']['ours_vs_torchvision']:.2f}x"),
+            ("  ours / decode ceiling", lambda v: f"{v['eval']['ours_vs_ceiling']:.2f}x"),
+        ]
         for label, fmt in rows:
             lines.append(f"{label:24s}" + "".join(f"{fmt(v):>22s}" for v in vs))
         if all("breakdown" in v for v in vs):
             lines.append("where the time goes, train, CPU us per image (step by step; same boxes on both sides)")
             for side in ("ours_us", "torchvision_us"):
                 for step in vs[0]["breakdown"][side]:
-                    lines.append(f"{('  ' + side.split('_')[0] + ': ' + step)[:40]:40s}"
-                                 + "".join(f"{v['breakdown'][side][step]:14.0f}" for v in vs))
-                lines.append(f"{'  ' + side.split('_')[0] + ': total':40s}"
-                             + "".join(f"{sum(v['breakdown'][side].values()):14.0f}" for v in vs))
+                    lines.append(
+                        f"{('  ' + side.split('_')[0] + ': ' + step)[:40]:40s}"
+                        + "".join(f"{v['breakdown'][side][step]:14.0f}" for v in vs)
+                    )
+                lines.append(
+                    f"{'  ' + side.split('_')[0] + ': total':40s}"
+                    + "".join(f"{sum(v['breakdown'][side].values()):14.0f}" for v in vs)
+                )
         procs = k.get("processes")
         if procs:
             lines.append(f"over {procs['count']} fresh processes (the table above is process 1): per process -> median")
             for preset, field in KERNEL_RATIOS:
                 label = f"{preset} " + ("ours / torchvision" if field == "ours_vs_torchvision" else "ours / ceiling")
-                cells = [f"{name}: " + " ".join(f"{x:.2f}" for x in v[f"{preset}_{field}"]["per_process"])
-                         + f" -> {v[f'{preset}_{field}']['median']:.2f}x" for name, v in procs["variants"].items()]
+                cells = [
+                    f"{name}: "
+                    + " ".join(f"{x:.2f}" for x in v[f"{preset}_{field}"]["per_process"])
+                    + f" -> {v[f'{preset}_{field}']['median']:.2f}x"
+                    for name, v in procs["variants"].items()
+                ]
                 lines.append(f"  {label:26s}" + "   ".join(cells))
     e = report.get("e2e")
     if e:
-        lines.append(f"\n2. end to end on cores {e['cores']}: {e['images']} images ({e['repeat']}x each) x "
-                     f"{e['epochs']} epochs (rates over epochs 2..{e['epochs']}), batch {e['batch_size']}, "
-                     f"step {e['step_ms']} ms; {e['prepare']['shards']} shards of "
-                     f"{e['prepare']['shard_bytes_mean'] / 2**20:.0f} MB")
-        lines.append(f"{'':40s}{'images/s':>10s}{'in epoch':>10s}{'epoch start s':>15s}{'1st batch s':>13s}"
-                     f"{'wait frac':>11s}")
-        sides = [("ray", "Ray Data -> Ray Train, local Parquet"), ("ray_s3", "Ray Data -> Ray Train, Parquet on S3"),
-                 ("dataloader", f"DataLoader(ImageFolder), {e['dataloader']['workers']} workers")]
+        lines.append(
+            f"\n2. end to end on cores {e['cores']}: {e['images']} images ({e['repeat']}x each) x "
+            f"{e['epochs']} epochs (rates over epochs 2..{e['epochs']}), batch {e['batch_size']}, "
+            f"step {e['step_ms']} ms; {e['prepare']['shards']} shards of "
+            f"{e['prepare']['shard_bytes_mean'] / 2**20:.0f} MB"
+        )
+        lines.append(
+            f"{'':40s}{'images/s':>10s}{'in epoch':>10s}{'epoch start s':>15s}{'1st batch s':>13s}{'wait frac':>11s}"
+        )
+        sides = [
+            ("ray", "Ray Data -> Ray Train, local Parquet"),
+            ("ray_s3", "Ray Data -> Ray Train, Parquet on S3"),
+            ("dataloader", f"DataLoader(ImageFolder), {e['dataloader']['workers']} workers"),
+        ]
         for side, label in sides:
             if side not in e:
                 continue
             s = e[side]
-            lines.append(f"{label:40s}{s['images_per_s']:10.0f}{s['in_epoch_images_per_s']:10.0f}"
-                         f"{s['epoch_start_s']:15.2f}{s['time_to_first_batch_s']:13.2f}{s['data_wait_frac']:11.2f}")
+            lines.append(
+                f"{label:40s}{s['images_per_s']:10.0f}{s['in_epoch_images_per_s']:10.0f}"
+                f"{s['epoch_start_s']:15.2f}{s['time_to_first_batch_s']:13.2f}{s['data_wait_frac']:11.2f}"
+            )
         for side in ("ray", "ray_s3"):
             if side in e:
                 o = e[side]["object_store"]
-                lines.append(f"  {side}: object store peak {o['peak_used_mib']:.0f} of {o['capacity_mib']:.0f} MiB, "
-                             f"spilled {o['spilled_mib']:.0f} MiB ({o['spilled_objects']} objects), "
-                             f"restored {o['restored_mib']:.0f} MiB")
+                lines.append(
+                    f"  {side}: object store peak {o['peak_used_mib']:.0f} of {o['capacity_mib']:.0f} MiB, "
+                    f"spilled {o['spilled_mib']:.0f} MiB ({o['spilled_objects']} objects), "
+                    f"restored {o['restored_mib']:.0f} MiB"
+                )
         for side, label in (("ray", "  Ray (local) / DataLoader"), ("ray_s3", "  Ray (S3) / DataLoader")):
             if f"{side}_vs_dataloader" in e:
-                lines.append(f"{label:40s}{e[f'{side}_vs_dataloader']:9.2f}x"
-                             f"{e[f'{side}_vs_dataloader_in_epoch']:9.2f}x")
+                lines.append(
+                    f"{label:40s}{e[f'{side}_vs_dataloader']:9.2f}x{e[f'{side}_vs_dataloader_in_epoch']:9.2f}x"
+                )
     elif "e2e_skipped" in report:
         lines.append(f"\n2. end to end: skipped: {report['e2e_skipped']}")
     g = report.get("gpu", {})
@@ -881,22 +1010,37 @@ def add_bench_data_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=90, help="re-encoded variant: JPEG quality")
     p.add_argument("--passes", type=int, default=3, help="kernel: timed passes per side (best is reported)")
     p.add_argument("--core", type=int, default=None, help="kernel: the core to pin to (default: the last one)")
-    p.add_argument("--kernel-processes", type=int, default=3,
-                   help="kernel: run it in N fresh processes, one after another, and report the median ratios "
-                        "(the reference's speed differs between processes); 1 = in this process")
+    p.add_argument(
+        "--kernel-processes",
+        type=int,
+        default=3,
+        help="kernel: run it in N fresh processes, one after another, and report the median ratios "
+        "(the reference's speed differs between processes); 1 = in this process",
+    )
     p.add_argument("--cores", type=int, default=2, help="e2e: cores given to each side")
     p.add_argument("--epochs", type=int, default=3, help="e2e: epochs per side (epoch 1 is warm-up)")
     p.add_argument("--batch-size", type=int, default=64, help="e2e: training batch size")
-    p.add_argument("--repeat", type=int, default=20,
-                   help="e2e: each image this many times per epoch (epochs long enough for many shards per core)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=20,
+        help="e2e: each image this many times per epoch (epochs long enough for many shards per core)",
+    )
     p.add_argument("--dataloader-workers", type=int, default=None, help="e2e: DataLoader workers (default: --cores)")
     p.add_argument("--step-ms", type=float, default=0.0, help="e2e: sleep per batch, a stand-in for a training step")
-    p.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_MB,
-                   help="e2e: shard size for prepare (default: prepare's own)")
-    p.add_argument("--s3", nargs="?", const=LOCAL_S3, default=None, metavar="URL",
-                   help="e2e: also read the same shards from S3: from a SeaweedFS server the benchmark starts on "
-                        "127.0.0.1 (no URL), or at this s3:// URL (server and credentials from the AWS_* "
-                        "environment; use a fresh prefix per run)")
+    p.add_argument(
+        "--shard-mb", type=float, default=DEFAULT_SHARD_MB, help="e2e: shard size for prepare (default: prepare's own)"
+    )
+    p.add_argument(
+        "--s3",
+        nargs="?",
+        const=LOCAL_S3,
+        default=None,
+        metavar="URL",
+        help="e2e: also read the same shards from S3: from a SeaweedFS server the benchmark starts on "
+        "127.0.0.1 (no URL), or at this s3:// URL (server and credentials from the AWS_* "
+        "environment; use a fresh prefix per run)",
+    )
     p.add_argument("--skip-kernel", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-gpu", action="store_true")
@@ -905,17 +1049,33 @@ def add_bench_data_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def run_data_bench(images: str, limit: int | None = None, crop: int = 224, resize: int = 256, eval_crop: int = 224,
-                   max_side: int = 256, quality: int = 90, passes: int = 3, core: int | None = None,
-                   cores: int = 2, epochs: int = 3, batch_size: int = 64, dataloader_workers: int | None = None,
-                   step_ms: float = 0.0, shard_mb: float | None = None, s3: str | None = None, repeat: int = 1,
-                   kernel: bool = True,
-                   e2e: bool = True, gpu: bool = True, work_dir: str | None = None,
-                   kernel_batch: int | None = None, kernel_processes: int = 1) -> dict[str, Any]:
+def run_data_bench(
+    images: str,
+    limit: int | None = None,
+    crop: int = 224,
+    resize: int = 256,
+    eval_crop: int = 224,
+    max_side: int = 256,
+    quality: int = 90,
+    passes: int = 3,
+    core: int | None = None,
+    cores: int = 2,
+    epochs: int = 3,
+    batch_size: int = 64,
+    dataloader_workers: int | None = None,
+    step_ms: float = 0.0,
+    shard_mb: float | None = None,
+    s3: str | None = None,
+    repeat: int = 1,
+    kernel: bool = True,
+    e2e: bool = True,
+    gpu: bool = True,
+    work_dir: str | None = None,
+    kernel_batch: int | None = None,
+    kernel_processes: int = 1,
+) -> dict[str, Any]:
     """Run the sections and return the report (see the module doc)."""
     from imagenet_ray.data.pipeline import DECODE_BATCH_ROWS
-
-    from imagenet_ray.errors import UserError
 
     if s3 not in (None, LOCAL_S3) and not s3.startswith("s3://"):
         raise UserError(f"bench data --s3 {s3}: not an s3:// URL (or give --s3 alone for a local SeaweedFS)")
@@ -928,9 +1088,13 @@ def run_data_bench(images: str, limit: int | None = None, crop: int = 224, resiz
     paths, originals = [p for p, _ in loaded], [d for _, d in loaded]
     variants = kernel_variants(originals, max_side, quality)
     report: dict[str, Any] = {
-        "command": " ".join(sys.argv), "machine": machine_info(),
-        "images": {"folder": str(images), "count": len(originals),
-                   "mean_bytes": {k: float(np.mean([len(d) for d in v])) for k, v in variants.items()}},
+        "command": " ".join(sys.argv),
+        "machine": machine_info(),
+        "images": {
+            "folder": str(images),
+            "count": len(originals),
+            "mean_bytes": {k: float(np.mean([len(d) for d in v])) for k, v in variants.items()},
+        },
         "settings": {"crop": crop, "resize": resize, "eval_crop": eval_crop, "max_side": max_side, "quality": quality},
     }
     if kernel:
@@ -938,19 +1102,40 @@ def run_data_bench(images: str, limit: int | None = None, crop: int = 224, resiz
         if kernel_processes == 1:
             report["kernel"] = run_kernel(variants, kernel_core, crop, resize, eval_crop, batch_rows, passes)
         else:
-            report["kernel"] = run_kernel_processes(images, limit, max_side, quality, kernel_core, crop, resize,
-                                                    eval_crop, batch_rows, passes, kernel_processes)
+            report["kernel"] = run_kernel_processes(
+                images,
+                limit,
+                max_side,
+                quality,
+                kernel_core,
+                crop,
+                resize,
+                eval_crop,
+                batch_rows,
+                passes,
+                kernel_processes,
+            )
     if e2e:
         if len(allowed) < cores:
             report["e2e_skipped"] = f"needs {cores} cores, this process may use {len(allowed)}"
         else:
             tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="bench-data-")
-            work = Path(work_dir or tmp.name)
+            work = Path(tmp.name if tmp is not None else str(work_dir))
             work.mkdir(parents=True, exist_ok=True)
             try:
-                report["e2e"] = run_e2e(paths, work, set(allowed[:cores]), crop, epochs, batch_size,
-                                        dataloader_workers if dataloader_workers is not None else cores, step_ms,
-                                        shard_mb or DEFAULT_SHARD_MB, s3, repeat)
+                report["e2e"] = run_e2e(
+                    paths,
+                    work,
+                    set(allowed[:cores]),
+                    crop,
+                    epochs,
+                    batch_size,
+                    dataloader_workers if dataloader_workers is not None else cores,
+                    step_ms,
+                    shard_mb or DEFAULT_SHARD_MB,
+                    s3,
+                    repeat,
+                )
             finally:
                 if tmp is not None:
                     tmp.cleanup()
@@ -961,15 +1146,33 @@ def run_data_bench(images: str, limit: int | None = None, crop: int = 224, resiz
 
 def run_bench_data(args: argparse.Namespace) -> int:
     report = run_data_bench(
-        args.images, limit=args.limit, crop=args.crop, resize=args.resize, eval_crop=args.eval_crop,
-        max_side=args.max_side, quality=args.quality, passes=args.passes, core=args.core, cores=args.cores,
-        epochs=args.epochs, batch_size=args.batch_size, dataloader_workers=args.dataloader_workers,
-        step_ms=args.step_ms, shard_mb=args.shard_mb, s3=args.s3, repeat=args.repeat, kernel=not args.skip_kernel,
-        e2e=not args.skip_e2e, gpu=not args.skip_gpu, work_dir=args.work_dir, kernel_processes=args.kernel_processes)
-    print(format_report(report))
+        args.images,
+        limit=args.limit,
+        crop=args.crop,
+        resize=args.resize,
+        eval_crop=args.eval_crop,
+        max_side=args.max_side,
+        quality=args.quality,
+        passes=args.passes,
+        core=args.core,
+        cores=args.cores,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        dataloader_workers=args.dataloader_workers,
+        step_ms=args.step_ms,
+        shard_mb=args.shard_mb,
+        s3=args.s3,
+        repeat=args.repeat,
+        kernel=not args.skip_kernel,
+        e2e=not args.skip_e2e,
+        gpu=not args.skip_gpu,
+        work_dir=args.work_dir,
+        kernel_processes=args.kernel_processes,
+    )
+    print(format_report(report))  # the command's result (stdout); messages go through logging
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"\nwrote {args.json}")
+        log.info(f"wrote {args.json}")
     return 0
 
 

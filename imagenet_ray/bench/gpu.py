@@ -1,15 +1,8 @@
 """GPU check, ready for a lent H200 (`python -m imagenet_ray.bench.gpu --out DIR`); also runs on CPU.
 
-The device machine has PyTorch, torchvision and pyarrow but not Ray, MLflow or pydantic, so this uses
-only the project's pure modules:
-1. ceiling: ResNet-50, bf16 autocast, channels_last, SGD step on synthetic uint8 batches already on
-   the device (optionally torch.compile) — the images/s no input pipeline can beat;
-2. GPU decode: nvJPEG batch decode (torchvision.io.decode_jpeg on CUDA) + RandomResizedCrop on the
-   device, images/s, on JPEGs written by `synth` and stored in Parquet shards by prepare's own
-   shard writer (run serially here);
-3. the GPU decode path end to end in one process: Parquet shards → bytes → device decode + augment →
-   train step; images/s and the fraction of time spent outside the model step (data wait).
-Goal on one H200: ≥ 3,500 img/s ceiling, < 5 % data wait with the GPU decode path.
+Uses only the project's pure modules (the device machine has no Ray, MLflow or pydantic): the ResNet-50
+training-step ceiling on device-resident batches, nvJPEG decode + RandomResizedCrop on the device, and
+that path end to end from prepare's Parquet shards; the targets are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -18,6 +11,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _sync(device):
@@ -33,14 +27,15 @@ def _resnet50_and_sgd(device):
     from imagenet_ray.train.models import build_model
     from imagenet_ray.train.optim import build_sgd
 
-    model = build_model("resnet50", 1000).to(device, memory_format=torch.channels_last)
+    model = build_model("resnet50", 1000).to(device).to(memory_format=torch.channels_last)
     return model, build_sgd(model, 0.1, 0.9, 5e-5)
 
 
 def ceiling(device, batch: int, steps: int, size: int, compile_model: bool) -> dict:
     import torch
 
-    from imagenet_ray.train.loop import autocast_context, loss_fn, to_model_input
+    from imagenet_ray.train.device import autocast_context, to_model_input
+    from imagenet_ray.train.step import loss_fn
 
     model, opt = _resnet50_and_sgd(device)
     step_model = torch.compile(model) if compile_model else model
@@ -64,8 +59,13 @@ def ceiling(device, batch: int, steps: int, size: int, compile_model: bool) -> d
         one()
     _sync(device)
     seconds = time.perf_counter() - t0
-    return {"images_per_s": batch * steps / seconds, "batch": batch, "steps": steps, "size": size,
-            "compile": compile_model}
+    return {
+        "images_per_s": batch * steps / seconds,
+        "batch": batch,
+        "steps": steps,
+        "size": size,
+        "compile": compile_model,
+    }
 
 
 def make_shards(work: Path, classes: int, per_class: int) -> list[Path]:
@@ -103,7 +103,7 @@ def gpu_decode(device, encoded: list[bytes], batch: int, size: int, rounds: int)
     t0, n = time.perf_counter(), 0
     for _ in range(rounds):
         for i in range(0, len(encoded) - batch + 1, batch):
-            train_batch_on_device(encoded[i:i + batch], size, device, rng)
+            train_batch_on_device(encoded[i : i + batch], size, device, rng)
             n += batch
     _sync(device)
     return {"images_per_s": n / (time.perf_counter() - t0), "batch": batch, "size": size}
@@ -114,7 +114,8 @@ def end_to_end(device, encoded: list[bytes], labels: list[int], batch: int, size
     import torch
 
     from imagenet_ray.data.device_decode import train_batch_on_device
-    from imagenet_ray.train.loop import autocast_context, loss_fn, to_model_input
+    from imagenet_ray.train.device import autocast_context, to_model_input
+    from imagenet_ray.train.step import loss_fn
 
     model, opt = _resnet50_and_sgd(device)
     rng = np.random.default_rng(0)
@@ -124,8 +125,8 @@ def end_to_end(device, encoded: list[bytes], labels: list[int], batch: int, size
     for r in range(rounds + 1):
         for i in range(0, len(encoded) - batch + 1, batch):
             t0 = time.perf_counter()
-            images = train_batch_on_device(encoded[i:i + batch], size, device, rng)
-            target = torch.as_tensor(labels[i:i + batch], device=device)
+            images = train_batch_on_device(encoded[i : i + batch], size, device, rng)
+            target = torch.as_tensor(labels[i : i + batch], device=device)
             _sync(device)
             t1 = time.perf_counter()
             with autocast_context(device, dtype):
@@ -138,9 +139,12 @@ def end_to_end(device, encoded: list[bytes], labels: list[int], batch: int, size
             t2 = time.perf_counter()
             if r > 0:  # round 0 warms up
                 data_s, step_s, n = data_s + (t1 - t0), step_s + (t2 - t1), n + batch
-    return {"images_per_s": n / (data_s + step_s), "data_wait_frac": data_s / (data_s + step_s),
-            "note": "decode and step run one after the other in one process (no Ray on the device machine); "
-                    "with Ray Data prefetching the decode of batch i+1 overlaps the step of batch i"}
+    return {
+        "images_per_s": n / (data_s + step_s),
+        "data_wait_frac": data_s / (data_s + step_s),
+        "note": "decode and step run one after the other in one process (no Ray on the device machine); "
+        "with Ray Data prefetching the decode of batch i+1 overlaps the step of batch i",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,10 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__}
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
     results["ceiling"] = ceiling(device, args.batch, args.steps, args.size, args.compile)
-    print(json.dumps(results, indent=1), flush=True)
+    print(json.dumps(results, indent=1), flush=True)  # the result so far, on stdout (a device run may be cut short)
     with tempfile.TemporaryDirectory() as tmp:
         encoded, labels = read_encoded(make_shards(Path(tmp), args.classes, args.per_class))
     results["gpu_decode"] = gpu_decode(device, encoded, args.batch, args.size, args.rounds)

@@ -1,13 +1,8 @@
 """`imagenet-ray bench prepare`: prepare throughput against a plain copy of the same bytes.
 
-Takes any folder of JPEGs (e.g. ../shared/imagenet-samples), lays it out as class folders in a temp
-dir (wnid from the `<wnid>_...` file name prefix; every 10th image to val), and measures in one run:
-- plain copy: read every file and write it to another place, same storage, no decoding (the floor);
-- prepare: the real job on a local Ray with N CPUs (listing, decode check, shards, receipts, manifest);
-- where the time goes: per-image costs of read, decode check (`normalize_for_storage`) and Parquet
-  encoding, on one core.
-Locally, and with `--s3` also from/to an S3 server (the one in AWS_ENDPOINT_URL, or a SeaweedFS
-started for the run).
+Lays a folder of JPEGs out as class folders and measures a plain copy (the floor), the real prepare job
+on a local Ray, and per-image costs of read, decode check and Parquet encoding on one core; locally and,
+with `--s3`, from/to an S3 server (AWS_ENDPOINT_URL, or a SeaweedFS started for the run).
 """
 
 from __future__ import annotations
@@ -22,6 +17,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from imagenet_ray.errors import ConfigError
 
 _WNID = re.compile(r"^(n\d{8})")
 
@@ -52,14 +49,19 @@ def plain_copy(src_url: str, dst_url: str, threads: int) -> dict:
 
     def copy(info):
         data = storage.read_bytes(storage.Location(src.url, src.fs, info.path))
-        storage.write_bytes_atomic(dst.child(info.path[len(base):]), data)
+        storage.write_bytes_atomic(dst.child(info.path[len(base) :]), data)
         return len(data)
 
     with ThreadPoolExecutor(threads) as pool:
         total = sum(pool.map(copy, infos))
     seconds = time.perf_counter() - start
-    return {"images": len(infos), "bytes": total, "seconds": seconds, "images_per_s": len(infos) / seconds,
-            "mb_per_s": total / seconds / 2**20}
+    return {
+        "images": len(infos),
+        "bytes": total,
+        "seconds": seconds,
+        "images_per_s": len(infos) / seconds,
+        "mb_per_s": total / seconds / 2**20,
+    }
 
 
 def run_prepare(src_url: str, out_url: str, cpus: int) -> dict:
@@ -71,20 +73,31 @@ def run_prepare(src_url: str, out_url: str, cpus: int) -> dict:
     report = result.report
     images = sum(s["listed"] for s in report["splits"].values())
     bytes_in = sum(s["bytes_in"] for s in report["splits"].values())
-    return {"images": images, "bytes": bytes_in, "seconds": seconds, "images_per_s": images / seconds,
-            "images_per_s_per_core": images / seconds / cpus, "mb_per_s": bytes_in / seconds / 2**20,
-            "ok": result.ok}
+    return {
+        "images": images,
+        "bytes": bytes_in,
+        "seconds": seconds,
+        "images_per_s": images / seconds,
+        "images_per_s_per_core": images / seconds / cpus,
+        "mb_per_s": bytes_in / seconds / 2**20,
+        "ok": result.ok,
+    }
 
 
 def time_breakdown(layout_dir: Path, sample: int = 200) -> dict:
     """Per-image cost of each stage on one core (ms), measured on the same files."""
-    from imagenet_ray.data.decode import normalize_for_storage
     from imagenet_ray.data.prepare import encode_shard
+    from imagenet_ray.data.storage_rules import normalize_for_storage
 
     files = sorted(layout_dir.rglob("*.JPEG"))[:sample]
     warm = [f.read_bytes() for f in files[:8]]  # warm up imports, decoder and Arrow before timing
-    encode_shard([{"image": normalize_for_storage(b)[0], "label": 0, "wnid": "n00000000", "key": "w",
-                   "height": 1, "width": 1} for b in warm], 256)
+    encode_shard(
+        [
+            {"image": normalize_for_storage(b)[0], "label": 0, "wnid": "n00000000", "key": "w", "height": 1, "width": 1}
+            for b in warm
+        ],
+        256,
+    )
     t0 = time.perf_counter()
     blobs = [f.read_bytes() for f in files]
     t1 = time.perf_counter()
@@ -96,8 +109,12 @@ def time_breakdown(layout_dir: Path, sample: int = 200) -> dict:
     encode_shard(rows, 256)
     t3 = time.perf_counter()
     n = max(1, len(files))
-    return {"images": len(files), "read_ms": (t1 - t0) * 1e3 / n, "decode_check_ms": (t2 - t1) * 1e3 / n,
-            "parquet_ms": (t3 - t2) * 1e3 / n}
+    return {
+        "images": len(files),
+        "read_ms": (t1 - t0) * 1e3 / n,
+        "decode_check_ms": (t2 - t1) * 1e3 / n,
+        "parquet_ms": (t3 - t2) * 1e3 / n,
+    }
 
 
 def run_prepare_bench(images_dir: Path, cpus: int, s3: bool, limit: int | None, rounds: int) -> dict:
@@ -129,14 +146,18 @@ def run_prepare_bench(images_dir: Path, cpus: int, s3: bool, limit: int | None, 
             for r in range(rounds):  # alternate so that noise hits both sides
                 copies.append(plain_copy(src, storage.join(out_root, f"copy-{r}"), threads=cpus))
                 preps.append(run_prepare(src, storage.join(out_root, f"prepared-{r}"), cpus))
-            med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+            med = lambda xs, k: statistics.median(x[k] for x in xs)
             results[name] = {
                 "plain_copy": {"images_per_s": med(copies, "images_per_s"), "mb_per_s": med(copies, "mb_per_s")},
-                "prepare": {"images_per_s": med(preps, "images_per_s"), "mb_per_s": med(preps, "mb_per_s"),
-                            "images_per_s_per_core": med(preps, "images_per_s_per_core")},
+                "prepare": {
+                    "images_per_s": med(preps, "images_per_s"),
+                    "mb_per_s": med(preps, "mb_per_s"),
+                    "images_per_s_per_core": med(preps, "images_per_s_per_core"),
+                },
             }
-            results[name]["prepare_vs_copy"] = (results[name]["prepare"]["images_per_s"]
-                                                / results[name]["plain_copy"]["images_per_s"])
+            results[name]["prepare_vs_copy"] = (
+                results[name]["prepare"]["images_per_s"] / results[name]["plain_copy"]["images_per_s"]
+            )
     finally:
         ray.shutdown()
         if stack is not None:
@@ -167,23 +188,27 @@ def add_bench_prepare_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_bench_prepare(args: argparse.Namespace) -> int:
-    from imagenet_ray.errors import ConfigError
 
     images = Path(args.images)
     if not images.is_dir():
         raise ConfigError(f"bench prepare: --images {images} is not a directory")
     res = run_prepare_bench(images, args.cpus, args.s3, args.limit, args.rounds)
     b = res["breakdown_1core"]
+    # The command's result table (stdout), like `bench data`'s; messages go through logging.
     print(f"prepare benchmark: {res['images']} images, {res['cpus']} CPUs ({res['machine']['cpu']})")
-    print(f"  one core, per image: read {b['read_ms']:.2f} ms, decode check {b['decode_check_ms']:.2f} ms, "
-          f"parquet {b['parquet_ms']:.2f} ms")
+    print(
+        f"  one core, per image: read {b['read_ms']:.2f} ms, decode check {b['decode_check_ms']:.2f} ms, "
+        f"parquet {b['parquet_ms']:.2f} ms"
+    )
     for side in ("local", "s3"):
         if side in res:
             r = res[side]
-            print(f"  {side:5s}: plain copy {r['plain_copy']['images_per_s']:8.1f} img/s "
-                  f"{r['plain_copy']['mb_per_s']:7.1f} MB/s | prepare {r['prepare']['images_per_s']:8.1f} img/s "
-                  f"{r['prepare']['mb_per_s']:7.1f} MB/s ({r['prepare']['images_per_s_per_core']:.1f} img/s/core) "
-                  f"| prepare/copy {r['prepare_vs_copy']:.2f}")
+            print(
+                f"  {side:5s}: plain copy {r['plain_copy']['images_per_s']:8.1f} img/s "
+                f"{r['plain_copy']['mb_per_s']:7.1f} MB/s | prepare {r['prepare']['images_per_s']:8.1f} img/s "
+                f"{r['prepare']['mb_per_s']:7.1f} MB/s ({r['prepare']['images_per_s_per_core']:.1f} img/s/core) "
+                f"| prepare/copy {r['prepare_vs_copy']:.2f}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0

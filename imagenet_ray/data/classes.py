@@ -44,13 +44,13 @@ class ClassList:
         except KeyError:
             raise UserError(f"class {wnid} is not in the synset mapping") from None
 
-    def subset(self, wnids: list[str] | tuple[str, ...]) -> "ClassList":
+    def subset(self, wnids: list[str] | tuple[str, ...]) -> ClassList:
         ordered = sorted(set(wnids))
         return ClassList(tuple(ordered), tuple(self.names[self.label_of(w)] for w in ordered))
 
     def to_synset_mapping(self) -> str:
         """Kaggle's LOC_synset_mapping.txt format: `wnid names` per line, sorted by wnid."""
-        return "".join(f"{w} {n}\n" for w, n in zip(self.wnids, self.names))
+        return "".join(f"{w} {n}\n" for w, n in zip(self.wnids, self.names, strict=True))
 
 
 def parse_synset_mapping(text: str, source: str = "LOC_synset_mapping.txt") -> ClassList:

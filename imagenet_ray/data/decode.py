@@ -1,14 +1,7 @@
 """Robust image decode: any JPEG/PNG (gray, CMYK, palette, RGBA) → RGB, as a PIL image or an array.
 
-Two decoders, one acceptance rule. The fast path is libjpeg-turbo through simplejpeg: it decodes
-straight into a numpy array and can downscale in the DCT domain (by 1/2, 1/4, 1/8). It is chosen by
-measurement (docs/benchmarks.md: on real ImageNet JPEGs it is the fastest full decode of the
-candidates and bit-exact with Pillow's). It takes baseline/progressive JPEGs in YCbCr, RGB or
-grayscale, in strict mode. For a train crop, decode_rgb_crop first tries the project's small C
-extension over the system's libjpeg-turbo (_jpeg_crop.c), which decodes only the crop's rows and
-columns, bit-identical to the whole-image decode. Everything else (CMYK/YCCK JPEGs, PNG, JPEGs with
-recoverable errors that strict mode rejects, non-images) goes through Pillow, which decides what is
-undecodable: an input is a DecodeError exactly when Pillow cannot load it.
+Fast path: libjpeg-turbo (simplejpeg; crops through the small C extension _jpeg_crop.c, bit-identical).
+Everything else goes through Pillow, which decides what is undecodable (DecodeError).
 """
 
 from __future__ import annotations
@@ -54,7 +47,7 @@ def decode_rgb(data: bytes) -> Image.Image:
     if not data:
         raise DecodeError("empty image bytes")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         img.load()
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ...) for bad input
         raise DecodeError(f"cannot decode image: {exc}") from None
@@ -88,8 +81,7 @@ def decode_rgb_array(data: bytes, reduce: int = 1, size: tuple[int, int] | None 
             if reduce == 1:
                 return simplejpeg.decode_jpeg(data, "RGB")
             width, height = size
-            return simplejpeg.decode_jpeg(data, "RGB", min_width=-(-width // reduce),
-                                          min_height=-(-height // reduce))
+            return simplejpeg.decode_jpeg(data, "RGB", min_width=-(-width // reduce), min_height=-(-height // reduce))
         except Exception:
             pass  # strict mode refused it (truncated, recoverable warnings, ...): Pillow decides
     arr = np.asarray(decode_rgb(data))
@@ -109,7 +101,7 @@ def decode_rgb_crop(data: bytes, reduce: int, left: int, top: int, width: int, h
     except _jpeg_crop.JpegError:  # (a box outside the image is a ValueError: the caller's bug, raised)
         return None
     region = np.frombuffer(buf, np.uint8).reshape(region_h, region_w, 3)  # a bytearray: writable
-    return region[:, left - x:left - x + width]
+    return region[:, left - x : left - x + width]
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -122,55 +114,3 @@ def image_size(data: bytes) -> tuple[int, int]:
             return img.size
     except Exception as exc:
         raise DecodeError(f"cannot read image header: {exc}") from None
-
-
-class Quarantined(ValueError):
-    """An input that must not enter the dataset; the message is the reason shown in the report."""
-
-
-STORE_QUALITY = 95  # re-encoding quality for converted inputs (CMYK, PNG, ...): visually lossless
-
-
-def _encode_jpeg(img: Image.Image, quality: int, subsampling: int) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality, subsampling=subsampling)
-    return buf.getvalue()
-
-
-def normalize_for_storage(data: bytes, max_side: int | None = None,
-                          quality: int = STORE_QUALITY) -> tuple[bytes, int, int, str | None]:
-    """Validate one source image and return (stored bytes, height, width, note).
-
-    Plain JPEGs (RGB or grayscale) are kept byte-exact, so that any baseline JPEG decoder reads the
-    dataset; CMYK/YCCK JPEGs and non-JPEG files (ImageNet has a PNG named .JPEG) become RGB JPEGs.
-    `note` records what was done: None, "grayscale" (kept as is), "cmyk", "png", ... With `max_side`
-    every image is re-encoded with its longer side at most `max_side` (aspect kept, never upscaled).
-    Raises Quarantined for empty, truncated, corrupt or non-image inputs.
-    """
-    if not data:
-        raise Quarantined("empty file")
-    try:
-        img = Image.open(io.BytesIO(data))
-        fmt = img.format
-        img.load()  # full decode: catches truncated files that a header check misses
-    except Exception as exc:
-        kind = "truncated or corrupt image" if data[:2] == b"\xff\xd8" or data[:4] == b"\x89PNG" else "not an image"
-        raise Quarantined(f"{kind} ({' '.join(str(exc).split())[:120]})") from None
-    note: str | None = None
-    if fmt == "JPEG" and img.mode in ("RGB", "L"):
-        note = "grayscale" if img.mode == "L" else None
-        out = data
-    else:
-        note = "cmyk" if img.mode in ("CMYK", "YCCK") else (fmt or "unknown").lower()
-        img = img.convert("RGB")
-        out = None
-    if max_side is not None:
-        w, h = img.size
-        scale = max_side / max(w, h)
-        if scale < 1:
-            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
-        # 4:2:0 chroma, as most ImageNet originals: it decodes ~1.4x faster than 4:4:4 (docs/benchmarks.md)
-        out = _encode_jpeg(img, quality, subsampling=2)
-    elif out is None:
-        out = _encode_jpeg(img, quality, subsampling=0)  # a conversion keeps full chroma resolution
-    return out, img.height, img.width, note

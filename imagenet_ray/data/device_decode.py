@@ -1,14 +1,12 @@
-"""GPU decode path (`data.decode_on: gpu`): JPEG bytes travel to the training worker, which decodes
-and augments whole batches on its device (nvJPEG through torchvision.io.decode_jpeg on CUDA).
-
-The same functions run on CPU tensors, so this path is tested here without a GPU. Output follows
-the CPU kernel's convention: uint8 (N, H, W, 3) — here a channels_last view of NCHW memory, which
-`train.loop.to_model_input` turns into NCHW channels_last at no cost.
+"""GPU decode path (`data.decode_on: gpu`): the training worker decodes and augments whole batches of
+JPEG bytes on its device (nvJPEG through torchvision.io.decode_jpeg); the same functions run on CPU
+tensors, so the path is tested without a GPU. Output follows the CPU kernel's convention: uint8
+(N, H, W, 3), here a channels_last view of NCHW memory.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -31,8 +29,9 @@ def _nhwc(chw_images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(chw_images).permute(0, 2, 3, 1)
 
 
-def train_batch_on_device(encoded: Sequence[bytes], size: int, device: torch.device,
-                          rng: np.random.Generator) -> torch.Tensor:
+def train_batch_on_device(
+    encoded: Sequence[bytes], size: int, device: torch.device, rng: np.random.Generator
+) -> torch.Tensor:
     """RandomResizedCrop(size) + flip on the device, same box distribution as the CPU kernel."""
     out = []
     for img in decode_batch(encoded, device):
@@ -50,7 +49,7 @@ def eval_batch_on_device(encoded: Sequence[bytes], resize: int, crop: int, devic
         h, w = img.shape[-2:]
         left, top, right, bottom = eval_box(int(w), int(h), resize, crop)
         # Integer box in source pixels, then one antialiased resize to (crop, crop).
-        t, l = int(round(top)), int(round(left))
-        ch, cw = max(1, int(round(bottom - top))), max(1, int(round(right - left)))
-        out.append(TF.resized_crop(img, t, l, ch, cw, [crop, crop], antialias=True))
+        box_top, box_left = round(top), round(left)
+        ch, cw = max(1, round(bottom - top)), max(1, round(right - left))
+        out.append(TF.resized_crop(img, box_top, box_left, ch, cw, [crop, crop], antialias=True))
     return _nhwc(out)

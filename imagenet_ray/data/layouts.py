@@ -1,40 +1,8 @@
 """Find images and labels in an ILSVRC2012 download, whatever its form: pure listing, no decoding.
 
-Layouts (auto-detected; `prepare --layout NAME` forces one; one-line summaries in LAYOUT_HELP):
-
-kaggle   Kaggle's CLS-LOC layout
-             LOC_synset_mapping.txt
-             LOC_val_solution.csv                       ImageId,PredictionString (first token = wnid)
-             ILSVRC/Data/CLS-LOC/train/<wnid>/<wnid>_<n>.JPEG
-             ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_<8 digits>.JPEG
-folders  class folders (torchvision ImageFolder; what `valprep.sh` produces)
-             train/<wnid>/*.JPEG, val/<wnid>/*.JPEG, optional LOC_synset_mapping.txt (else the classes
-             are the train folders, named from the package's own ILSVRC2012 list)
-devkit   the original devkit's flat validation images
-             val/ILSVRC2012_val_<8 digits>.JPEG (or those files at the root)
-             + the devkit: ILSVRC2012_devkit_t12.tar.gz, or its data/meta.mat and
-               data/ILSVRC2012_validation_ground_truth.txt (extracted under ILSVRC2012_devkit_t12/ or at
-               the root). meta.mat maps ILSVRC2012_ID → wnid; line i of the ground truth is the ID of
-               ILSVRC2012_val_<i>. IDs are NOT in sorted-wnid order; labels are sorted-wnid indices.
-tars     the original tarballs, never unpacked
-             ILSVRC2012_img_val.tar (flat val JPEGs) + the devkit as above
-
-For folders, devkit and tars the train split is any of: train/<wnid>/*.JPEG folders, train/<wnid>.tar
-per-class tars, or the original ILSVRC2012_img_train.tar (1,000 inner <wnid>.tar, one per class).
-
-Tar members are records pointing into the tar (`path` = the tar, `offset` = the member's data): tars are
-indexed by walking their headers over a seekable pyarrow file (tarfile seeks over member data, and a
-small read-ahead makes each header one ranged read), inner tars in parallel, each task with its own
-file handle.
-
-Listing is parallel: the root is listed non-recursively, then every class folder (train/<wnid>/,
-val/<wnid>/) is listed by its own request in a thread pool, since object-store listing is paginated and
-sequential per prefix. Sizes come from the listing (no per-file HEAD requests).
-
-Keys are paths relative to the dataset root ("<tar>/<member>" inside tars), so a listing is
-independent of where the root lives. Labels are always indices into the dataset's sorted wnids.
-Files in image folders are listed unless they are obviously metadata (.txt, .csv, .mat, ...); a broken
-or empty image is listed too (prepare quarantines it).
+Layouts kaggle, folders, devkit, tars (auto-detected; `prepare --layout NAME` forces one; LAYOUT_HELP
+says what each expects; docs/architecture.md shows the trees). Keys are paths relative to the dataset
+root ("<tar>/<member>" inside tars); labels are indices into the dataset's sorted wnids.
 """
 
 from __future__ import annotations
@@ -44,15 +12,17 @@ import io
 import posixpath
 import re
 import tarfile
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from imagenet_ray import storage
 from imagenet_ray.data.classes import WNID_RE, ClassList, imagenet_classes, parse_synset_mapping
-from imagenet_ray.errors import UserError
+from imagenet_ray.errors import UserError, describe_error
 
 KAGGLE_TRAIN_DIR = "ILSVRC/Data/CLS-LOC/train"
 KAGGLE_VAL_DIR = "ILSVRC/Data/CLS-LOC/val"
@@ -70,15 +40,17 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 # Files in image folders with these suffixes (or hidden non-images such as .DS_Store) are skipped.
 METADATA_SUFFIXES = (".txt", ".csv", ".mat", ".xml", ".json", ".md", ".sh", ".tar.gz", ".tgz", ".db")
 VAL_NAME_RE = re.compile(r"^ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
+VAL_ID_RE = re.compile(r"ILSVRC2012_val_(\d{8})")  # anywhere in a key (inside tars and folders too)
 LIST_WORKERS = 64  # concurrent listing requests / tar indexers
 TAR_READAHEAD = 8192  # bytes read per tar header (a header, plus GNU/PAX long-name blocks)
 
-_DEVKIT_HELP = (f"devkit ({DEVKIT_TARGZ}, or {DEVKIT_META} + {DEVKIT_GROUND_TRUTH} "
-                f"in {DEVKIT_DIR}/data/ or at the root)")
+_DEVKIT_HELP = f"devkit ({DEVKIT_TARGZ}, or {DEVKIT_META} + {DEVKIT_GROUND_TRUTH} in {DEVKIT_DIR}/data/ or at the root)"
 _TRAIN_HELP = f"train/<wnid>/*.JPEG (or train/<wnid>.tar, or {TRAIN_TAR})"
 LAYOUT_HELP = {  # name → what it expects, one line (error messages, `--layout` help)
-    "kaggle": (f"Kaggle CLS-LOC: {KAGGLE_SYNSETS}, {KAGGLE_VAL_SOLUTION}, {KAGGLE_TRAIN_DIR}/<wnid>/*.JPEG, "
-               f"{KAGGLE_VAL_DIR}/*.JPEG"),
+    "kaggle": (
+        f"Kaggle CLS-LOC: {KAGGLE_SYNSETS}, {KAGGLE_VAL_SOLUTION}, {KAGGLE_TRAIN_DIR}/<wnid>/*.JPEG, "
+        f"{KAGGLE_VAL_DIR}/*.JPEG"
+    ),
     "folders": f"class folders (ImageFolder/valprep.sh): {_TRAIN_HELP}, val/<wnid>/*.JPEG, optional {KAGGLE_SYNSETS}",
     "devkit": f"flat val/ILSVRC2012_val_<8 digits>.JPEG (or at the root) + {_DEVKIT_HELP}; {_TRAIN_HELP}",
     "tars": f"original tarballs: {TRAIN_TAR} (or train/<wnid>/), {VAL_TAR}, {_DEVKIT_HELP}",
@@ -102,6 +74,12 @@ class ImageRecord:
         return self.path or self.key
 
 
+def val_index_of(key: str) -> int:
+    """0-based ILSVRC2012 val index from a source key, or -1."""
+    match = VAL_ID_RE.search(key)
+    return int(match.group(1)) - 1 if match else -1
+
+
 def read_record(root: storage.Location, rec: ImageRecord) -> bytes:
     """The encoded bytes of one image, whole object or a byte range of a tar (no unpacking)."""
     loc = root.child(rec.object_path)
@@ -116,7 +94,8 @@ def read_record(root: storage.Location, rec: ImageRecord) -> bytes:
 
 def read_records(root: storage.Location, records: Iterable[ImageRecord]) -> Iterator[bytes]:
     """The bytes of each record, in order; consecutive tar members of one tar share one open file."""
-    open_path, handle = None, None
+    open_path: str | None = None
+    handle: pa.NativeFile | None = None
     try:
         for rec in records:
             if rec.offset < 0:
@@ -130,6 +109,7 @@ def read_records(root: storage.Location, records: Iterable[ImageRecord]) -> Iter
                         handle, open_path = None, None
                     handle = loc.fs.open_input_file(loc.path)
                     open_path = rec.object_path
+                assert handle is not None
                 data = handle.read_at(rec.size, rec.offset)
             except OSError as exc:
                 raise UserError(storage.describe_os_error(loc.url, exc)) from None
@@ -178,7 +158,7 @@ def parse_devkit_meta(data: bytes, source: str = DEVKIT_META) -> dict[int, tuple
     try:
         mat = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)
     except Exception as exc:  # scipy raises ValueError, TypeError, NotImplementedError (v7.3), ...
-        raise UserError(f"{source}: not a readable MATLAB file ({' '.join(str(exc).split())[:160]})") from None
+        raise UserError(f"{source}: not a readable MATLAB file ({describe_error(exc, 160)})") from None
     synsets = mat.get("synsets")
     names = getattr(getattr(synsets, "dtype", None), "names", None) or ()
     if not {"ILSVRC2012_ID", "WNID"} <= set(names):
@@ -270,7 +250,7 @@ class _Source:
         return self.root.child(rel).url if rel else self.root.url
 
     def _rel(self, path: str) -> str:
-        return path[len(self._base):] if path.startswith(self._base) else path
+        return path[len(self._base) :] if path.startswith(self._base) else path
 
     def list_dir(self, rel: str, recursive: bool = False) -> tuple[dict[str, int], set[str]]:
         """(files below `rel`: root-relative path → size, names of the folders directly in `rel`)."""
@@ -291,8 +271,8 @@ class _Source:
             rel_path = self._rel(info.path)
             if info.type == pafs.FileType.File:
                 files[rel_path] = info.size
-            elif info.type == pafs.FileType.Directory and "/" not in rel_path[len(prefix):]:
-                dirs.add(rel_path[len(prefix):])
+            elif info.type == pafs.FileType.Directory and "/" not in rel_path[len(prefix) :]:
+                dirs.add(rel_path[len(prefix) :])
         self._listed[(rel, recursive)] = (files, dirs)
         return files, dirs
 
@@ -301,7 +281,7 @@ class _Source:
         files, dirs = self.list_dir(rel)
         names = sorted(d for d in dirs if not _is_hidden(d))
         listed = self.pool.map(lambda d: self.list_dir(f"{rel}/{d}" if rel else d, recursive=True)[0], names)
-        return files, dict(zip(names, listed))
+        return files, dict(zip(names, listed, strict=True))
 
     def read(self, rel: str) -> bytes:
         return storage.read_bytes(self.root.child(rel))
@@ -361,7 +341,7 @@ def _tar_members(f, start: int, length: int, where: str) -> list[tuple[str, int,
     """(member name, absolute data offset, size) of each regular file in the tar at [start, start+length)."""
     members = []
     try:
-        with tarfile.open(fileobj=_TarView(f, start, length), mode="r:") as tf:
+        with tarfile.open(fileobj=_TarView(f, start, length), mode="r:") as tf:  # type: ignore[call-overload]
             for m in tf:
                 if not m.isfile():
                     continue
@@ -411,7 +391,7 @@ def _index_train_tar(src: _Source) -> dict[str, list[_Item]]:
         raise UserError(f"{src.url(TRAIN_TAR)}: no per-class <wnid>.tar members inside")
     wnids = sorted(inner)
     jobs = src.pool.map(lambda w: _index_class_tar(src, TRAIN_TAR, inner[w][1], inner[w][2], w, inner[w][0]), wnids)
-    return dict(zip(wnids, jobs))
+    return dict(zip(wnids, jobs, strict=True))
 
 
 # --- the train split (shared by folders, devkit, tars) ----------------------------------------------------------
@@ -424,8 +404,10 @@ def _find_train(src: _Source, layout: str) -> dict[str, list[_Item]]:
         by_class: dict[str, list[_Item]] = {}
         for name, files in folders.items():
             if not WNID_RE.match(name):
-                raise UserError(f"{src.url(TRAIN_DIR + '/' + name)}: not a class folder "
-                                f"(expected train/<wnid>/ with a wnid like n01440764)")
+                raise UserError(
+                    f"{src.url(TRAIN_DIR + '/' + name)}: not a class folder "
+                    f"(expected train/<wnid>/ with a wnid like n01440764)"
+                )
             items = by_class.setdefault(name, [])
             for rel, size in files.items():
                 if _is_listed(rel):
@@ -438,14 +420,17 @@ def _find_train(src: _Source, layout: str) -> dict[str, list[_Item]]:
             if base.endswith(".tar") and WNID_RE.match(base[:-4]):
                 tars[base[:-4]] = (rel, size)
             elif _is_listed(rel):
-                raise UserError(f"{src.url(rel)}: a file outside a class folder "
-                                f"(expected train/<wnid>/<file> or train/<wnid>.tar)")
+                raise UserError(
+                    f"{src.url(rel)}: a file outside a class folder (expected train/<wnid>/<file> or train/<wnid>.tar)"
+                )
         both = sorted(set(tars) & set(by_class))
         if both:
-            raise UserError(f"{src.url(TRAIN_DIR)}: both train/{both[0]}/ and train/{both[0]}.tar exist; "
-                            f"finish (or undo) extracting the per-class tars")
+            raise UserError(
+                f"{src.url(TRAIN_DIR)}: both train/{both[0]}/ and train/{both[0]}.tar exist; "
+                f"finish (or undo) extracting the per-class tars"
+            )
         indexed = src.pool.map(lambda w: _index_class_tar(src, tars[w][0], 0, tars[w][1], w, ""), sorted(tars))
-        by_class.update(zip(sorted(tars), indexed))
+        by_class.update(zip(sorted(tars), indexed, strict=True))
         if by_class:
             return by_class
     if TRAIN_TAR in src.top_files:
@@ -493,7 +478,9 @@ def _read_targz(src: _Source) -> dict[str, bytes]:
         with tarfile.open(fileobj=io.BytesIO(src.read(DEVKIT_TARGZ)), mode="r:*") as tf:
             for m in tf:
                 if m.isfile() and posixpath.basename(m.name) in wanted:
-                    out[_member_name(m.name)] = tf.extractfile(m).read()
+                    member = tf.extractfile(m)
+                    if member is not None:
+                        out[_member_name(m.name)] = member.read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise UserError(f"{src.url(DEVKIT_TARGZ)}: not a readable .tar.gz ({exc})") from None
     return out
@@ -504,9 +491,10 @@ def _load_devkit(src: _Source, layout: str) -> _Devkit:
     meta = _devkit_file(src, DEVKIT_META, targz)
     gt = _devkit_file(src, DEVKIT_GROUND_TRUTH, targz)
     missing = [n for n, v in ((DEVKIT_META, meta), (DEVKIT_GROUND_TRUTH, gt)) if v is None]
-    if missing:
-        raise _not_layout(src, layout, f"no {' or '.join(missing)} (looked at the root, in {DEVKIT_DIR}/data/ "
-                                       f"and in {DEVKIT_TARGZ})")
+    if meta is None or gt is None:
+        raise _not_layout(
+            src, layout, f"no {' or '.join(missing)} (looked at the root, in {DEVKIT_DIR}/data/ and in {DEVKIT_TARGZ})"
+        )
     leaves = parse_devkit_meta(meta[0], meta[1])
     ordered = sorted(leaves.values())
     classes = ClassList(tuple(w for w, _ in ordered), tuple(n for _, n in ordered))
@@ -526,12 +514,16 @@ def _label_devkit_val(src: _Source, numbered: dict[int, _Item], kit: _Devkit) ->
     n = len(kit.ground_truth)
     beyond = sorted(i for i in numbered if not 1 <= i <= n)
     if beyond:
-        raise UserError(f"{kit.gt_source}: no ground-truth line for val image {numbered[beyond[0]].key} "
-                        f"(the file has {n} lines; {len(beyond)} images unlabeled)")
+        raise UserError(
+            f"{kit.gt_source}: no ground-truth line for val image {numbered[beyond[0]].key} "
+            f"(the file has {n} lines; {len(beyond)} images unlabeled)"
+        )
     if len(numbered) < n:
         absent = next(i for i in range(1, n + 1) if i not in numbered)
-        raise UserError(f"{kit.gt_source} has {n} lines but {src.root.url} holds {len(numbered)} val images: "
-                        f"ILSVRC2012_val_{absent:08d} is missing ({n - len(numbered)} missing)")
+        raise UserError(
+            f"{kit.gt_source} has {n} lines but {src.root.url} holds {len(numbered)} val images: "
+            f"ILSVRC2012_val_{absent:08d} is missing ({n - len(numbered)} missing)"
+        )
     return [it._replace(wnid=kit.id_to_wnid[kit.ground_truth[i - 1]]) for i, it in numbered.items()]
 
 
@@ -541,8 +533,9 @@ def _number_val(items: Iterable[_Item], where: str) -> dict[int, _Item]:
     for it in items:
         match = VAL_NAME_RE.match(posixpath.basename(it.key))
         if not match:
-            raise UserError(f"{where}: {it.key} is not named ILSVRC2012_val_<8 digits>.JPEG "
-                            f"(its ground-truth line cannot be found)")
+            raise UserError(
+                f"{where}: {it.key} is not named ILSVRC2012_val_<8 digits>.JPEG (its ground-truth line cannot be found)"
+            )
         number = int(match.group(1))
         if number in numbered:
             raise UserError(f"{where}: val image {number} appears twice ({numbered[number].key}, {it.key})")
@@ -567,7 +560,7 @@ def list_kaggle(root: storage.Location, files: dict[str, int]) -> LayoutListing:
         if not _is_listed(rel):
             continue
         if rel.startswith(train_prefix):
-            parts = rel[len(train_prefix):].split("/")
+            parts = rel[len(train_prefix) :].split("/")
             if len(parts) != 2:
                 raise UserError(f"{root.url}: unexpected train path {rel} (expected train/<wnid>/<file>)")
             train.append(_Item(rel, parts[0], size))
@@ -580,11 +573,17 @@ def list_kaggle(root: storage.Location, files: dict[str, int]) -> LayoutListing:
         raise UserError(f"{KAGGLE_VAL_SOLUTION}: no label for val image {missing[0]} ({len(missing)} unlabeled)")
     absent = sorted(set(solution) - set(val_files))
     if absent:
-        raise UserError(f"{root.url}: val image {absent[0]} is in {KAGGLE_VAL_SOLUTION} but not on storage "
-                        f"({len(absent)} missing)")
+        raise UserError(
+            f"{root.url}: val image {absent[0]} is in {KAGGLE_VAL_SOLUTION} but not on storage ({len(absent)} missing)"
+        )
     val = [_Item(rel, solution[i], size) for i, (rel, size) in val_files.items()]
-    return LayoutListing("kaggle", root.url, classes, _label(train, classes, KAGGLE_SYNSETS),
-                         _label(val, classes, KAGGLE_SYNSETS, f"{KAGGLE_VAL_SOLUTION} (val)"))
+    return LayoutListing(
+        "kaggle",
+        root.url,
+        classes,
+        _label(train, classes, KAGGLE_SYNSETS),
+        _label(val, classes, KAGGLE_SYNSETS, f"{KAGGLE_VAL_SOLUTION} (val)"),
+    )
 
 
 def _list_kaggle(src: _Source) -> LayoutListing:
@@ -636,8 +635,9 @@ def _list_folders(src: _Source) -> LayoutListing:
     for rel in val_loose:
         if _is_listed(rel):
             raise UserError(f"{src.url(rel)}: a file outside a class folder (expected val/<wnid>/<file>)")
-    return LayoutListing("folders", src.root.url, classes, _label(_flat(train), classes, mapping),
-                         _label(val, classes, mapping))
+    return LayoutListing(
+        "folders", src.root.url, classes, _label(_flat(train), classes, mapping), _label(val, classes, mapping)
+    )
 
 
 def _flat_val_location(src: _Source) -> str | None:
@@ -662,8 +662,13 @@ def _list_devkit(src: _Source) -> LayoutListing:
         items = [_Item(rel, "", size) for rel, size in src.top_files.items() if VAL_NAME_RE.match(rel)]
     val = _label_devkit_val(src, _number_val(items, src.url(where)), kit)
     train = _find_train(src, "devkit")
-    return LayoutListing("devkit", src.root.url, kit.classes, _label(_flat(train), kit.classes, kit.meta_source),
-                         _label(val, kit.classes, kit.meta_source))
+    return LayoutListing(
+        "devkit",
+        src.root.url,
+        kit.classes,
+        _label(_flat(train), kit.classes, kit.meta_source),
+        _label(val, kit.classes, kit.meta_source),
+    )
 
 
 def _list_tars(src: _Source) -> LayoutListing:
@@ -675,12 +680,20 @@ def _list_tars(src: _Source) -> LayoutListing:
     items = [_Item(f"{VAL_TAR}/{m}", "", size, VAL_TAR, offset) for m, offset, size in members if _is_listed(m)]
     val = _label_devkit_val(src, _number_val(items, src.url(VAL_TAR)), kit)
     train = _find_train(src, "tars")
-    return LayoutListing("tars", src.root.url, kit.classes, _label(_flat(train), kit.classes, kit.meta_source),
-                         _label(val, kit.classes, kit.meta_source))
+    return LayoutListing(
+        "tars",
+        src.root.url,
+        kit.classes,
+        _label(_flat(train), kit.classes, kit.meta_source),
+        _label(val, kit.classes, kit.meta_source),
+    )
 
 
 _LISTERS: dict[str, Callable[[_Source], LayoutListing]] = {
-    "kaggle": _list_kaggle, "folders": _list_folders, "devkit": _list_devkit, "tars": _list_tars,
+    "kaggle": _list_kaggle,
+    "folders": _list_folders,
+    "devkit": _list_devkit,
+    "tars": _list_tars,
 }
 
 
@@ -703,8 +716,10 @@ def _no_layout(src: _Source) -> UserError:
     names = sorted([d + "/" for d in src.top_dirs] + list(src.top_files))
     top = ", ".join(names[:10]) + (f", ... ({len(names)} entries)" if len(names) > 10 else "")
     expected = "; ".join(f"{name} = {help_}" for name, help_ in LAYOUT_HELP.items())
-    return UserError(f"{src.root.url}: no known ILSVRC layout (found {len(files)} files; top level: {top}); "
-                     f"expected one of: {expected}")
+    return UserError(
+        f"{src.root.url}: no known ILSVRC layout (found {len(files)} files; top level: {top}); "
+        f"expected one of: {expected}"
+    )
 
 
 def detect_and_list(root_url: str, layout: str | None = None) -> LayoutListing:
@@ -726,4 +741,3 @@ def detect_and_list(root_url: str, layout: str | None = None) -> LayoutListing:
         if name is None:
             raise _no_layout(src)
         return _LISTERS[name](src)
-

@@ -1,53 +1,42 @@
-"""ILSVRC layout → validated Parquet shards of JPEG bytes + `_manifest.json` (written last) + a report.
-
-How it stays exact, resumable and bounded:
-- The driver lists the source (in parallel, see layouts.py) and plans the shards: a pure, seeded
-  function of the listing, so the same arguments always give the same shards, each a random mix of
-  classes, cut by source byte counts.
-- `_plan.json` records the arguments and a digest of the listing. A rerun with the same arguments
-  resumes; with different ones it refuses (instead of mixing two datasets in one place).
-- Ray Data runs one task per shard. A task streams its images (one shard in memory at a time), checks
-  that each decodes, converts CMYK/PNG to RGB JPEG, quarantines broken files, writes the shard in one
-  atomic PUT, then its receipt `_receipts/<shard>.json`. A shard counts as done only with its receipt;
-  a killed run leaves at most shards without receipts, which are rewritten with identical bytes.
-- `_report.json` is written at the end of every run; `_manifest.json` last, and only when the
-  quarantined fraction is within the limit. Readers treat a dataset without a manifest as incomplete.
+"""`imagenet-ray prepare`: an ILSVRC layout → validated Parquet shards of JPEG bytes, receipts, a report
+and `_manifest.json` (written last), on Ray Data; resumable, refusing to mix two builds in one place.
+The file names and the shard schema are data/format.py's; the per-image rules are data/storage_rules.py's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imagenet_ray import __version__, storage
-from imagenet_ray.data.decode import Quarantined, normalize_for_storage
+from imagenet_ray.data.format import (
+    MANIFEST_FORMAT,
+    PLAN_NAME,
+    RECEIPTS_DIR,
+    REPORT_NAME,
+    SHARD_SCHEMA,
+    SPLITS,
+    receipt_name,
+    shard_name,
+    write_manifest,
+)
 from imagenet_ray.data.layouts import ImageRecord, LayoutListing, detect_and_list, read_records
+from imagenet_ray.data.storage_rules import Quarantined, normalize_for_storage
 from imagenet_ray.errors import UserError
 
-MANIFEST_NAME = "_manifest.json"
-REPORT_NAME = "_report.json"
-PLAN_NAME = "_plan.json"
-RECEIPTS_DIR = "_receipts"
-MANIFEST_FORMAT = "imagenet-ray/prepared-v1"
-SPLITS = ("train", "val")
-OFFICIAL_COUNTS = {"train": 1_281_167, "val": 50_000, "classes": 1000}
-SHARD_SCHEMA = pa.schema([
-    ("image", pa.binary()),
-    ("label", pa.int16()),
-    ("wnid", pa.string()),
-    ("key", pa.string()),
-    ("height", pa.int32()),
-    ("width", pa.int32()),
-])
+log = logging.getLogger(__name__)
+
+OFFICIAL_COUNTS = {"train": 1_281_167, "val": 50_000, "classes": 1000}  # ILSVRC2012-CLS, for the report
 
 
 @dataclass(frozen=True)
@@ -62,8 +51,13 @@ class PrepareOptions:
 
     def shard_relevant(self) -> dict[str, Any]:
         """The options that change the bytes of the output (a resume must match them)."""
-        return {"shard_mb": self.shard_mb, "rows_per_group": self.rows_per_group, "seed": self.seed,
-                "max_side": self.max_side, "quality": self.quality if self.max_side else None}
+        return {
+            "shard_mb": self.shard_mb,
+            "rows_per_group": self.rows_per_group,
+            "seed": self.seed,
+            "max_side": self.max_side,
+            "quality": self.quality if self.max_side else None,
+        }
 
 
 def plan_shards(records: tuple[ImageRecord, ...], target_bytes: int, seed: int) -> list[list[ImageRecord]]:
@@ -84,14 +78,6 @@ def plan_shards(records: tuple[ImageRecord, ...], target_bytes: int, seed: int) 
     return shards
 
 
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}/shard-{index:05d}-of-{count:05d}.parquet"
-
-
-def receipt_name(shard: str) -> str:
-    return f"{RECEIPTS_DIR}/{shard.removesuffix('.parquet')}.json"
-
-
 def build_shard_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
 
@@ -99,10 +85,16 @@ def build_shard_table(rows: list[dict[str, Any]]) -> pa.Table:
 def encode_shard(rows: list[dict[str, Any]], rows_per_group: int) -> bytes:
     """Parquet bytes of a shard; deterministic for the same rows (same pyarrow version)."""
     # JPEG bytes do not compress and have no useful min/max: no compression, no dictionary and no
-    # statistics on the image column (measured: 10x less encode time than the defaults into BytesIO).
+    # statistics on the image column (much less encode time than the defaults: docs/benchmarks.md).
     sink = pa.BufferOutputStream()
-    pq.write_table(build_shard_table(rows), sink, row_group_size=rows_per_group, compression="none",
-                   use_dictionary=["wnid"], write_statistics=["label"])
+    pq.write_table(
+        build_shard_table(rows),
+        sink,
+        row_group_size=rows_per_group,
+        compression="none",
+        use_dictionary=["wnid"],
+        write_statistics=["label"],
+    )
     return sink.getvalue().to_pybytes()
 
 
@@ -116,12 +108,14 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
     source = storage.resolve(task["source_url"])
     out = storage.resolve(task["out_url"])
     max_side = task["max_side"]
-    rows, quarantined, notes = [], [], Counter()
-    per_class: Counter = Counter()
+    rows: list[dict[str, Any]] = []
+    quarantined: list[dict[str, str]] = []
+    notes: Counter[str] = Counter()
+    per_class: Counter[str] = Counter()
     bytes_in = 0
     records = [ImageRecord(**fields) for fields in task["records"]]
     # read_records keeps one open file per tar across consecutive members (one open per shard).
-    for rec, data in zip(records, read_records(source, records)):
+    for rec, data in zip(records, read_records(source, records), strict=True):
         bytes_in += len(data)
         try:
             stored, height, width, note = normalize_for_storage(data, max_side, task["quality"])
@@ -131,13 +125,22 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
         if note:
             notes[note] += 1
         per_class[rec.wnid] += 1
-        rows.append({"image": stored, "label": rec.label, "wnid": rec.wnid, "key": rec.key,
-                     "height": height, "width": width})
+        rows.append(
+            {"image": stored, "label": rec.label, "wnid": rec.wnid, "key": rec.key, "height": height, "width": width}
+        )
     payload = encode_shard(rows, task["rows_per_group"])
     storage.write_bytes_atomic(out.child(task["name"]), payload)
-    receipt = {"split": task["split"], "path": task["name"], "rows": len(rows), "bytes": len(payload),
-               "sha256": hashlib.sha256(payload).hexdigest(), "bytes_in": bytes_in, "quarantined": quarantined,
-               "notes": dict(notes), "per_class": dict(per_class)}
+    receipt = {
+        "split": task["split"],
+        "path": task["name"],
+        "rows": len(rows),
+        "bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "bytes_in": bytes_in,
+        "quarantined": quarantined,
+        "notes": dict(notes),
+        "per_class": dict(per_class),
+    }
     storage.write_bytes_atomic(out.child(receipt_name(task["name"])), json.dumps(receipt).encode())
     return receipt
 
@@ -155,28 +158,42 @@ def plan_tasks(listing: LayoutListing, out_url: str, opts: PrepareOptions) -> li
     for split_index, split in enumerate(SPLITS):
         shards = plan_shards(listing.split(split), int(opts.shard_mb * 2**20), opts.seed + split_index)
         for i, recs in enumerate(shards):
-            tasks.append({
-                "split": split, "name": shard_name(split, i, len(shards)),
-                "source_url": listing.root_url, "out_url": out_url,
-                "records": [asdict(r) for r in recs],
-                "rows_per_group": opts.rows_per_group, "max_side": opts.max_side, "quality": opts.quality,
-            })
+            tasks.append(
+                {
+                    "split": split,
+                    "name": shard_name(split, i, len(shards)),
+                    "source_url": listing.root_url,
+                    "out_url": out_url,
+                    "records": [asdict(r) for r in recs],
+                    "rows_per_group": opts.rows_per_group,
+                    "max_side": opts.max_side,
+                    "quality": opts.quality,
+                }
+            )
     return tasks
 
 
-def check_or_write_plan(out: storage.Location, listing: LayoutListing, opts: PrepareOptions,
-                        tasks: list[dict[str, Any]]) -> None:
+def check_or_write_plan(
+    out: storage.Location, listing: LayoutListing, opts: PrepareOptions, tasks: list[dict[str, Any]]
+) -> None:
     """Record what this output is being built from; refuse to resume a different build."""
-    plan = {"format": MANIFEST_FORMAT, "source": listing.root_url, "layout": listing.layout,
-            "options": opts.shard_relevant(), "listing_sha256": listing_digest(listing),
-            "shards": [t["name"] for t in tasks]}
+    plan = {
+        "format": MANIFEST_FORMAT,
+        "source": listing.root_url,
+        "layout": listing.layout,
+        "options": opts.shard_relevant(),
+        "listing_sha256": listing_digest(listing),
+        "shards": [t["name"] for t in tasks],
+    }
     loc = out.child(PLAN_NAME)
     if storage.exists(loc):
         previous = json.loads(storage.read_bytes(loc))
         for key in ("source", "layout", "options", "listing_sha256"):
             if previous.get(key) != plan[key]:
-                raise UserError(f"{out.url} already holds a preparation with a different {key} "
-                                f"({previous.get(key)!r}); use another --out or delete it")
+                raise UserError(
+                    f"{out.url} already holds a preparation with a different {key} "
+                    f"({previous.get(key)!r}); use another --out or delete it"
+                )
         return
     storage.write_bytes_atomic(loc, json.dumps(plan, indent=1).encode())
 
@@ -185,8 +202,8 @@ def finished_receipts(out: storage.Location, tasks: list[dict[str, Any]]) -> dic
     """Receipts of shards finished by an earlier run (only those whose shard file is there too)."""
     receipts_root = out.child(RECEIPTS_DIR)
     base = receipts_root.path.rstrip("/") + "/"
-    present = {i.path[len(base):] for i in storage.list_files(receipts_root)}
-    wanted = {receipt_name(t["name"])[len(RECEIPTS_DIR) + 1:]: t["name"] for t in tasks}
+    present = {i.path[len(base) :] for i in storage.list_files(receipts_root)}
+    wanted = {receipt_name(t["name"])[len(RECEIPTS_DIR) + 1 :]: t["name"] for t in tasks}
     done = {}
     for rel, shard in wanted.items():
         if rel in present:
@@ -209,11 +226,11 @@ def remove_partial_files(out: storage.Location) -> None:
 class Progress:
     """Plain progress lines (images/s, MB/s, ETA) that read well in `ray job logs` too."""
 
-    def __init__(self, total_images: int, total_bytes: int, every_s: float = 5.0, stream=sys.stdout):
+    def __init__(self, total_images: int, total_bytes: int, every_s: float = 5.0):
         self.total_images, self.total_bytes = total_images, total_bytes
         self.images = self.bytes = 0
         self.start = self.last = time.perf_counter()
-        self.every_s, self.stream = every_s, stream
+        self.every_s = every_s
 
     def add(self, images: int, nbytes: int) -> None:
         self.images += images
@@ -221,16 +238,17 @@ class Progress:
         now = time.perf_counter()
         if now - self.last >= self.every_s or self.images >= self.total_images:
             self.last = now
-            self.stream.write(self.line(now) + "\n")
-            self.stream.flush()
+            log.info(self.line(now))
 
     def line(self, now: float) -> str:
         elapsed = max(now - self.start, 1e-9)
         rate = self.images / elapsed
         eta = (self.total_images - self.images) / rate if rate > 0 else float("inf")
         pct = 100.0 * self.images / max(1, self.total_images)
-        return (f"[prepare] {self.images:,}/{self.total_images:,} images ({pct:.1f} %) "
-                f"{rate:,.0f} img/s {self.bytes / elapsed / 2**20:,.1f} MB/s ETA {eta:,.0f} s")
+        return (
+            f"[prepare] {self.images:,}/{self.total_images:,} images ({pct:.1f} %) "
+            f"{rate:,.0f} img/s {self.bytes / elapsed / 2**20:,.1f} MB/s ETA {eta:,.0f} s"
+        )
 
 
 @dataclass
@@ -243,17 +261,18 @@ class PrepareResult:
     problems: list[str] = field(default_factory=list)
 
 
-def build_report(listing: LayoutListing, receipts: list[dict[str, Any]], opts: PrepareOptions,
-                 seconds: float, out_url: str) -> dict[str, Any]:
+def build_report(
+    listing: LayoutListing, receipts: list[dict[str, Any]], opts: PrepareOptions, seconds: float, out_url: str
+) -> dict[str, Any]:
     splits: dict[str, Any] = {}
     quarantined_total = 0
     listed_total = 0
     for split in SPLITS:
         rs = [r for r in receipts if r["split"] == split]
-        per_class = Counter()
+        per_class: Counter[str] = Counter()
         for r in rs:
             per_class.update(r["per_class"])
-        notes = Counter()
+        notes: Counter[str] = Counter()
         for r in rs:
             notes.update(r["notes"])
         quarantined = [q for r in rs for q in r["quarantined"]]
@@ -261,26 +280,41 @@ def build_report(listing: LayoutListing, receipts: list[dict[str, Any]], opts: P
         written = sum(r["rows"] for r in rs)
         counts = [per_class.get(w, 0) for w in listing.classes.wnids]
         splits[split] = {
-            "listed": listed, "written": written, "quarantined": len(quarantined),
+            "listed": listed,
+            "written": written,
+            "quarantined": len(quarantined),
             "conserved": listed == written + len(quarantined),
-            "min_per_class": min(counts) if counts else 0, "max_per_class": max(counts) if counts else 0,
-            "notes": dict(sorted(notes.items())), "quarantined_files": quarantined,
-            "bytes_in": sum(r["bytes_in"] for r in rs), "bytes_out": sum(r["bytes"] for r in rs),
+            "min_per_class": min(counts) if counts else 0,
+            "max_per_class": max(counts) if counts else 0,
+            "notes": dict(sorted(notes.items())),
+            "quarantined_files": quarantined,
+            "bytes_in": sum(r["bytes_in"] for r in rs),
+            "bytes_out": sum(r["bytes"] for r in rs),
             "shards": len(rs),
         }
         quarantined_total += len(quarantined)
         listed_total += listed
     full_set = len(listing.classes) == OFFICIAL_COUNTS["classes"]
     report = {
-        "source": listing.root_url, "layout": listing.layout, "out": out_url, "tool_version": __version__,
-        "classes": len(listing.classes), "splits": splits, "wall_seconds": round(seconds, 3),
+        "source": listing.root_url,
+        "layout": listing.layout,
+        "out": out_url,
+        "tool_version": __version__,
+        "classes": len(listing.classes),
+        "splits": splits,
+        "wall_seconds": round(seconds, 3),
         "quarantined_fraction": quarantined_total / max(1, listed_total),
         "max_quarantine_frac": opts.max_quarantine_frac,
     }
     if full_set:
-        report["official"] = {split: {"expected": OFFICIAL_COUNTS[split], "listed": splits[split]["listed"],
-                                      "matches": splits[split]["listed"] == OFFICIAL_COUNTS[split]}
-                              for split in SPLITS}
+        report["official"] = {
+            split: {
+                "expected": OFFICIAL_COUNTS[split],
+                "listed": splits[split]["listed"],
+                "matches": splits[split]["listed"] == OFFICIAL_COUNTS[split],
+            }
+            for split in SPLITS
+        }
     return report
 
 
@@ -288,7 +322,7 @@ def build_manifest(listing: LayoutListing, receipts: list[dict[str, Any]], opts:
     splits = {}
     for split in SPLITS:
         rs = sorted((r for r in receipts if r["split"] == split), key=lambda r: r["path"])
-        per_class = Counter()
+        per_class: Counter[str] = Counter()
         for r in rs:
             per_class.update(r["per_class"])
         splits[split] = {
@@ -319,9 +353,10 @@ def _run_tasks(tasks: list[dict[str, Any]], progress: Progress) -> Iterable[dict
         yield receipt
 
 
-def prepare(source_url: str, out_url: str, opts: PrepareOptions = PrepareOptions(),
-            listing: LayoutListing | None = None) -> PrepareResult:
-    """Prepare `source_url` into `out_url` on Ray Data (resuming an interrupted run); see module doc."""
+def prepare(
+    source_url: str, out_url: str, opts: PrepareOptions = PrepareOptions(), listing: LayoutListing | None = None
+) -> PrepareResult:
+    """Prepare `source_url` into `out_url` on Ray Data, resuming an interrupted run (docs/architecture.md)."""
     start = time.perf_counter()
     listing = listing or detect_and_list(source_url, layout=opts.layout)
     out = storage.resolve(out_url)
@@ -339,25 +374,19 @@ def prepare(source_url: str, out_url: str, opts: PrepareOptions = PrepareOptions
         receipts.extend(_run_tasks(todo, progress))
     report = build_report(listing, receipts, opts, time.perf_counter() - start, out.url)
     report["resumed_shards"] = len(done)
-    problems = [f"{split}: {s['listed']} listed != {s['written']} written + {s['quarantined']} quarantined"
-                for split, s in report["splits"].items() if not s["conserved"]]
+    problems = [
+        f"{split}: {s['listed']} listed != {s['written']} written + {s['quarantined']} quarantined"
+        for split, s in report["splits"].items()
+        if not s["conserved"]
+    ]
     if report["quarantined_fraction"] > opts.max_quarantine_frac:
-        problems.append(f"{report['quarantined_fraction']:.4%} of images quarantined, above the limit of "
-                        f"{opts.max_quarantine_frac:.4%} (see {out.url}/{REPORT_NAME})")
+        problems.append(
+            f"{report['quarantined_fraction']:.4%} of images quarantined, above the limit of "
+            f"{opts.max_quarantine_frac:.4%} (see {out.url}/{REPORT_NAME})"
+        )
     storage.write_bytes_atomic(out.child(REPORT_NAME), json.dumps(report, indent=1).encode())
     manifest = None
     if not problems:
         manifest = build_manifest(listing, receipts, opts)
-        storage.write_bytes_atomic(out.child(MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
+        write_manifest(out, manifest)
     return PrepareResult(manifest, report, not problems, len(done), len(todo), problems)
-
-
-def read_manifest(url: str) -> dict[str, Any]:
-    """Load a prepared dataset's manifest; a dataset without one is incomplete and refused."""
-    loc = storage.resolve(url).child(MANIFEST_NAME)
-    if not storage.exists(loc):
-        raise UserError(f"{url}: no {MANIFEST_NAME} (not a prepared dataset, or preparation did not finish)")
-    manifest = json.loads(storage.read_bytes(loc))
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"{loc.url}: unknown format {manifest.get('format')!r}")
-    return manifest

@@ -1,9 +1,7 @@
 """A miniature ImageNet written in Kaggle's real CLS-LOC layout, for the demo and the tests.
 
-Classes are real wnids (by default the first N in sorted order). Each class has a signal that
-survives RandomResizedCrop at low resolution: a hue, a stripe orientation and frequency over the
-whole image, and a blob of a second hue. Images vary in size and aspect ratio around ImageNet's
-(≈500×375), about 1 in 12 is stored grayscale (as in the real set), and each is a real JPEG.
+Real wnids; each class has a signal that survives RandomResizedCrop at low resolution (hue, stripes, a
+blob); sizes and aspect ratios vary around ImageNet's, about 1 in 12 is grayscale, each a real JPEG.
 """
 
 from __future__ import annotations
@@ -48,9 +46,9 @@ def render_image(style: ClassStyle, rng: np.random.Generator) -> np.ndarray:
     long_side = int(rng.integers(400, 501))
     aspect = float(rng.choice(_ASPECTS))
     if aspect >= 1:
-        width, height = long_side, max(32, int(round(long_side / aspect)))
+        width, height = long_side, max(32, round(long_side / aspect))
     else:
-        width, height = max(32, int(round(long_side * aspect))), long_side
+        width, height = max(32, round(long_side * aspect)), long_side
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     scale = 2 * math.pi * style.cycles / max(width, height)
     angle = style.angle + rng.normal(0, 0.08)

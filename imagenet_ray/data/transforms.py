@@ -1,30 +1,14 @@
-"""Train and eval presets as pure functions: encoded bytes → uint8 arrays, testable without Ray.
+"""Train and eval presets as pure functions: encoded bytes → uint8 (N, H, W, 3) batches, testable without Ray.
 
-Convention: one image is an (H, W, 3) uint8 array, a batch is (N, H, W, 3). On the training device
-`batch.permute(0, 3, 1, 2)` gives NCHW with channels_last strides at no cost; float conversion and
-normalisation happen there (see train/loop.py), never on the CPU workers.
-
-Geometry follows torchvision: RandomResizedCrop samples its box exactly as
-`torchvision.transforms.RandomResizedCrop.get_params` does (10 attempts, then the central-crop
-fallback); the eval preset is Resize(shorter side) + CenterCrop with torchvision's sizes and offsets.
-
-The kernel (measured in docs/benchmarks.md; `imagenet-ray bench data` reruns it):
-1. the JPEG header gives the size, so the crop box is sampled before any pixel is decoded;
-2. libjpeg-turbo decodes only the crop's rows and columns (decode.decode_rgb_crop, a small C
-   extension: a RandomResizedCrop box is about half the image on average), downscaling in the DCT
-   domain by 1/2, 1/4 or 1/8 when the crop would still be at least the output size (large images
-   only). Without the extension, or for data it refuses, the whole image is decoded (simplejpeg)
-   and the crop is a view of it; non-JPEG and CMYK inputs go through Pillow;
-3. one antialiased bilinear resize of just the crop with torch's uint8 kernel (AVX2, the same filter
-   as Pillow's BILINEAR resize that torchvision uses, max diff 1);
-4. the flip mirrors the crop before the resize (bit-identical to mirroring the result, cheaper), and
-   the result is written straight into the batch array.
-No float images on the CPU.
+Geometry follows torchvision (RandomResizedCrop.get_params; Resize + CenterCrop). The kernel samples the box
+from the JPEG header, decodes only the crop (DCT-downscaled when it stays ≥ the output), resizes it once with
+torch's antialiased uint8 bilinear, flips before the resize; KernelOptions switches the speed-ups off.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,13 +19,16 @@ from imagenet_ray.data.decode import DecodeError, decode_rgb_array, decode_rgb_c
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Decode large JPEGs at 1/2, 1/4 or 1/8 size in the DCT domain when the crop stays ≥ the output size.
-# Read at call time (the benchmark switches it off to measure its effect).
-DCT_DOWNSCALE = True
 
-# Decode only the crop's rows and columns (decode.decode_rgb_crop; bit-identical pixels). Read at call
-# time, like DCT_DOWNSCALE: the benchmark switches it off to measure its effect.
-CROP_DECODE = True
+@dataclass(frozen=True)
+class KernelOptions:
+    """The kernel's speed-ups; the benchmark switches each off to measure it (pixels stay torchvision's)."""
+
+    dct_downscale: bool = True  # decode large JPEGs at 1/2, 1/4, 1/8 size when the crop stays ≥ the output
+    crop_decode: bool = True  # decode only the crop's rows and columns (bit-identical to a whole decode)
+
+
+DEFAULT_KERNEL = KernelOptions()
 
 _RRC_SCALE = (0.08, 1.0)
 _RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -60,8 +47,8 @@ def sample_rrc_box(
     for _ in range(10):
         target_area = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
@@ -70,10 +57,10 @@ def sample_rrc_box(
     in_ratio = width / height
     if in_ratio < min(ratio):
         w = width
-        h = int(round(w / min(ratio)))
+        h = round(w / min(ratio))
     elif in_ratio > max(ratio):
         h = height
-        w = int(round(h * max(ratio)))
+        w = round(h * max(ratio))
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
@@ -88,7 +75,7 @@ def eval_geometry(width: int, height: int, resize: int, crop: int) -> tuple[int,
     else:
         new_w, new_h = int(resize * width / height), resize
     # torchvision's CenterCrop: offsets rounded (half to even) from the resized image.
-    return new_w, new_h, int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))
+    return new_w, new_h, round((new_w - crop) / 2.0), round((new_h - crop) / 2.0)
 
 
 def eval_box(width: int, height: int, resize: int, crop: int) -> tuple[float, float, float, float]:
@@ -115,7 +102,7 @@ def _resize(arr: np.ndarray, out_h: int, out_w: int, flip: bool = False) -> torc
     x = torch.from_numpy(arr).unsqueeze(0).permute(0, 3, 1, 2)
     # Both copy a cropped (strided) view into channels_last memory. The resize's sampling grid is
     # mirror-symmetric, so flipping its input gives bit-identical pixels to flipping its output
-    # (tested) and costs a few µs on the crop instead of ~15 µs on the 224x224 result.
+    # (tested), and the crop is cheaper to flip than the result (docs/benchmarks.md).
     x = x.flip(3) if flip else x.contiguous(memory_format=torch.channels_last)
     if x.shape[2] != out_h or x.shape[3] != out_w:
         x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
@@ -127,62 +114,69 @@ def snap_box(left: int, top: int, w: int, h: int, factor: int, arr_w: int, arr_h
     rounded to whole pixels there, so the crop is the source box moved/resized by under factor/2 pixels."""
     if factor == 1:
         return left, top, w, h
-    x0, y0 = min(int(round(left / factor)), arr_w - 1), min(int(round(top / factor)), arr_h - 1)
-    x1, y1 = min(int(round((left + w) / factor)), arr_w), min(int(round((top + h) / factor)), arr_h)
+    x0, y0 = min(round(left / factor), arr_w - 1), min(round(top / factor), arr_h - 1)
+    x1, y1 = min(round((left + w) / factor), arr_w), min(round((top + h) / factor), arr_h)
     return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
 
 
-def _train_into(out: torch.Tensor, data: bytes, size: int, rng) -> None:
+def _train_into(
+    out: torch.Tensor, data: bytes, size: int, rng: np.random.Generator, options: KernelOptions = DEFAULT_KERNEL
+) -> None:
     """RandomResizedCrop(size) + flip of one encoded image, written into `out` (size, size, 3)."""
     header = jpeg_header(data)
     if header is None:  # not a fast-path JPEG: decode first (Pillow), then sample on the real size
         arr = decode_rgb_array(data)
         width, height = arr.shape[1], arr.shape[0]
         left, top, w, h = sample_rrc_box(width, height, rng)
-        crop = arr[top:top + h, left:left + w]
+        crop = arr[top : top + h, left : left + w]
     else:
         width, height = header
         left, top, w, h = sample_rrc_box(width, height, rng)
-        factor = dct_factor(min(w, h), size) if DCT_DOWNSCALE else 1
+        factor = dct_factor(min(w, h), size) if options.dct_downscale else 1
         # libjpeg's 1/factor output is ceil(width / factor) x ceil(height / factor)
         box = snap_box(left, top, w, h, factor, -(-width // factor), -(-height // factor))
-        crop = decode_rgb_crop(data, factor, *box) if CROP_DECODE else None
-        if crop is None:  # no crop decoder, or it refused the data: whole image, whose fallback decides
+        region = decode_rgb_crop(data, factor, *box) if options.crop_decode else None
+        if region is None:  # no crop decoder, or it refused the data: whole image, whose fallback decides
             arr = decode_rgb_array(data, factor, header)
             if arr.shape[1] != width or arr.shape[0] != height:  # downscaled (not the Pillow fallback)
                 left, top, w, h = box
-            crop = arr[top:top + h, left:left + w]
+            region = arr[top : top + h, left : left + w]
+        crop = region
     flip = rng.random() < 0.5  # drawn after the box, as before: the same RNG stream gives the same crops
     out.copy_(_resize(crop, size, size, flip))
 
 
-def _eval_into(out: torch.Tensor, data: bytes, resize: int, crop: int) -> None:
+def _eval_into(out: torch.Tensor, data: bytes, resize: int, crop: int, options: KernelOptions = DEFAULT_KERNEL) -> None:
     header = jpeg_header(data)
     if header is None:
         arr = decode_rgb_array(data)
         width, height = arr.shape[1], arr.shape[0]
     else:
         width, height = header
-        arr = decode_rgb_array(data, dct_factor(min(width, height), resize) if DCT_DOWNSCALE else 1, header)
+        arr = decode_rgb_array(data, dct_factor(min(width, height), resize) if options.dct_downscale else 1, header)
     new_w, new_h, left, top = eval_geometry(width, height, resize, crop)
-    out.copy_(_resize(arr, new_h, new_w)[top:top + crop, left:left + crop])
+    out.copy_(_resize(arr, new_h, new_w)[top : top + crop, left : left + crop])
 
 
-def train_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
+def train_image(
+    data: bytes, size: int, rng: np.random.Generator, options: KernelOptions = DEFAULT_KERNEL
+) -> np.ndarray:
     """RandomResizedCrop(size) + horizontal flip (p=0.5) → (size, size, 3) uint8; DecodeError if undecodable."""
     out = np.empty((size, size, 3), np.uint8)
-    _train_into(torch.from_numpy(out), data, size, rng)
+    _train_into(torch.from_numpy(out), data, size, rng, options)
     return out
 
 
-def eval_image(data: bytes, resize: int, crop: int) -> np.ndarray:
+def eval_image(data: bytes, resize: int, crop: int, options: KernelOptions = DEFAULT_KERNEL) -> np.ndarray:
     """Resize shorter side to `resize`, center crop `crop` → (crop, crop, 3) uint8."""
     out = np.empty((crop, crop, 3), np.uint8)
-    _eval_into(torch.from_numpy(out), data, resize, crop)
+    _eval_into(torch.from_numpy(out), data, resize, crop, options)
     return out
 
 
-def train_batch(batch: dict[str, np.ndarray], size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def train_batch(
+    batch: dict[str, np.ndarray], size: int, rng: np.random.Generator, options: KernelOptions = DEFAULT_KERNEL
+) -> dict[str, np.ndarray]:
     """Decode + augment a batch {'image': bytes[], 'label': int[], optional 'key': str[]}.
 
     Returns {'image': uint8 (N, size, size, 3), 'label': int64 (N,), 'decode_errors': int32 (N,)} with
@@ -203,7 +197,7 @@ def train_batch(batch: dict[str, np.ndarray], size: int, rng: np.random.Generato
     rows = out_t.unbind(0)  # one call for all row views (indexing out_t[i] costs a dispatch per row)
     for i, data in enumerate(images):
         try:
-            _train_into(rows[i], data, size, rng)
+            _train_into(rows[i], data, size, rng, options)
         except DecodeError:
             failed.append(i)
     if failed:
@@ -219,7 +213,9 @@ def train_batch(batch: dict[str, np.ndarray], size: int, rng: np.random.Generato
     return {"image": out, "label": labels, "decode_errors": errors}
 
 
-def eval_batch(batch: dict[str, np.ndarray], resize: int, crop: int) -> dict[str, np.ndarray]:
+def eval_batch(
+    batch: dict[str, np.ndarray], resize: int, crop: int, options: KernelOptions = DEFAULT_KERNEL
+) -> dict[str, np.ndarray]:
     """Eval preset on a batch → {'image': uint8 (N, crop, crop, 3), 'label': int64 (N,)}.
 
     A decode failure raises DecodeError naming the row's key: validation never silently shrinks.
@@ -230,7 +226,7 @@ def eval_batch(batch: dict[str, np.ndarray], resize: int, crop: int) -> dict[str
     keys = batch.get("key")
     for i, data in enumerate(images):
         try:
-            _eval_into(out_t[i], data, resize, crop)
+            _eval_into(out_t[i], data, resize, crop, options)
         except DecodeError as exc:
             raise DecodeError(f"val image {keys[i] if keys is not None else f'row {i}'}: {exc}") from None
     return {"image": out, "label": np.asarray(batch["label"], dtype=np.int64)}

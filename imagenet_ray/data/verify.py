@@ -7,11 +7,12 @@ import hashlib
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow.parquet as pq
 
 from imagenet_ray import storage
-from imagenet_ray.data.prepare import read_manifest
+from imagenet_ray.data.format import read_manifest
 from imagenet_ray.errors import UserError
 
 _HASH_CHUNK = 8 * 2**20
@@ -23,7 +24,7 @@ class ShardCheck:
     problem: str | None  # None = the shard matches the manifest
 
 
-def check_shard(root: storage.Location, entry: dict) -> ShardCheck:
+def check_shard(root: storage.Location, entry: dict[str, Any]) -> ShardCheck:
     loc = root.child(entry["path"])
     try:
         with loc.fs.open_input_stream(loc.path) as stream:

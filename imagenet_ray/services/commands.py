@@ -1,18 +1,20 @@
 """`imagenet-ray services up | down | status`: the stack as a long-lived local service.
 
-State lives in <state_dir>/state.json (ports, pids with start times, credentials; 0600) and
-<state_dir>/env.sh (`export` lines for a shell; 0600). Data (S3 volumes, MLflow db, logs) lives in
-<state_dir> too, so `down` then `up` keeps buckets and runs. Errors are raised as UserError, which
-the CLI prints as one line (exit 1).
+State: <state_dir>/state.json and <state_dir>/env.sh (`export` lines; both 0600). Data (S3 volumes,
+MLflow db, logs) lives in <state_dir> too, so `down` then `up` keeps buckets and runs.
 """
 
 from __future__ import annotations
 
+import logging
 import shlex
 from pathlib import Path
 
 from imagenet_ray.errors import UserError
-from imagenet_ray.services.stack import SERVICES, LocalStack, start_stack, write_private
+from imagenet_ray.services.stack import SERVICES, LocalStack, start_stack
+from imagenet_ray.services.state import write_private
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 ENV_FILE = "env.sh"
@@ -20,9 +22,11 @@ ENV_FILE = "env.sh"
 
 def env_sh(stack: LocalStack) -> str:
     """Shell lines that point AWS/MLflow/Ray clients at the stack."""
-    lines = ["# imagenet-ray local services: `source` this file (it holds credentials; keep it private).",
-             # A session token from the user's own AWS login would be sent with our keys and refused.
-             "unset AWS_SESSION_TOKEN AWS_SECURITY_TOKEN"]
+    lines = [
+        "# imagenet-ray local services: `source` this file (it holds credentials; keep it private).",
+        # A session token from the user's own AWS login would be sent with our keys and refused.
+        "unset AWS_SESSION_TOKEN AWS_SECURITY_TOKEN",
+    ]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in stack.env().items()]
     return "\n".join(lines) + "\n"
 
@@ -42,8 +46,10 @@ def up(state_dir: Path) -> int:
     state_dir = Path(state_dir)
     old = _load_running(state_dir)
     if old is not None and any(old.alive().values()):
-        raise UserError(f"services already running (state in {state_dir / STATE_FILE}); "
-                        f"stop them with `imagenet-ray services down --dir {state_dir}`")
+        raise UserError(
+            f"services already running (state in {state_dir / STATE_FILE}); "
+            f"stop them with `imagenet-ray services down --dir {state_dir}`"
+        )
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)  # credentials and data of this stack: owner only
     stack = start_stack(state_dir)
@@ -53,6 +59,8 @@ def up(state_dir: Path) -> int:
     except BaseException:
         stack.stop()
         raise
+    # The addresses and the env.sh line are this command's product (people and scripts read them): stdout,
+    # whatever the logging setup. The same holds for the `status` table.
     width = max(len(title) for title, _ in _describe(stack))
     for title, url in _describe(stack):
         print(f"{title:<{width}}  {url}")
@@ -65,12 +73,12 @@ def down(state_dir: Path) -> int:
     state_dir = Path(state_dir)
     stack = _load_running(state_dir)
     if stack is None:
-        print(f"no services running (no {state_dir / STATE_FILE})")
+        log.info("no services running (no %s)", state_dir / STATE_FILE)
         return 0
     stack.stop()
     for name in (STATE_FILE, ENV_FILE):  # the credentials are dead with the servers
         (state_dir / name).unlink(missing_ok=True)
-    print(f"stopped {', '.join(svc.TITLE for svc in SERVICES)} (data kept in {state_dir})")
+    log.info("stopped %s (data kept in %s)", ", ".join(svc.TITLE for svc in SERVICES), state_dir)
     return 0
 
 

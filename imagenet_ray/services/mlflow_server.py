@@ -1,14 +1,7 @@
-"""`mlflow server` with a sqlite backend and artifacts proxied into the local S3 server.
+"""`mlflow server` with a sqlite backend, artifacts proxied into the stack's S3 bucket.
 
-Choices, and why:
-- `--artifacts-destination s3://mlflow/artifacts` (artifact serving is on by default): clients log
-  artifacts over HTTP to the tracking server, which writes them to S3 with the stack's credentials
-  (MLFLOW_S3_ENDPOINT_URL + AWS_* in its environment). Training workers need no S3 access for MLflow.
-- `--host 127.0.0.1`, `--workers 1`: loopback only, one uvicorn worker (2-core CI; a handful of runs).
-- MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false: MLflow 3 otherwise starts seven huey job consumers (GenAI
-  jobs we do not use) and leaves a temp dir in /dev/shm per start.
-- MLFLOW_DISABLE_TELEMETRY / DO_NOT_TRACK: no usage reporting.
-It takes ~15-25 s to answer /health on 2 cores (imports); it stops within ~2 s of SIGTERM.
+Clients log artifacts over HTTP to the server, which writes them to S3 with the stack's credentials,
+so training workers need no S3 access for MLflow. Why each flag is set: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -16,16 +9,13 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from imagenet_ray.services.ports import LOCALHOST
-
-if TYPE_CHECKING:
-    from imagenet_ray.services.stack import LocalStack
+from imagenet_ray.services.state import StackState
 
 NAME = "mlflow"
 TITLE = "MLflow"
-PORTS = ("mlflow",)
+PORTS: tuple[str, ...] = ("mlflow",)
 STARTUP_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
 ARTIFACTS_BUCKET = "mlflow"
@@ -39,60 +29,71 @@ def _cli() -> list[str]:
     return [found] if found else [sys.executable, "-m", "mlflow"]
 
 
-def data_dir(stack: "LocalStack") -> Path:
+def data_dir(stack: StackState) -> Path:
     return stack.root_dir / "mlflow"
 
 
-def prepare(stack: "LocalStack") -> None:
+def prepare(stack: StackState) -> None:
     data_dir(stack).mkdir(parents=True, exist_ok=True)
 
 
-def command(stack: "LocalStack") -> list[str]:
+def command(stack: StackState) -> list[str]:
+    # --workers 1: one uvicorn worker is plenty for a handful of runs on a small machine.
     return [
-        *_cli(), "server",
-        "--backend-store-uri", f"sqlite:///{data_dir(stack) / 'mlflow.db'}",
-        "--artifacts-destination", f"s3://{ARTIFACTS_BUCKET}/artifacts",
-        "--host", LOCALHOST, "--port", str(stack.ports["mlflow"]),
-        "--workers", "1",
+        *_cli(),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{data_dir(stack) / 'mlflow.db'}",
+        "--artifacts-destination",
+        f"s3://{ARTIFACTS_BUCKET}/artifacts",
+        "--host",
+        LOCALHOST,
+        "--port",
+        str(stack.ports["mlflow"]),
+        "--workers",
+        "1",
     ]
 
 
-def environ(stack: "LocalStack", base: dict[str, str]) -> dict[str, str]:
+def environ(stack: StackState, base: dict[str, str]) -> dict[str, str]:
     env = dict(base)
     env.pop("MLFLOW_TRACKING_URI", None)  # the server is the tracking URI; it must not point at itself
-    env.update({
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-    })
+    env.update(
+        {
+            # MLflow 3 otherwise starts GenAI job consumers we do not use (and leaves a temp dir per start).
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+        }
+    )
     return env
 
 
-def cwd(stack: "LocalStack") -> Path:
+def cwd(stack: StackState) -> Path:
     return data_dir(stack)
 
 
-def healthy(stack: "LocalStack") -> bool:
+def healthy(stack: StackState) -> bool:
     import urllib.request
 
     try:
         with urllib.request.urlopen(f"{stack.mlflow_uri}/health", timeout=3) as resp:
-            return resp.status == 200
+            return bool(resp.status == 200)
     except Exception:
         return False
 
 
-def after_start(stack: "LocalStack") -> None:
+def after_start(stack: StackState) -> None:
     pass
 
 
-def diagnostics(stack: "LocalStack") -> str:
+def diagnostics(stack: StackState) -> str:
     return ""  # everything is in the service's own log
 
 
-def url(stack: "LocalStack") -> str:
+def url(stack: StackState) -> str:
     return stack.mlflow_uri
 
 
-def cleanup(stack: "LocalStack") -> None:
+def cleanup(stack: StackState) -> None:
     pass

@@ -1,17 +1,7 @@
 """Free TCP ports on 127.0.0.1, picked all at once, from a range nobody else picks from.
 
-Every port a service would otherwise take from a fixed default (weed's 9333/8080/8888/8333 and their
-port+10000 gRPC twins, Ray's 6379/8265/10001/52365/44217/44227, MLflow's 5000) is chosen here, so two
-stacks (the test fixture and `services up`, or two CI jobs) never collide.
-
-Where the ports come from matters: a port is closed again between being picked and being bound by
-the service, seconds later. Ports from the kernel's ephemeral range (bind to port 0) are what every
-Ray worker, gRPC server and outgoing connection on the machine is handed at the same time, and one
-of them regularly took a picked port in that window (weed then died with "address already in use").
-So ports are drawn at random between 20000 and the start of the ephemeral range (32768 on Linux):
-above the fixed defaults of weed (<= 19333) and Ray's default worker port range (10002-19999), below
-anything the kernel hands out. Each is checked by binding it; all stay bound until all are known, so
-they are distinct. The ephemeral range is only the fallback where the quiet range is too small.
+Ports are drawn between 20000 and the kernel's ephemeral range (above weed's and Ray's fixed defaults,
+below what the kernel hands out to port-0 binds), checked by binding, all held until all are known.
 """
 
 from __future__ import annotations
@@ -70,4 +60,3 @@ def free_ports(count: int, host: str = LOCALHOST) -> list[int]:
     finally:
         for s in socks:
             s.close()
-

@@ -1,22 +1,13 @@
 """Server processes that outlive the Python process that started them, and stopping them completely.
 
-Why this module exists:
-- `imagenet-ray services up` exits while the servers keep running, and `services down` (a later
-  process) stops them from the pids in state.json. So every server is started in its own session
-  (`start_new_session=True`): no terminal hang-up reaches it, and its session id equals its pid.
-- A pid in a state file may have been reused by an unrelated process after a reboot or a crash, so a
-  pid is only trusted together with its start time (field 22 of /proc/<pid>/stat).
-- Killing the leader alone is not enough: `mlflow server` runs uvicorn, `ray start --block` runs
-  gcs_server, raylet, the dashboard and workers (some in their own process group), and Ray's job
-  supervisor starts each job's entrypoint in a *new session*. The tree to stop is therefore every
-  process in the leader's session plus every descendant of those, tracked while they are reparented.
-  Linux never reuses a pid while it is still some process's session id, so membership by session is
-  safe even after the leader is gone.
-Where /proc is missing (macOS), the fallback signals the leader's process group only.
+Each server gets its own session; a pid is trusted only with its start time (pids get reused); a tree
+to stop is the leader's session plus every descendant, including jobs Ray starts in new sessions.
+Why: docs/architecture.md ("Local services"). Without /proc (macOS) only the process group is signalled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -24,6 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _PROC = Path("/proc")
 
@@ -35,11 +27,11 @@ class ProcessRef:
     pid: int
     start_time: int | None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, int | None]:
         return {"pid": self.pid, "start_time": self.start_time}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ProcessRef":
+    def from_dict(cls, data: dict[str, Any]) -> ProcessRef:
         start = data.get("start_time")
         return cls(int(data["pid"]), None if start is None else int(start))
 
@@ -62,7 +54,7 @@ def _read_stat(pid: int) -> _Stat | None:
     except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
         return None
     # The command name (field 2) is in parentheses and may itself contain spaces or ')'.
-    rest = raw[raw.rfind(")") + 2:].split()
+    rest = raw[raw.rfind(")") + 2 :].split()
     # rest[0] = state (field 3), [1] ppid, [2] pgrp, [3] session, ... [19] starttime (field 22)
     return _Stat(ppid=int(rest[1]), sid=int(rest[3]), state=rest[0], start_time=int(rest[19]))
 
@@ -81,7 +73,9 @@ def _live(st: _Stat | None) -> bool:
     return st is not None and st.state not in ("Z", "X", "x")  # zombies are dead, just not yet reaped
 
 
-def spawn(cmd: list[str], *, env: dict[str, str], cwd: Path, log_path: Path) -> tuple[subprocess.Popen, ProcessRef]:
+def spawn(
+    cmd: list[str], *, env: dict[str, str], cwd: Path, log_path: Path
+) -> tuple[subprocess.Popen[bytes], ProcessRef]:
     """Start `cmd` in its own session, stdout+stderr appended to `log_path`.
 
     The command line is written to the log (it never carries secrets: those travel in `env` or in
@@ -90,8 +84,16 @@ def spawn(cmd: list[str], *, env: dict[str, str], cwd: Path, log_path: Path) -> 
     with open(log_path, "ab") as log:
         log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
         log.flush()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=cwd, start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            close_fds=True,
+        )
     st = _read_stat(proc.pid) if _have_proc() else None
     return proc, ProcessRef(proc.pid, st.start_time if st else None)
 
@@ -103,10 +105,8 @@ def start_time_of(pid: int) -> int | None:
 
 def _reap(pid: int) -> None:
     """Collect the exit status if `pid` is our own child (otherwise it stays a zombie until we exit)."""
-    try:
+    with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
-    except (ChildProcessError, OSError):
-        pass
 
 
 def is_alive(ref: ProcessRef) -> bool:
@@ -121,7 +121,7 @@ def is_alive(ref: ProcessRef) -> bool:
         except PermissionError:
             return True
     st = _read_stat(ref.pid)
-    return _live(st) and (ref.start_time is None or st.start_time == ref.start_time)
+    return st is not None and _live(st) and (ref.start_time is None or st.start_time == ref.start_time)
 
 
 def _family(ref: ProcessRef, table: dict[int, _Stat], known: dict[int, int]) -> dict[int, int]:
@@ -144,10 +144,8 @@ def _family(ref: ProcessRef, table: dict[int, _Stat], known: dict[int, int]) -> 
 
 
 def _signal(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def stop_trees(refs: list[tuple[ProcessRef, float]], kill_wait_s: float = 10.0) -> list[int]:
@@ -164,7 +162,8 @@ def stop_trees(refs: list[tuple[ProcessRef, float]], kill_wait_s: float = 10.0) 
     t0 = time.monotonic()
     known: dict[ProcessRef, dict[int, int]] = {ref: {} for ref, _ in refs}
     sent: dict[ProcessRef, dict[int, set[int]]] = {
-        ref: {signal.SIGTERM: set(), signal.SIGKILL: set()} for ref, _ in refs}
+        ref: {signal.SIGTERM: set(), signal.SIGKILL: set()} for ref, _ in refs
+    }
     deadline = t0 + max(grace for _, grace in refs) + kill_wait_s
     while True:
         table = _proc_table()
@@ -187,20 +186,16 @@ def stop_trees(refs: list[tuple[ProcessRef, float]], kill_wait_s: float = 10.0) 
 def _stop_groups_fallback(refs: list[tuple[ProcessRef, float]], kill_wait_s: float) -> list[int]:
     t0 = time.monotonic()
     for ref, _ in refs:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(ref.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
     killed: set[int] = set()
     deadline = t0 + max(grace for _, grace in refs) + kill_wait_s
     while True:
         alive = [ref for ref, _ in refs if is_alive(ref)]
         for ref, grace in refs:
             if ref in alive and ref.pid not in killed and time.monotonic() - t0 >= grace:
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(ref.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
                 killed.add(ref.pid)
         if not alive or time.monotonic() > deadline:
             return sorted(ref.pid for ref in alive)

@@ -1,50 +1,38 @@
-"""A Ray head node (`ray start --head --block`) that jobs are submitted to.
+"""A Ray head node (`ray start --head --block`) on 127.0.0.1 that jobs are submitted to.
 
-Choices, and why:
-- `--block` as our child in its own session: the process lives as long as the cluster, so stopping is
-  signalling its tree (see process.py), never `ray stop` (which would stop every Ray on the machine).
-- a dedicated short `--temp-dir` (/tmp/irray-<gcs port>): Ray records "the current cluster" in
-  <temp dir>/ray_current_cluster, and a plain `ray.init()` elsewhere looks in /tmp/ray; with our own
-  temp dir an unrelated `ray.init()` starts its own instance instead of attaching to this one. It
-  must be short because Ray's unix sockets live below it (path limit 107 bytes).
-- every port explicit (GCS, dashboard, client server, dashboard agent http/grpc, runtime-env agent,
-  metrics export, object manager, node manager, and the autoscaler/dashboard Prometheus ports that
-  only have env overrides): Ray's defaults are fixed numbers that a second cluster would collide on.
-  Worker ports: `--min-worker-port=0 --max-worker-port=0` lets the OS pick a free port per worker.
-- RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray use 127.0.0.1 as the node address (otherwise it
-  replaces `--node-ip-address=127.0.0.1` with the machine's address, and GCS/raylet/workers listen
-  on all interfaces). It only also disables adding more nodes, which a local head never does.
-- token authentication with a per-stack token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN): Ray 2.60 turns
-  token auth on by itself whenever ~/.ray/auth_token exists, so the mode is set explicitly either
-  way; the token goes to clients through `LocalStack.env()` (env.sh) or `LocalStack.ray_auth_headers()`.
-- the stack's AWS_* / MLFLOW_* variables are in the head's environment, so every job and worker can
-  reach S3 and MLflow without secrets in a runtime_env; PATH starts with this Python's bin directory
-  so a job's `python` is this environment's.
-- `--disable-usage-stats` (and RAY_USAGE_STATS_ENABLED=0): no reporting.
-Ray has no durable state here, so after STOP_GRACE_S the tree is SIGKILLed (a graceful GCS stop
-waits ~30 s for a metrics agent that is already gone). The session's logs are copied to
-root_dir/logs/ray-session before the temp dir is removed.
+Every port explicit, its own short temp dir (an unrelated `ray.init()` never attaches to it), token auth
+with a per-stack token, and the stack's AWS_*/MLFLOW_* variables in every job's environment. Why each
+choice: docs/architecture.md ("Local services").
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from imagenet_ray.services.ports import LOCALHOST
-
-if TYPE_CHECKING:
-    from imagenet_ray.services.stack import LocalStack
+from imagenet_ray.services.state import StackState
 
 NAME = "ray"
 TITLE = "Ray head"
-PORTS = ("gcs", "dashboard", "client_server", "dashboard_agent_http", "dashboard_agent_grpc",
-         "runtime_env_agent", "metrics_export", "object_manager", "node_manager",
-         "autoscaler_metrics", "dashboard_metrics")
+PORTS: tuple[str, ...] = (
+    "gcs",
+    "dashboard",
+    "client_server",
+    "dashboard_agent_http",
+    "dashboard_agent_grpc",
+    "runtime_env_agent",
+    "metrics_export",
+    "object_manager",
+    "node_manager",
+    "autoscaler_metrics",
+    "dashboard_metrics",
+)
 STARTUP_TIMEOUT_S = 60.0
+# Ray keeps no durable state here, and a graceful GCS stop waits for an agent that is already gone.
 STOP_GRACE_S = 5.0
 
 
@@ -54,7 +42,8 @@ def default_num_cpus() -> int:
     return max(4, 2 * (os.cpu_count() or 1))
 
 
-def temp_dir(stack: "LocalStack") -> Path:
+def temp_dir(stack: StackState) -> Path:
+    """Short on purpose: Ray's unix sockets live below it (path limit 107 bytes)."""
     base = Path("/tmp") if Path("/tmp").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
     return base / f"irray-{stack.ports['gcs']}"
 
@@ -67,49 +56,62 @@ def _cli() -> list[str]:
     return [found] if found else [sys.executable, "-m", "ray.scripts.scripts"]
 
 
-def prepare(stack: "LocalStack") -> None:
+def prepare(stack: StackState) -> None:
     # A directory left by a crashed head on the same (now free) port is stale.
     shutil.rmtree(temp_dir(stack), ignore_errors=True)
 
 
-def command(stack: "LocalStack") -> list[str]:
+def command(stack: StackState) -> list[str]:
     p = stack.ports
+    # --block as our child in its own session: stopping is signalling its tree, never `ray stop`
+    # (which stops every Ray on the machine). Worker ports 0/0: the OS picks one per worker.
     return [
-        *_cli(), "start", "--head", "--block",
-        f"--node-ip-address={LOCALHOST}", f"--port={p['gcs']}",
-        "--include-dashboard=true", f"--dashboard-host={LOCALHOST}", f"--dashboard-port={p['dashboard']}",
+        *_cli(),
+        "start",
+        "--head",
+        "--block",
+        f"--node-ip-address={LOCALHOST}",
+        f"--port={p['gcs']}",
+        "--include-dashboard=true",
+        f"--dashboard-host={LOCALHOST}",
+        f"--dashboard-port={p['dashboard']}",
         f"--ray-client-server-port={p['client_server']}",
         f"--dashboard-agent-listen-port={p['dashboard_agent_http']}",
         f"--dashboard-agent-grpc-port={p['dashboard_agent_grpc']}",
         f"--runtime-env-agent-port={p['runtime_env_agent']}",
         f"--metrics-export-port={p['metrics_export']}",
-        f"--object-manager-port={p['object_manager']}", f"--node-manager-port={p['node_manager']}",
-        "--min-worker-port=0", "--max-worker-port=0",
+        f"--object-manager-port={p['object_manager']}",
+        f"--node-manager-port={p['node_manager']}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
         f"--num-cpus={stack.ray_num_cpus}",
         "--disable-usage-stats",
         f"--temp-dir={temp_dir(stack)}",
     ]
 
 
-def environ(stack: "LocalStack", base: dict[str, str]) -> dict[str, str]:
+def environ(stack: StackState, base: dict[str, str]) -> dict[str, str]:
     env = {**base, **stack.env()}
     env.pop("RAY_ADDRESS")  # the job supervisor sets it (to the GCS) for each job's driver
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, *(d for d in env.get("PATH", "").split(os.pathsep) if d and d != bin_dir)])
-    env.update({
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "AUTOSCALER_METRIC_PORT": str(stack.ports["autoscaler_metrics"]),
-        "DASHBOARD_METRIC_PORT": str(stack.ports["dashboard_metrics"]),
-    })
+    env.update(
+        {
+            # Keeps --node-ip-address=127.0.0.1 (Ray would otherwise listen on the machine's address).
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "AUTOSCALER_METRIC_PORT": str(stack.ports["autoscaler_metrics"]),
+            "DASHBOARD_METRIC_PORT": str(stack.ports["dashboard_metrics"]),
+        }
+    )
     return env
 
 
-def cwd(stack: "LocalStack") -> Path:
+def cwd(stack: StackState) -> Path:
     return stack.root_dir
 
 
-def healthy(stack: "LocalStack") -> bool:
+def healthy(stack: StackState) -> bool:
     """The job API answers (authenticated) and the head node is ALIVE in the GCS.
 
     The node check matters: the dashboard answers before the raylet is up, and a raylet whose agent
@@ -117,10 +119,10 @@ def healthy(stack: "LocalStack") -> bool:
     import json
     import urllib.request
 
-    def get(path: str):
+    def get(path: str) -> tuple[int, bytes]:
         req = urllib.request.Request(f"{stack.dashboard_url}{path}", headers=stack.ray_auth_headers())
         with urllib.request.urlopen(req, timeout=3) as resp:
-            return resp.status, resp.read()
+            return int(resp.status), bytes(resp.read())
 
     try:
         status, _ = get("/api/jobs/")
@@ -133,36 +135,37 @@ def healthy(stack: "LocalStack") -> bool:
         return False
 
 
-def after_start(stack: "LocalStack") -> None:
+def after_start(stack: StackState) -> None:
     pass
 
 
-def diagnostics(stack: "LocalStack") -> str:
+def diagnostics(stack: StackState) -> str:
     """Tails of the session's error logs (agents, raylet): why a head died is rarely in ray.log."""
     logs = temp_dir(stack) / "session_latest" / "logs"
     parts = []
     for path in sorted(logs.glob("*.err")) + sorted(logs.glob("*agent*.log")):
-        try:
+        with contextlib.suppress(OSError):
             parts.append(path.read_bytes()[-16384:].decode(errors="replace"))
-        except OSError:
-            pass
     return "\n".join(parts)
 
 
-def url(stack: "LocalStack") -> str:
+def url(stack: StackState) -> str:
     return f"{stack.dashboard_url} (GCS {stack.ray_gcs_address})"
 
 
-def cleanup(stack: "LocalStack") -> None:
+def cleanup(stack: StackState) -> None:
     """Keep the session's logs (job drivers, raylet, agents) under root_dir/logs/ray-session, replacing
     the previous copy, then remove the temp dir."""
     session_logs = temp_dir(stack) / "session_latest" / "logs"
     if session_logs.is_dir():
         dest = stack.logs_dir / "ray-session"
         shutil.rmtree(dest, ignore_errors=True)
-        try:
-            shutil.copytree(session_logs, dest, symlinks=True, ignore_dangling_symlinks=True,
-                            ignore=shutil.ignore_patterns("*.sock", "events", "export_events"))
-        except (OSError, shutil.Error):
-            pass  # best effort: logs must never keep a stop from finishing
+        with contextlib.suppress(OSError, shutil.Error):  # best effort: logs must never keep a stop from finishing
+            shutil.copytree(
+                session_logs,
+                dest,
+                symlinks=True,
+                ignore_dangling_symlinks=True,
+                ignore=shutil.ignore_patterns("*.sock", "events", "export_events"),
+            )
     shutil.rmtree(temp_dir(stack), ignore_errors=True)

@@ -39,12 +39,16 @@ class EvalTotals:
         self.top1 += int(correct[0])
         self.top5 += int(correct[1])
 
-    def reduced(self, device: torch.device) -> "EvalTotals":
+    def reduced(self, device: torch.device) -> EvalTotals:
         t = torch.tensor([self.loss_sum, self.samples, self.top1, self.top5], dtype=torch.float64, device=device)
         loss_sum, samples, top1, top5 = all_reduce_sum(t).tolist()
         return EvalTotals(loss_sum, int(samples), int(top1), int(top5))
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
         n = max(1, self.samples)
-        return {f"{prefix}/loss": self.loss_sum / n, f"{prefix}/top1": self.top1 / n,
-                f"{prefix}/top5": self.top5 / n, f"{prefix}/images": float(self.samples)}
+        return {
+            f"{prefix}/loss": self.loss_sum / n,
+            f"{prefix}/top1": self.top1 / n,
+            f"{prefix}/top5": self.top5 / n,
+            f"{prefix}/images": float(self.samples),
+        }

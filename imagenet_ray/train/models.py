@@ -4,26 +4,27 @@ with the init and architecture tweaks the recipes use."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
+import timm.layers
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+import torchvision.models
+import torchvision.models.resnet as resnet
 
 
-class BlurPool2d(nn.Module):
-    """Fixed [1, 2, 1]⊗[1, 2, 1] low-pass filter per channel (Zhang 2019), stride 1: placed before a
-    strided conv it removes the aliasing of the subsampling (FFCV's ResNet-50 recipes use it)."""
+class BlurPool2d(timm.layers.BlurPool2d):
+    """timm's binomial blur as FFCV's ResNet recipes place it (Zhang 2019): a fixed [1, 2, 1]⊗[1, 2, 1]
+    filter per channel, stride 1 and zero padding, before a strided conv that then does the subsampling."""
 
-    def __init__(self, channels: int):
-        super().__init__()
-        k = torch.tensor([1.0, 2.0, 1.0])
-        kernel = (k[:, None] * k[None, :]) / 16.0
-        self.register_buffer("kernel", kernel.expand(channels, 1, 3, 3).clone(), persistent=False)
-        self.channels = channels
+    def __init__(self, channels: int) -> None:
+        # zero padding as FFCV's BlurPoolConv2d (timm's default reflect padding fails on 1×1 maps of small inputs)
+        super().__init__(channels, filt_size=3, stride=1, pad_mode="constant")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Zero padding, as FFCV's BlurPoolConv2d (reflect padding fails on 1×1 maps of small inputs).
-        return F.conv2d(x, self.kernel.to(x.dtype), padding=1, groups=self.channels)
+    @property
+    def kernel(self) -> torch.Tensor:
+        """The (channels, 1, 3, 3) filter (timm's non-persistent `filt` buffer)."""
+        return self.get_buffer("filt")
 
 
 def add_blurpool(model: nn.Module) -> int:
@@ -39,22 +40,19 @@ def add_blurpool(model: nn.Module) -> int:
 
 
 def build_model(name: str, num_classes: int, zero_init_residual: bool = False, blurpool: bool = False) -> nn.Module:
-    import torchvision.models
-
-    kwargs = {"weights": None, "num_classes": num_classes}
+    """Randomly initialised torchvision `name`; blurpool wraps strided convs (module names change, see add_blurpool)."""
+    kwargs: dict[str, object] = {"weights": None, "num_classes": num_classes}
     builder = torchvision.models.get_model_builder(name)
     # zero_init_residual exists on the ResNet family; other families have no residual BN to zero.
     if zero_init_residual and "zero_init_residual" in _builder_kwargs(builder):
         kwargs["zero_init_residual"] = True
-    model = builder(**kwargs)
+    model: nn.Module = builder(**kwargs)
     if blurpool:
         add_blurpool(model)
     return model
 
 
-def _builder_kwargs(builder) -> set[str]:
-    import torchvision.models.resnet as resnet
-
+def _builder_kwargs(builder: Callable[..., nn.Module]) -> set[str]:
     params = set(inspect.signature(builder).parameters)
     if "kwargs" in params and builder.__module__ == resnet.__name__:
         params |= set(inspect.signature(resnet.ResNet).parameters)

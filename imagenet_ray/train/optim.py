@@ -9,8 +9,13 @@ import torch
 import torch.nn as nn
 
 # Module types whose parameters get no weight decay (decided by module type, not parameter name).
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
-               nn.LocalResponseNorm)
+_NORM_TYPES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
 
 
 def scaled_lr(lr_per_256: float, global_batch: int) -> float:
@@ -73,18 +78,29 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_and_bias: 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float, nesterov: bool = False,
-              no_decay_norm_and_bias: bool = True) -> torch.optim.SGD:
-    return torch.optim.SGD(param_groups(model, weight_decay, no_decay_norm_and_bias), lr=lr, momentum=momentum,
-                           nesterov=nesterov)
+def build_sgd(
+    model: nn.Module,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool = False,
+    no_decay_norm_and_bias: bool = True,
+) -> torch.optim.SGD:
+    return torch.optim.SGD(
+        param_groups(model, weight_decay, no_decay_norm_and_bias), lr=lr, momentum=momentum, nesterov=nesterov
+    )
 
 
 def schedule_from_config(optim_cfg, peak_lr: float, steps_per_epoch: int, epochs: int) -> LrSchedule:
     """The run's LR schedule in optimizer steps (micro-batches / grad_accum_steps)."""
     return LrSchedule(
-        peak_lr=peak_lr, total_steps=steps_per_epoch * epochs,
-        warmup_steps=int(round(optim_cfg.warmup_epochs * steps_per_epoch)), schedule=optim_cfg.schedule,
-        steps_per_epoch=steps_per_epoch, step_epochs=optim_cfg.step_epochs, step_gamma=optim_cfg.step_gamma,
+        peak_lr=peak_lr,
+        total_steps=steps_per_epoch * epochs,
+        warmup_steps=round(optim_cfg.warmup_epochs * steps_per_epoch),
+        schedule=optim_cfg.schedule,
+        steps_per_epoch=steps_per_epoch,
+        step_epochs=optim_cfg.step_epochs,
+        step_gamma=optim_cfg.step_gamma,
         warmup_start_factor=optim_cfg.warmup_start_factor,
     )
 
@@ -104,8 +120,9 @@ class WorldScale:
     steps_per_epoch: int
 
 
-def scale_for_world(num_train: int, world_size: int, batch_size: int, grad_accum_steps: int,
-                    lr_per_256: float) -> WorldScale:
+def scale_for_world(
+    num_train: int, world_size: int, batch_size: int, grad_accum_steps: int, lr_per_256: float
+) -> WorldScale:
     """streaming_split(equal=True) gives each worker floor(num_train / world) rows; one optimizer
     step per grad_accum_steps micro-batches (a last partial group also steps)."""
     global_batch = batch_size * world_size * grad_accum_steps

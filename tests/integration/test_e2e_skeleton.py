@@ -24,15 +24,31 @@ CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 100, 10
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "imagenet_ray", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "imagenet_ray", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _submit(stack, entrypoint_args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     """`ray job submit` from the repo, as in the README, waiting for the job to finish."""
     ray_cli = str(Path(sys.executable).with_name("ray"))
-    cmd = [ray_cli, "job", "submit", "--address", stack.dashboard_url, "--working-dir", str(REPO), "--",
-           "python", *entrypoint_args]
+    cmd = [
+        ray_cli,
+        "job",
+        "submit",
+        "--address",
+        stack.dashboard_url,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        *entrypoint_args,
+    ]
     env = {**os.environ, **stack.env()}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -46,8 +62,22 @@ def stack_env(local_stack):
 @pytest.fixture(scope="module")
 def raw_url(local_stack, stack_env):
     url = f"s3://imagenet/raw-{uuid.uuid4().hex[:8]}"
-    done = _cli(["synth", "--out", url, "--classes", str(CLASSES), "--train-per-class", str(TRAIN_PER_CLASS),
-                 "--val-per-class", str(VAL_PER_CLASS), "--seed", "7"], stack_env)
+    done = _cli(
+        [
+            "synth",
+            "--out",
+            url,
+            "--classes",
+            str(CLASSES),
+            "--train-per-class",
+            str(TRAIN_PER_CLASS),
+            "--val-per-class",
+            str(VAL_PER_CLASS),
+            "--seed",
+            "7",
+        ],
+        stack_env,
+    )
     assert done.returncode == 0, done.stderr
     return url
 
@@ -57,19 +87,32 @@ def test_prepare_and_train_through_ray_jobs(local_stack, raw_url):
     prep = _submit(local_stack, ["jobs/prepare.py", "--source", raw_url, "--out", prepared_url, "--shard-mb", "8"])
     assert prep.returncode == 0, prep.stdout[-3000:] + prep.stderr[-3000:]
 
-    s3 = boto3.client("s3", endpoint_url=local_stack.s3_endpoint, aws_access_key_id=local_stack.access_key,
-                      aws_secret_access_key=local_stack.secret_key, region_name=local_stack.region)
-    bucket, prefix = prepared_url[len("s3://"):].split("/", 1)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=local_stack.s3_endpoint,
+        aws_access_key_id=local_stack.access_key,
+        aws_secret_access_key=local_stack.secret_key,
+        region_name=local_stack.region,
+    )
+    bucket, prefix = prepared_url[len("s3://") :].split("/", 1)
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/_manifest.json")["Body"].read())
     assert manifest["splits"]["train"]["num_images"] == CLASSES * TRAIN_PER_CLASS
     assert manifest["splits"]["val"]["num_images"] == CLASSES * VAL_PER_CLASS
 
     run_name = f"smoke-{uuid.uuid4().hex[:8]}"
-    train = _submit(local_stack, [
-        "jobs/train.py", "--config", "configs/smoke.yaml", f"name={run_name}", f"data.url={prepared_url}",
-        "train.storage_path=s3://checkpoints/runs", f"mlflow.tracking_uri={local_stack.mlflow_uri}",
-        "mlflow.experiment=integration",
-    ])
+    train = _submit(
+        local_stack,
+        [
+            "jobs/train.py",
+            "--config",
+            "configs/smoke.yaml",
+            f"name={run_name}",
+            f"data.url={prepared_url}",
+            "train.storage_path=s3://checkpoints/runs",
+            f"mlflow.tracking_uri={local_stack.mlflow_uri}",
+            "mlflow.experiment=integration",
+        ],
+    )
     assert train.returncode == 0, train.stdout[-5000:] + train.stderr[-3000:]
     assert "final: val/top1=" in train.stdout
 
@@ -109,8 +152,9 @@ def test_wrong_credentials_give_one_clear_line(local_stack, stack_env, raw_url):
 
 
 def test_missing_source_prefix_is_named(local_stack, stack_env):
-    done = _cli(["prepare", "--source", "s3://imagenet/no-such-prefix", "--out", "s3://imagenet/never"],
-                stack_env, timeout=120)
+    done = _cli(
+        ["prepare", "--source", "s3://imagenet/no-such-prefix", "--out", "s3://imagenet/never"], stack_env, timeout=120
+    )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "s3://imagenet/no-such-prefix" in lines[0] and "nothing found" in lines[0], done.stderr

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-import layout_fixtures as lf  # noqa: E402
+import layout_fixtures as lf
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -29,16 +29,41 @@ def test_tarballs_on_s3_prepare_verify_and_mlflow_dataset(local_stack, tmp_path,
     prefix = f"s3://imagenet/tars-{uuid.uuid4().hex[:8]}"
     for path in Path(local).rglob("*"):
         if path.is_file():
-            storage.write_bytes_atomic(storage.resolve(f"{prefix}/{path.relative_to(local).as_posix()}"),
-                                       path.read_bytes())
+            storage.write_bytes_atomic(
+                storage.resolve(f"{prefix}/{path.relative_to(local).as_posix()}"), path.read_bytes()
+            )
     out = f"{prefix}-prepared"
-    done = subprocess.run([sys.executable, "-m", "imagenet_ray", "prepare", "--source", prefix, "--out", out,
-                           "--shard-mb", "0.01", "--mlflow-uri", local_stack.mlflow_uri],
-                          env={**env, "RAY_ADDRESS": ""}, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imagenet_ray",
+            "prepare",
+            "--source",
+            prefix,
+            "--out",
+            out,
+            "--shard-mb",
+            "0.01",
+            "--mlflow-uri",
+            local_stack.mlflow_uri,
+        ],
+        env={**env, "RAY_ADDRESS": ""},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tars layout" in done.stdout
-    checked = subprocess.run([sys.executable, "-m", "imagenet_ray", "verify", out], env=env, cwd=REPO,
-                             capture_output=True, text=True, timeout=120)
+    checked = subprocess.run(
+        [sys.executable, "-m", "imagenet_ray", "verify", out],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert checked.returncode == 0 and "match the manifest" in checked.stdout, checked.stderr
 
     client = MlflowClient(local_stack.mlflow_uri)

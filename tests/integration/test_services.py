@@ -28,10 +28,19 @@ RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
 
 def _client(stack, access_key=None, secret_key=None, unsigned=False):
-    cfg = Config(retries={"max_attempts": 1}, s3={"addressing_style": "path"},
-                 **({"signature_version": UNSIGNED} if unsigned else {}))
-    kwargs = {} if unsigned else {"aws_access_key_id": access_key or stack.access_key,
-                                  "aws_secret_access_key": secret_key or stack.secret_key}
+    cfg = Config(
+        retries={"max_attempts": 1},
+        s3={"addressing_style": "path"},
+        **({"signature_version": UNSIGNED} if unsigned else {}),
+    )
+    kwargs = (
+        {}
+        if unsigned
+        else {
+            "aws_access_key_id": access_key or stack.access_key,
+            "aws_secret_access_key": secret_key or stack.secret_key,
+        }
+    )
     return boto3.client("s3", endpoint_url=stack.s3_endpoint, region_name=stack.region, config=cfg, **kwargs)
 
 
@@ -52,9 +61,9 @@ def test_s3_refuses_anonymous_and_wrong_credentials(local_stack):
     wrong_key = _client(local_stack, access_key="AKIANOTTHISSTACK0000")
     anonymous = _client(local_stack, unsigned=True)
     for client in (wrong_secret, wrong_key, anonymous):
-        _refused(lambda: client.get_object(Bucket="imagenet", Key=key))
-        _refused(lambda: client.list_objects_v2(Bucket="imagenet"))
-        _refused(lambda: client.put_object(Bucket="imagenet", Key=f"{key}-intruder", Body=b"x"))
+        _refused(lambda c=client: c.get_object(Bucket="imagenet", Key=key))
+        _refused(lambda c=client: c.list_objects_v2(Bucket="imagenet"))
+        _refused(lambda c=client: c.put_object(Bucket="imagenet", Key=f"{key}-intruder", Body=b"x"))
     assert _refused(lambda: wrong_secret.get_object(Bucket="imagenet", Key=key)) == "SignatureDoesNotMatch"
     assert _refused(lambda: anonymous.get_object(Bucket="imagenet", Key=key)) == "AccessDenied"
 
@@ -137,7 +146,8 @@ def test_ray_head_runs_jobs_with_the_stack_environment(local_stack):
 
     client = JobSubmissionClient(local_stack.dashboard_url, headers=local_stack.ray_auth_headers())
     job_id = client.submit_job(
-        entrypoint="""python -c "import os; print('endpoint=' + os.environ['AWS_ENDPOINT_URL'])" """)
+        entrypoint="""python -c "import os; print('endpoint=' + os.environ['AWS_ENDPOINT_URL'])" """
+    )
     status = _wait_job(client, job_id)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs
@@ -149,9 +159,20 @@ def test_ray_job_submit_cli_with_the_stack_env(local_stack):
     """As in the README: `source .services/env.sh; ray job submit -- python ...` (env.sh == env())."""
     env = {**os.environ, **local_stack.env()}
     done = subprocess.run(
-        [RAY_CLI, "job", "submit", "--", "python", "-c",
-         "import os, sys; print('mlflow=' + os.environ['MLFLOW_TRACKING_URI']); print('python=' + sys.executable)"],
-        env=env, capture_output=True, text=True, timeout=180)
+        [
+            RAY_CLI,
+            "job",
+            "submit",
+            "--",
+            "python",
+            "-c",
+            "import os, sys; print('mlflow=' + os.environ['MLFLOW_TRACKING_URI']); print('python=' + sys.executable)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"mlflow={local_stack.mlflow_uri}" in done.stdout
     # A job's `python` is this environment's, even without an activated venv.
@@ -160,11 +181,13 @@ def test_ray_job_submit_cli_with_the_stack_env(local_stack):
 
 def test_unrelated_ray_init_does_not_attach_to_the_stack(local_stack):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    code = ("import ray; ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False); "
-            "print('GCS=' + ray.get_runtime_context().gcs_address); ray.shutdown()")
+    code = (
+        "import ray; ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False); "
+        "print('GCS=' + ray.get_runtime_context().gcs_address); ray.shutdown()"
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    gcs = [line for line in done.stdout.splitlines() if line.startswith("GCS=")][-1][len("GCS="):]
+    gcs = [line for line in done.stdout.splitlines() if line.startswith("GCS=")][-1][len("GCS=") :]
     assert gcs != local_stack.ray_gcs_address
     assert gcs.rsplit(":", 1)[1] != str(local_stack.ports["gcs"])
 
@@ -187,8 +210,9 @@ def test_up_status_down_through_the_cli_functions(tmp_path, capsys):
         assert f"http://127.0.0.1:{state['ports']['s3']}" in out and "env.sh" in out
 
         # Sourcing env.sh gives a shell what env() gives Python.
-        shown = subprocess.run(["bash", "-c", f"source {state_dir / 'env.sh'} && env"], capture_output=True,
-                               text=True, check=True).stdout
+        shown = subprocess.run(
+            ["bash", "-c", f"source {state_dir / 'env.sh'} && env"], capture_output=True, text=True, check=True
+        ).stdout
         assert f"AWS_ENDPOINT_URL=http://127.0.0.1:{state['ports']['s3']}" in shown.splitlines()
 
         assert status(state_dir) == 0

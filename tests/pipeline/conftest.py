@@ -8,8 +8,9 @@ def local_ray():
     import ray
 
     # Our own local instance (never an existing cluster): training workers + decode tasks on 2 cores.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _node_ip_address="127.0.0.1")
+    ray.init(
+        num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False, _node_ip_address="127.0.0.1"
+    )
     yield ray
     ray.shutdown()
 

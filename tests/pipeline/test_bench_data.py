@@ -40,9 +40,21 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
 
     cores = min(2, len(os.sched_getaffinity(0)))
     # --s3 without a URL: the benchmark starts (and stops) its own SeaweedFS for the S3 side.
-    report = run_data_bench(str(jpeg_folder), crop=32, resize=40, eval_crop=32, max_side=64, passes=1, cores=cores,
-                            epochs=2, batch_size=8, kernel_batch=8, shard_mb=0.02, s3=LOCAL_S3,
-                            work_dir=str(tmp_path / "work"))
+    report = run_data_bench(
+        str(jpeg_folder),
+        crop=32,
+        resize=40,
+        eval_crop=32,
+        max_side=64,
+        passes=1,
+        cores=cores,
+        epochs=2,
+        batch_size=8,
+        kernel_batch=8,
+        shard_mb=0.02,
+        s3=LOCAL_S3,
+        work_dir=str(tmp_path / "work"),
+    )
 
     kernel = report["kernel"]["variants"]
     assert set(kernel) == {"original", "max_side_64"}
@@ -76,17 +88,45 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
     assert gpu.get("skipped") == "no CUDA device" or all(v["best"] > 0 for v in gpu["variants"].values())
 
     text = format_report(report)
-    for heading in ("train decoder: libjpeg-turbo", "whole decode", "crop decode gain",
-                    "1. kernel", "2. end to end", "3. GPU decode", "ours / torchvision", "Ray (local) / DataLoader",
-                    "Ray (S3) / DataLoader", "Parquet on S3", "object store peak"):
+    for heading in (
+        "train decoder: libjpeg-turbo",
+        "whole decode",
+        "crop decode gain",
+        "1. kernel",
+        "2. end to end",
+        "3. GPU decode",
+        "ours / torchvision",
+        "Ray (local) / DataLoader",
+        "Ray (S3) / DataLoader",
+        "Parquet on S3",
+        "object store peak",
+    ):
         assert heading in text
     json.dumps(report)  # the --json payload
 
     # The CLI entry point (what `imagenet-ray bench data` runs), kernel only, writing JSON.
     parser = add_bench_data_args(argparse.ArgumentParser())
     out = tmp_path / "bench.json"
-    args = parser.parse_args(["--images", str(jpeg_folder), "--limit", "6", "--crop", "32", "--resize", "40",
-                              "--eval-crop", "32", "--passes", "1", "--skip-e2e", "--skip-gpu", "--json", str(out)])
+    args = parser.parse_args(
+        [
+            "--images",
+            str(jpeg_folder),
+            "--limit",
+            "6",
+            "--crop",
+            "32",
+            "--resize",
+            "40",
+            "--eval-crop",
+            "32",
+            "--passes",
+            "1",
+            "--skip-e2e",
+            "--skip-gpu",
+            "--json",
+            str(out),
+        ]
+    )
     assert run_bench_data(args) == 0
     saved = json.loads(out.read_text())
     assert saved["images"]["count"] == 6 and "e2e" not in saved and "kernel" in saved
@@ -96,9 +136,31 @@ def test_kernel_in_fresh_processes_reports_each_and_the_median(jpeg_folder, tmp_
     from imagenet_ray.bench.data import main
 
     out = tmp_path / "bench.json"
-    assert main(["--images", str(jpeg_folder), "--crop", "32", "--resize", "40", "--eval-crop", "32",
-                 "--max-side", "64", "--passes", "1", "--kernel-processes", "2", "--skip-e2e", "--skip-gpu",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--images",
+                str(jpeg_folder),
+                "--crop",
+                "32",
+                "--resize",
+                "40",
+                "--eval-crop",
+                "32",
+                "--max-side",
+                "64",
+                "--passes",
+                "1",
+                "--kernel-processes",
+                "2",
+                "--skip-e2e",
+                "--skip-gpu",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     kernel = json.loads(out.read_text())["kernel"]
     assert kernel["processes"]["count"] == 2
     for name, v in kernel["processes"]["variants"].items():

@@ -12,7 +12,7 @@ import pytest
 from imagenet_ray.data.prepare import PrepareOptions, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-import layout_fixtures as lf  # noqa: E402  (the unit layer's builders of every layout)
+import layout_fixtures as lf
 
 pytestmark = pytest.mark.ray
 
@@ -20,12 +20,16 @@ pytestmark = pytest.mark.ray
 @pytest.mark.parametrize("layout", ["kaggle", "folders", "devkit", "tars"])
 def test_every_layout_conserves_every_image(local_ray, tmp_path, layout):
     ds = lf.mini_imagenet()
-    root = {"kaggle": lf.write_kaggle, "folders": lf.write_folders, "devkit": lf.write_devkit,
-            "tars": lf.write_tars}[layout](tmp_path / "raw", ds)
+    root = {"kaggle": lf.write_kaggle, "folders": lf.write_folders, "devkit": lf.write_devkit, "tars": lf.write_tars}[
+        layout
+    ](tmp_path / "raw", ds)
     broken = 0
     if layout != "tars":  # a truncated JPEG among the train images of a file-based layout
-        folder = next(p for p in (Path(root)).rglob("*") if p.is_dir() and p.name == lf.SORTED_WNIDS[0]
-                      and "train" in p.as_posix())
+        folder = next(
+            p
+            for p in (Path(root)).rglob("*")
+            if p.is_dir() and p.name == lf.SORTED_WNIDS[0] and "train" in p.as_posix()
+        )
         (folder / f"{lf.SORTED_WNIDS[0]}_broken.JPEG").write_bytes(lf.jpeg(99)[:120])
         broken = 1
     result = prepare(str(root), str(tmp_path / "out"), PrepareOptions(shard_mb=0.01, max_quarantine_frac=0.5))

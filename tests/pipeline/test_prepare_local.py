@@ -46,7 +46,8 @@ def test_manifest_checksums_and_mixed_shards(prepared):
     mixed = [len({r["wnid"] for r in pq.read_table(root / s["path"]).to_pylist()}) for s in shards]
     assert max(mixed) >= 2, mixed
     assert json.loads((root / "_manifest.json").read_text())["splits"]["val"]["per_class"] == {
-        w: 7 for w in manifest["classes"]}
+        w: 7 for w in manifest["classes"]
+    }
 
 
 def test_val_split_is_exact_across_workers(local_ray, prepared):

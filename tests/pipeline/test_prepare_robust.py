@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from imagenet_ray.data.decode import decode_rgb
-from imagenet_ray.data.prepare import MANIFEST_NAME, RECEIPTS_DIR, REPORT_NAME, PrepareOptions, prepare
+from imagenet_ray.data.format import MANIFEST_NAME, RECEIPTS_DIR, REPORT_NAME
+from imagenet_ray.data.prepare import PrepareOptions, prepare
 from imagenet_ray.data.verify import verify
 
 pytestmark = pytest.mark.ray
@@ -64,10 +65,13 @@ def test_quarantine_conversions_and_conservation(local_ray, quirky_raw, tmp_path
     assert reasons["text"].startswith("not an image")
     assert train["notes"]["cmyk"] == 1 and train["notes"]["png"] == 1
     # input images = written + quarantined, for both splits, no key twice
-    for split, s in result.report["splits"].items():
+    for s in result.report["splits"].values():
         assert s["conserved"] and s["listed"] == s["written"] + s["quarantined"]
-    rows = [r for s in result.manifest["splits"]["train"]["shards"]
-            for r in pq.read_table(tmp_path / "out" / s["path"]).to_pylist()]
+    rows = [
+        r
+        for s in result.manifest["splits"]["train"]["shards"]
+        for r in pq.read_table(tmp_path / "out" / s["path"]).to_pylist()
+    ]
     keys = [r["key"] for r in rows]
     assert len(keys) == len(set(keys)) == train["written"]
     by_name = {r["key"].rsplit("/", 1)[-1]: r for r in rows}
@@ -111,8 +115,9 @@ def test_verify_catches_a_corrupted_shard(local_ray, prepared):
         _, bad = verify(str(root))
         assert [b.path for b in bad] == [manifest["splits"]["train"]["shards"][1]["path"]]
         assert "sha256" in bad[0].problem
-        done = subprocess.run([sys.executable, "-m", "imagenet_ray", "verify", str(root)], capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "imagenet_ray", "verify", str(root)], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 1 and "shard-00001" in done.stderr.strip().splitlines()[-1]
     finally:
         shard.write_bytes(original)
@@ -133,14 +138,25 @@ def test_killed_run_resumes_to_identical_output(synth_raw, tmp_path):
     raw, _ = synth_raw
     args = ["--source", str(raw), "--shard-mb", "0.1"]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    clean = subprocess.run([sys.executable, "-m", "imagenet_ray", "prepare", *args, "--out", str(tmp_path / "clean")],
-                           capture_output=True, text=True, env=env, timeout=300)
+    clean = subprocess.run(
+        [sys.executable, "-m", "imagenet_ray", "prepare", *args, "--out", str(tmp_path / "clean")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert clean.returncode == 0, clean.stderr[-2000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "imagenet_ray", "prepare", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    total = sum(len(s["shards"]) for s in json.loads((tmp_path / "clean" / MANIFEST_NAME).read_text())["splits"].values())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagenet_ray", "prepare", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    clean_splits = json.loads((tmp_path / "clean" / MANIFEST_NAME).read_text())["splits"]
+    total = sum(len(s["shards"]) for s in clean_splits.values())
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         receipts = list((out / RECEIPTS_DIR).rglob("*.json")) if (out / RECEIPTS_DIR).exists() else []
@@ -151,10 +167,15 @@ def test_killed_run_resumes_to_identical_output(synth_raw, tmp_path):
     proc.wait(timeout=30)
     assert not (out / MANIFEST_NAME).exists(), "killed too late: the run had finished"
     done_before = len(list((out / RECEIPTS_DIR).rglob("*.json")))
-    assert 0 < done_before
+    assert done_before > 0
 
-    resumed = subprocess.run([sys.executable, "-m", "imagenet_ray", "prepare", *args, "--out", str(out)],
-                             capture_output=True, text=True, env=env, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "imagenet_ray", "prepare", *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     # Tasks of the killed run may still finish a shard after the kill: at least what we saw is reused.
     import re

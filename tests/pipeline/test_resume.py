@@ -21,11 +21,21 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _cfg(root, tmp_path, *overrides):
-    return load_config("configs/smoke.yaml", [
-        f"data.url={root}", f"train.storage_path={tmp_path / 'runs'}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "data.batch_size=4", "data.val_batch_size=8",
-        "data.train_crop=32", "data.val_resize=40", "data.val_crop=32", "data.local_shuffle_buffer=8", *overrides,
-    ])
+    return load_config(
+        "configs/smoke.yaml",
+        [
+            f"data.url={root}",
+            f"train.storage_path={tmp_path / 'runs'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "data.batch_size=4",
+            "eval.batch_size=8",
+            "data.train_crop=32",
+            "eval.resize=40",
+            "eval.crop=32",
+            "data.local_shuffle_buffer=8",
+            *overrides,
+        ],
+    )
 
 
 def test_resume_is_exact_at_epoch_boundaries(local_ray, prepared, tmp_path):
@@ -113,8 +123,10 @@ def test_killed_worker_restarts_from_checkpoint_same_mlflow_run(local_ray, prepa
     assert killed, "no training worker was killed"
     assert metrics["epoch"] == 2
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("imagenet-ray-smoke").experiment_id],
-                              filter_string="tags.`imagenet_ray.run_name` = 'killed'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("imagenet-ray-smoke").experiment_id],
+        filter_string="tags.`imagenet_ray.run_name` = 'killed'",
+    )
     assert len(runs) == 1, "the restart must continue the same MLflow run"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/top1")]
     assert steps == [1, 2], f"each epoch logged exactly once, got {steps}"

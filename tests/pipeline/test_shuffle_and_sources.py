@@ -3,15 +3,19 @@
 import numpy as np
 import pytest
 
-from imagenet_ray.data.pipeline import RawLayoutDataset, build_train_dataset, build_val_dataset, open_prepared
-from imagenet_ray.data.layouts import detect_and_list
+from imagenet_ray.data import format as format_
+from imagenet_ray.data.format import open_prepared
+from imagenet_ray.data.layouts import detect_and_list, val_index_of
+from imagenet_ray.data.pipeline import RawLayoutDataset, build_train_dataset, build_val_dataset
 
 pytestmark = pytest.mark.ray
 
 
 def _epoch_labels(ds, batch_size, buffer):
-    return [b["label"] for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                                local_shuffle_buffer_size=buffer)]
+    return [
+        b["label"]
+        for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=buffer)
+    ]
 
 
 def test_batches_are_close_to_iid_and_reshuffled_each_epoch(local_ray, prepared):
@@ -44,12 +48,10 @@ def test_raw_layout_source_reads_every_image_once(local_ray, synth_raw):
 def test_read_and_decode_run_as_one_task_per_shard(local_ray, prepared, monkeypatch):
     # With enough shards for the cluster's CPUs, each shard is read and decoded by one fused task
     # (no object-store hop for the JPEG bytes): pretend this Ray has 1 CPU so the 3-shard fixture counts.
-    from imagenet_ray.data import pipeline
-
     root, manifest = prepared
     shards = len(manifest["splits"]["train"]["shards"])
     assert shards >= 2
-    monkeypatch.setattr(pipeline, "_cluster_cpus", lambda: 1.0)
+    monkeypatch.setattr(format_, "_cluster_cpus", lambda: 1.0)
     ds = build_train_dataset(open_prepared(str(root)), crop=16, seed=2).materialize()
     stats = ds.stats()
     assert "ReadParquet->MapBatches(_train_map)" in stats, stats
@@ -57,3 +59,17 @@ def test_read_and_decode_run_as_one_task_per_shard(local_ray, prepared, monkeypa
     classes = manifest["classes"]
     expected = [classes.index(w) for w, n in manifest["splits"]["train"]["per_class"].items() for _ in range(n)]
     assert sorted(ds.to_pandas()["label"].tolist()) == sorted(expected)
+
+
+def test_val_dataset_with_val_index_replaces_the_key_on_both_decode_paths(local_ray, prepared):
+    root, manifest = prepared
+    data = open_prepared(str(root))
+    keys = [str(r["key"]) for r in data.read("val", ["key"]).take_all()]
+    expected = sorted(val_index_of(k) for k in keys)
+    assert all(i >= 0 for i in expected)  # the synthetic val images carry ILSVRC2012 val names
+    for decode_on in ("cpu", "gpu"):
+        ds = build_val_dataset(data, resize=40, crop=32, decode_on=decode_on, with_val_index=True)
+        rows = ds.take_all()
+        assert len(rows) == manifest["splits"]["val"]["num_images"]
+        assert set(rows[0]) == {"image", "label", "val_index"}, decode_on
+        assert sorted(int(r["val_index"]) for r in rows) == expected

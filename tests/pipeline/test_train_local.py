@@ -16,11 +16,21 @@ def trained(local_ray, prepared, tmp_path_factory):
     root, _ = prepared
     tmp_path = tmp_path_factory.mktemp("trained")
     db = tmp_path / "mlflow.db"
-    cfg = load_config("configs/smoke.yaml", [
-        f"data.url={root}", f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{db}",
-        "train.epochs=1", "data.batch_size=4", "data.val_batch_size=4", "data.train_crop=32",
-        "data.val_resize=40", "data.val_crop=32", "name=local-test",
-    ])
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [
+            f"data.url={root}",
+            f"train.storage_path={tmp_path / 'runs'}",
+            f"mlflow.tracking_uri=sqlite:///{db}",
+            "train.epochs=1",
+            "data.batch_size=4",
+            "eval.batch_size=4",
+            "data.train_crop=32",
+            "eval.resize=40",
+            "eval.crop=32",
+            "name=local-test",
+        ],
+    )
     return run_training(cfg), db, tmp_path
 
 
@@ -47,16 +57,34 @@ def test_raw_source_with_device_decode_path(local_ray, synth_raw, prepared, tmp_
     from imagenet_ray.train.trainer import run_training
 
     raw, summary = synth_raw
-    cfg = load_config("configs/smoke.yaml", [
-        f"data.url={raw}", "data.source=raw", "data.decode_on=gpu", f"train.storage_path={tmp_path / 'runs'}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.epochs=1", "data.batch_size=4",
-        "data.val_batch_size=4", "data.train_crop=32", "data.val_resize=40", "data.val_crop=32", "name=raw-gpu-path",
-        # the recipe mechanics, all on at once: V2 augmentations, EMA, FFCV resizing/TTA, accumulation
-        "data.auto_augment=trivialaugment", "data.random_erasing=0.5", "data.mixup_alpha=0.2",
-        "data.cutmix_alpha=1.0", "optim.ema_decay=0.9", "data.eval_hflip=true", "optim.grad_accum_steps=2",
-        "data.progressive={start_size: 16, end_size: 32, start_epoch: 0, end_epoch: 2, step: 16}",
-        "model.blurpool=true", "optim.label_smoothing=0.1",
-    ])
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [
+            f"data.url={raw}",
+            "data.source=raw",
+            "data.decode_on=gpu",
+            f"train.storage_path={tmp_path / 'runs'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "train.epochs=1",
+            "data.batch_size=4",
+            "eval.batch_size=4",
+            "data.train_crop=32",
+            "eval.resize=40",
+            "eval.crop=32",
+            "name=raw-gpu-path",
+            # the recipe mechanics, all on at once: V2 augmentations, EMA, FFCV resizing/TTA, accumulation
+            "data.auto_augment=trivialaugment",
+            "data.random_erasing=0.5",
+            "data.mixup_alpha=0.2",
+            "data.cutmix_alpha=1.0",
+            "optim.ema_decay=0.9",
+            "eval.hflip=true",
+            "optim.grad_accum_steps=2",
+            "data.progressive={start_size: 16, end_size: 32, start_epoch: 0, end_epoch: 2, step: 16}",
+            "model.blurpool=true",
+            "optim.label_smoothing=0.1",
+        ],
+    )
     metrics = run_training(cfg)
     assert metrics["val/images"] == summary.val_images == 21
     assert metrics["val_ema/images"] == 21  # EMA weights evaluated on the same exact split
@@ -66,8 +94,17 @@ def test_raw_source_with_device_decode_path(local_ray, synth_raw, prepared, tmp_
     # evaluate rebuilds the BlurPool architecture the checkpoint was trained with
     from imagenet_ray.evaluate import EvalRequest, run_evaluation
 
-    evaluated = run_evaluation(EvalRequest(data_url=str(prepared[0]), checkpoint=metrics["checkpoint_path"],
-                                           resize=40, crop=32, hflip=True, batch_size=8, num_workers=1))
+    evaluated = run_evaluation(
+        EvalRequest(
+            data_url=str(prepared[0]),
+            checkpoint=metrics["checkpoint_path"],
+            resize=40,
+            crop=32,
+            hflip=True,
+            batch_size=8,
+            num_workers=1,
+        )
+    )
     assert evaluated["eval/images"] == 21
 
 
@@ -94,8 +131,10 @@ def test_evaluate_reproduces_the_training_val_numbers(trained, prepared, tmp_pat
 
     # models:/ — a registered model version whose source is the checkpoint
     client.create_registered_model("smoke-resnet18")
-    version = client.create_model_version("smoke-resnet18", source=metrics["checkpoint_path"],
-                                          run_id=metrics["mlflow_run_id"]).version
-    by_model = run_evaluation(EvalRequest(checkpoint=f"models:/smoke-resnet18/{version}",
-                                          **{**common, "num_workers": 1}))
+    version = client.create_model_version(
+        "smoke-resnet18", source=metrics["checkpoint_path"], run_id=metrics["mlflow_run_id"]
+    ).version
+    by_model = run_evaluation(
+        EvalRequest(checkpoint=f"models:/smoke-resnet18/{version}", **{**common, "num_workers": 1})
+    )
     assert by_model["eval/top1"] == metrics["val/top1"] and by_model["eval/images"] == 21

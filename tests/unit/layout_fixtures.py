@@ -125,10 +125,20 @@ def meta_mat(ds: MiniImageNet, ids: dict[str, int] = DEVKIT_IDS, non_leaf: bool 
     """The devkit's meta.mat: a struct array `synsets` as in the real file, rows in ID order."""
     import scipy.io
 
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]
-    rows = [(float(i), w, ds.names.get(w, w), f"gloss of {w}", 0.0, np.zeros((1, 0)), 0.0,
-             float(len(ds.train.get(w, {})))) for w, i in sorted(ids.items(), key=lambda kv: kv[1])]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
+    rows = [
+        (float(i), w, ds.names.get(w, w), f"gloss of {w}", 0.0, np.zeros((1, 0)), 0.0, float(len(ds.train.get(w, {}))))
+        for w, i in sorted(ids.items(), key=lambda kv: kv[1])
+    ]
     if non_leaf:
         i, w, words, n = NON_LEAF
         rows.append((float(i), w, words, "the root", float(n), np.arange(1.0, n + 1).reshape(1, -1), 9.0, 0.0))
@@ -148,9 +158,12 @@ def ground_truth(ds: MiniImageNet, ids: dict[str, int] = DEVKIT_IDS, extra_lines
 def devkit_targz(ds: MiniImageNet, **kwargs) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in (("COPYING", b"license"), ("readme.txt", b"devkit"),
-                           ("data/meta.mat", meta_mat(ds)), ("data/ILSVRC2012_validation_ground_truth.txt",
-                                                             ground_truth(ds, **kwargs).encode())):
+        for name, data in (
+            ("COPYING", b"license"),
+            ("readme.txt", b"devkit"),
+            ("data/meta.mat", meta_mat(ds)),
+            ("data/ILSVRC2012_validation_ground_truth.txt", ground_truth(ds, **kwargs).encode()),
+        ):
             _add(tf, f"ILSVRC2012_devkit_t12/{name}", data)
     return buf.getvalue()
 
@@ -167,8 +180,9 @@ def write_devkit_files(root: Path, ds: MiniImageNet, where: str = "targz") -> No
         put(root, "ILSVRC2012_devkit_t12/readme.txt", "devkit")
 
 
-def write_devkit(root: Path, ds: MiniImageNet, devkit: str = "targz", val_at_root: bool = False,
-                 train: str = "folders") -> Path:
+def write_devkit(
+    root: Path, ds: MiniImageNet, devkit: str = "targz", val_at_root: bool = False, train: str = "folders"
+) -> Path:
     """Flat val images (val/ or the root) + the devkit; train as folders, the train tar, or per-class tars."""
     write_devkit_files(root, ds, devkit)
     for number, (_, data) in ds.val.items():

@@ -44,13 +44,20 @@ def test_kernel_process_summary_is_per_process_and_median():
     from imagenet_ray.bench.data import summarise_kernel_processes
 
     def run(train_ratio, ceiling_ratio, eval_ratio, ours, ref):
-        variant = {"train": {"ours_vs_torchvision": train_ratio, "ours_vs_ceiling": ceiling_ratio,
-                             "ours": {"best": ours}, "torchvision": {"best": ref}},
-                   "eval": {"ours_vs_torchvision": eval_ratio}}
+        variant = {
+            "train": {
+                "ours_vs_torchvision": train_ratio,
+                "ours_vs_ceiling": ceiling_ratio,
+                "ours": {"best": ours},
+                "torchvision": {"best": ref},
+            },
+            "eval": {"ours_vs_torchvision": eval_ratio},
+        }
         return {"variants": {"original": variant}}
 
-    summary = summarise_kernel_processes([run(4.1, 0.5, 2.0, 2700, 660), run(3.5, 0.6, 2.4, 2650, 760),
-                                          run(4.6, 0.4, 2.2, 2750, 600)])
+    summary = summarise_kernel_processes(
+        [run(4.1, 0.5, 2.0, 2700, 660), run(3.5, 0.6, 2.4, 2650, 760), run(4.6, 0.4, 2.2, 2750, 600)]
+    )
     assert summary["count"] == 3
     v = summary["variants"]["original"]
     assert v["train_ours_vs_torchvision"] == {"per_process": [4.1, 3.5, 4.6], "median": 4.1}

@@ -11,8 +11,27 @@ pytestmark = pytest.mark.slow
 
 
 def test_gpu_check_runs_on_cpu(tmp_path):
-    assert gpu.main(["--batch", "4", "--steps", "2", "--size", "32", "--classes", "2", "--per-class", "4",
-                     "--rounds", "1", "--out", str(tmp_path)]) == 0
+    assert (
+        gpu.main(
+            [
+                "--batch",
+                "4",
+                "--steps",
+                "2",
+                "--size",
+                "32",
+                "--classes",
+                "2",
+                "--per-class",
+                "4",
+                "--rounds",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["device"] == "cpu"
     for section in ("ceiling", "gpu_decode", "end_to_end_gpu_decode"):

@@ -9,12 +9,20 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from imagenet_ray.config import (DataSection, ExperimentConfig, apply_overrides, flatten, load_config,
-                                 parse_override, to_yaml)
+from imagenet_ray.config import (
+    DataSection,
+    ExperimentConfig,
+    apply_overrides,
+    flatten,
+    load_config,
+    load_tree,
+    parse_override,
+    to_yaml,
+)
 from imagenet_ray.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
+CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml"))  # recipes and the bases they extend
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:
@@ -53,7 +61,7 @@ def test_embedded_defaults_load():
     assert cfg.optim.lr == pytest.approx(0.1)
     assert cfg.optim.schedule == "cosine"
     assert cfg.train.use_gpu == "auto"
-    assert cfg.data.val_crop <= cfg.data.val_resize
+    assert cfg.eval.crop <= cfg.eval.resize
     assert cfg == ExperimentConfig()
 
 
@@ -64,7 +72,7 @@ def test_config_dir_is_not_empty():
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
 def test_every_shipped_yaml_loads(path: Path):
     cfg = load_config(path)
-    written = _leaves(yaml.safe_load(path.read_text()) or {})
+    written = _leaves(load_tree(path))  # the file with its bases merged under it
     flat = flatten(cfg)
     assert written, f"{path.name} is empty"
     for key, value in written.items():
@@ -110,7 +118,9 @@ def test_overrides_apply_on_top_of_a_file(tmp_path):
     assert cfg.data.batch_size == 8
 
 
-@pytest.mark.parametrize("override, attr", [("name=2024", ("name",)), ("mlflow.experiment=42", ("mlflow", "experiment"))])
+@pytest.mark.parametrize(
+    "override, attr", [("name=2024", ("name",)), ("mlflow.experiment=42", ("mlflow", "experiment"))]
+)
 def test_numeric_looking_string_override(override, attr):
     cfg = load_config(None, [override])
     value = cfg
@@ -135,8 +145,10 @@ def test_apply_overrides_does_not_mutate_input():
 
 
 def test_parse_override_splits_on_first_equals():
-    assert parse_override("mlflow.tracking_uri=http://h:5000/?a=b") == (["mlflow", "tracking_uri"],
-                                                                       "http://h:5000/?a=b")
+    assert parse_override("mlflow.tracking_uri=http://h:5000/?a=b") == (
+        ["mlflow", "tracking_uri"],
+        "http://h:5000/?a=b",
+    )
     assert parse_override(" optim.lr = 0.5") == (["optim", "lr"], 0.5)
 
 
@@ -153,12 +165,15 @@ def test_unknown_top_level_key_in_yaml(tmp_path):
     assert "'epochs'" in msg and "unknown config key" in msg
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.epoch=3", "train.epoch"),
-    ("foo=1", "foo"),
-    ("optim.lr.x=1", "optim.lr.x"),
-    ("data.url.scheme=s3", "data.url.scheme"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.epoch=3", "train.epoch"),
+        ("foo=1", "foo"),
+        ("optim.lr.x=1", "optim.lr.x"),
+        ("data.url.scheme=s3", "data.url.scheme"),
+    ],
+)
 def test_unknown_key_in_override(override, key):
     msg = _config_error(None, [override])
     assert f"'{key}'" in msg and "unknown config key" in msg
@@ -171,17 +186,20 @@ def test_override_without_key_or_equals(override):
     assert repr(override) in msg
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.epochs=abc", "train.epochs"),
-    ("train.epochs=2.5", "train.epochs"),
-    ("optim.lr=-1", "optim.lr"),
-    ("optim.lr=0", "optim.lr"),
-    ("data.batch_size=0", "data.batch_size"),
-    ("optim.momentum=1.0", "optim.momentum"),
-    ("optim.schedule=exponential", "optim.schedule"),
-    ("name=has space", "name"),
-    ("model.name=resnet9000", "model.name"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.epochs=abc", "train.epochs"),
+        ("train.epochs=2.5", "train.epochs"),
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=0", "optim.lr"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("optim.momentum=1.0", "optim.momentum"),
+        ("optim.schedule=exponential", "optim.schedule"),
+        ("name=has space", "name"),
+        ("model.name=resnet9000", "model.name"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     msg = _config_error(None, [override])
     assert f"{key}:" in msg, msg
@@ -209,11 +227,61 @@ def test_known_torchvision_models_accepted():
         assert load_config(None, [f"model.name={name}"]).model.name == name
 
 
-def test_val_crop_larger_than_val_resize_rejected():
-    msg = _config_error(None, ["data.val_resize=64", "data.val_crop=80"])
-    assert "val_crop" in msg and "val_resize" in msg
+def test_eval_crop_larger_than_eval_resize_rejected():
+    msg = _config_error(None, ["eval.resize=64", "eval.crop=80"])
+    assert msg.startswith("<defaults>: eval: ") and "crop (80)" in msg and "resize (64)" in msg
     # equal is fine
-    assert load_config(None, ["data.val_resize=64", "data.val_crop=64"]).data.val_crop == 64
+    assert load_config(None, ["eval.resize=64", "eval.crop=64"]).eval.crop == 64
+
+
+@pytest.mark.parametrize(
+    "old", ["data.val_resize=64", "data.val_crop=64", "data.eval_hflip=true", "data.val_batch_size=8"]
+)
+def test_eval_settings_live_in_the_eval_section(old):
+    assert "unknown config key" in _config_error(None, [old])
+
+
+# --- extends: recipes as deltas ----------------------------------------------------------------------------
+
+
+def test_extends_merges_mappings_and_replaces_values(tmp_path):
+    _write(
+        tmp_path,
+        "optim:\n  lr: 0.3\n  momentum: 0.8\ndata:\n  progressive: {start_size: 96, end_size: 128}\n",
+        name="base.yaml",
+    )
+    child = _write(
+        tmp_path,
+        "extends: base.yaml\noptim:\n  lr: 0.2\ndata:\n  train_crop: 128\n"
+        "  progressive: {start_epoch: 2, end_epoch: 4}\n",
+        name="child.yaml",
+    )
+    cfg = load_config(child, ["optim.momentum=0.7"])
+    assert (cfg.optim.lr, cfg.optim.momentum) == (0.2, 0.7)
+    p = cfg.data.progressive
+    assert (p.start_size, p.end_size, p.start_epoch, p.end_epoch) == (96, 128, 2, 4)
+
+
+def test_extends_chains_and_lists_apply_in_order(tmp_path):
+    _write(tmp_path, "seed: 1\noptim: {lr: 0.3}\n", name="a.yaml")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    _write(sub, "extends: ../a.yaml\nseed: 2\n", name="b.yaml")
+    _write(tmp_path, "train: {epochs: 9}\nseed: 3\n", name="c.yaml")
+    cfg = load_config(_write(tmp_path, "extends: [sub/b.yaml, c.yaml]\n", name="top.yaml"))
+    assert (cfg.seed, cfg.optim.lr, cfg.train.epochs) == (3, 0.3, 9)
+
+
+def test_extends_errors_are_one_line(tmp_path):
+    missing = _write(tmp_path, "extends: nope.yaml\n", name="m.yaml")
+    assert "nope.yaml not found" in _config_error(missing)
+    _write(tmp_path, "extends: y.yaml\n", name="x.yaml")
+    _write(tmp_path, "extends: x.yaml\n", name="y.yaml")
+    assert "extends cycle" in _config_error(tmp_path / "x.yaml")
+    assert "extends must be" in _config_error(_write(tmp_path, "extends: {a: 1}\n", name="bad.yaml"))
+    _write(tmp_path, "seed: 1\n", name="c.yaml")
+    typo = _write(tmp_path, "extends: c.yaml\noptim: {lrr: 1}\n", name="typo.yaml")
+    assert _config_error(typo) == f"{typo}: unknown config key 'optim.lrr'"
 
 
 def test_missing_config_file(tmp_path):
@@ -260,8 +328,11 @@ def test_flatten_gives_dotted_leaf_keys():
     assert flat["train.use_gpu"] == "auto"
     assert flat["name"] == "local" and flat["seed"] == 0
     assert not any(isinstance(v, dict) for v in flat.values())
-    expected = {"name", "seed"} | {f"{section}.{field}" for section in ("data", "model", "optim", "train", "eval", "mlflow")
-                                   for field in type(getattr(cfg, section)).model_fields}
+    expected = {"name", "seed"} | {
+        f"{section}.{field}"
+        for section in ("data", "model", "optim", "train", "eval", "mlflow")
+        for field in type(getattr(cfg, section)).model_fields
+    }
     assert set(flat) == expected
 
 
@@ -320,7 +391,7 @@ def test_elastic_worker_range():
     assert cfg.train.num_workers == (1, 4) and cfg.train.max_workers == 4
     assert load_config(None, ["train.num_workers=3"]).train.max_workers == 3
     for bad in ("[3,1]", "[0,2]", "0"):
-        with pytest.raises(ConfigError, match="train.num_workers"):
+        with pytest.raises(ConfigError, match=r"train\.num_workers"):
             load_config(None, [f"train.num_workers={bad}"])
 
 

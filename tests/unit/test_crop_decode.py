@@ -56,7 +56,8 @@ def test_the_crop_decoder_is_built():
     # without it the kernel still works (whole-image decode) but loses its speed, so the suite insists.
     assert decode.CROP_DECODER_BUILT, (
         "the imagenet_ray_jpeg extension did not build: install libjpeg-turbo's headers (Debian: libjpeg-dev) "
-        "and reinstall the package (pip install -e .)")
+        "and reinstall the package (pip install -e .)"
+    )
 
 
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
@@ -70,7 +71,7 @@ def test_crop_is_bit_identical_to_the_whole_decode(flavour, reduce):
     for left, top, bw, bh in _boxes(w, h, rng, 40):
         crop = decode_rgb_crop(data, reduce, left, top, bw, bh)
         assert crop is not None and crop.shape == (bh, bw, 3) and crop.dtype == np.uint8
-        assert np.array_equal(crop, whole[top:top + bh, left:left + bw]), (flavour, reduce, (left, top, bw, bh))
+        assert np.array_equal(crop, whole[top : top + bh, left : left + bw]), (flavour, reduce, (left, top, bw, bh))
 
 
 def test_only_the_boxs_rows_and_the_columns_around_it_are_decoded():
@@ -107,17 +108,15 @@ def test_a_box_outside_the_image_is_the_callers_bug():
 
 def test_train_kernel_is_the_same_with_and_without_the_crop_decoder(jpeg_bytes):
     rng = np.random.default_rng(0)
-    images = [_jpeg(int(w), int(h), **FLAVOURS[f]) for w, h, f in
-              zip(rng.integers(60, 900, 24), rng.integers(60, 900, 24), list(FLAVOURS) * 4)]
+    images = [
+        _jpeg(int(w), int(h), **FLAVOURS[f])
+        for w, h, f in zip(rng.integers(60, 900, 24), rng.integers(60, 900, 24), list(FLAVOURS) * 4, strict=True)
+    ]
     images.append(jpeg_bytes(300, 200, "CMYK"))  # Pillow's path, unaffected
     batch = {"image": np.array(images, dtype=object), "label": np.arange(len(images))}
     assert sum(jpeg_header(d) is not None for d in images) == 24
     with_crop = transforms.train_batch(batch, 224, np.random.default_rng(7))
-    transforms.CROP_DECODE = False
-    try:
-        without = transforms.train_batch(batch, 224, np.random.default_rng(7))
-    finally:
-        transforms.CROP_DECODE = True
+    without = transforms.train_batch(batch, 224, np.random.default_rng(7), transforms.KernelOptions(crop_decode=False))
     assert np.array_equal(with_crop["image"], without["image"])
     assert with_crop["decode_errors"].sum() == 0
 

@@ -11,14 +11,24 @@ import pytest
 from PIL import Image
 
 from imagenet_ray.data.classes import imagenet_classes
-from imagenet_ray.data.layouts import (KAGGLE_SYNSETS, KAGGLE_TRAIN_DIR, KAGGLE_VAL_DIR, KAGGLE_VAL_SOLUTION,
-                                       detect_and_list, parse_val_solution)
+from imagenet_ray.data.layouts import (
+    KAGGLE_SYNSETS,
+    KAGGLE_TRAIN_DIR,
+    KAGGLE_VAL_DIR,
+    KAGGLE_VAL_SOLUTION,
+    detect_and_list,
+    parse_val_solution,
+    val_index_of,
+)
 from imagenet_ray.data.synth import write_synthetic_imagenet
 from imagenet_ray.errors import UserError
 
 # Deliberately not sorted: labels must follow sorted wnids, not file order.
-MAPPING = [("n01484850", "great white shark"), ("n01440764", "tench, Tinca tinca"),
-           ("n01443537", "goldfish, Carassius auratus")]
+MAPPING = [
+    ("n01484850", "great white shark"),
+    ("n01440764", "tench, Tinca tinca"),
+    ("n01443537", "goldfish, Carassius auratus"),
+]
 SORTED = sorted(w for w, _ in MAPPING)  # n01440764, n01443537, n01484850
 VAL = {  # image id -> wnid
     "ILSVRC2012_val_00000001": "n01484850",
@@ -41,8 +51,9 @@ def _put(root: Path, rel: str, data: bytes | str) -> None:
     p.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
-def _make_kaggle(root: Path, *, train_per_class: int = 2, val: dict[str, str] = VAL,
-                 csv_extra: dict[str, str] | None = None) -> dict[str, int]:
+def _make_kaggle(
+    root: Path, *, train_per_class: int = 2, val: dict[str, str] = VAL, csv_extra: dict[str, str] | None = None
+) -> dict[str, int]:
     """Write a tiny Kaggle layout; return {relative key: size} of every image written."""
     sizes: dict[str, int] = {}
     _put(root, KAGGLE_SYNSETS, "".join(f"{w} {n}\n" for w, n in MAPPING))
@@ -232,3 +243,10 @@ def test_synthetic_rejects_bad_counts(tmp_path):
         write_synthetic_imagenet(str(tmp_path / "x"), num_classes=0)
     with pytest.raises(UserError):
         write_synthetic_imagenet(str(tmp_path / "x"), num_classes=1001)
+
+
+def test_val_index_of_reads_the_ilsvrc2012_val_number_anywhere_in_a_key():
+    assert val_index_of("ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_00000001.JPEG") == 0
+    assert val_index_of("ILSVRC2012_img_val.tar/ILSVRC2012_val_00050000.JPEG") == 49_999
+    assert val_index_of("val/n01440764/ILSVRC2012_val_00000293.JPEG") == 292
+    assert val_index_of("train/n01440764/n01440764_1.JPEG") == -1

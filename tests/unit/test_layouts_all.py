@@ -16,12 +16,37 @@ import pytest
 
 from imagenet_ray import storage
 from imagenet_ray.data import layouts
-from imagenet_ray.data.layouts import (LAYOUT_HELP, LAYOUTS, ImageRecord, detect_and_list, parse_devkit_meta,
-                                       parse_ground_truth, read_record, read_records)
+from imagenet_ray.data.layouts import (
+    LAYOUT_HELP,
+    LAYOUTS,
+    ImageRecord,
+    detect_and_list,
+    parse_devkit_meta,
+    parse_ground_truth,
+    read_record,
+    read_records,
+)
 from imagenet_ray.errors import UserError
-from layout_fixtures import (DEVKIT_IDS, LONG_NAME, NON_LEAF, SORTED_WNIDS, WNIDS, class_tar, ground_truth, jpeg,
-                             meta_mat, mini_imagenet, put, val_name, write_devkit, write_folders, write_kaggle,
-                             write_tars, write_train, WRITERS)
+from layout_fixtures import (
+    DEVKIT_IDS,
+    LONG_NAME,
+    NON_LEAF,
+    SORTED_WNIDS,
+    WNIDS,
+    WRITERS,
+    class_tar,
+    ground_truth,
+    jpeg,
+    meta_mat,
+    mini_imagenet,
+    put,
+    val_name,
+    write_devkit,
+    write_folders,
+    write_kaggle,
+    write_tars,
+    write_train,
+)
 
 DS = mini_imagenet()
 KIT_FOX, CRANE_BIRD, CRANE_MACHINE = "n02119789", "n02012849", "n03126707"
@@ -85,7 +110,7 @@ def test_every_layout_gives_the_same_labels(built, variant):
     for rec in listing.train + listing.val:
         assert rec.label == SORTED_WNIDS.index(rec.wnid)
     # The two "crane" classes stay apart.
-    names = dict(zip(listing.classes.wnids, listing.classes.names))
+    names = dict(zip(listing.classes.wnids, listing.classes.names, strict=True))
     assert names[CRANE_BIRD].startswith("crane") and names[CRANE_MACHINE].startswith("crane")
     labels = {r.wnid: r.label for r in listing.train}
     assert labels[CRANE_BIRD] != labels[CRANE_MACHINE]
@@ -160,7 +185,7 @@ def test_parse_ground_truth_rules():
 
 
 def test_meta_mat_garbage_is_a_user_error():
-    with pytest.raises(UserError, match="meta.mat: not a readable MATLAB file"):
+    with pytest.raises(UserError, match=r"meta\.mat: not a readable MATLAB file"):
         parse_devkit_meta(b"not a mat file at all" * 10)
 
 
@@ -180,7 +205,10 @@ def test_tar_records_point_into_the_tarballs(built):
     assert long_keys == [f"ILSVRC2012_img_train.tar/{KIT_FOX}.tar/{LONG_NAME}"] and len(LONG_NAME) > 100
     # Nothing was unpacked next to the tarballs.
     assert sorted(p.name for p in built["tars"].iterdir()) == [
-        "ILSVRC2012_devkit_t12.tar.gz", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"]
+        "ILSVRC2012_devkit_t12.tar.gz",
+        "ILSVRC2012_img_train.tar",
+        "ILSVRC2012_img_val.tar",
+    ]
 
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
@@ -193,14 +221,16 @@ def test_tar_index_reads_headers_only(tmp_path, fmt):
     path = put(tmp_path, "t.tar", data)
     read = []
     with storage.resolve(str(tmp_path)).fs.open_input_file(str(path)) as f:
+
         class Counting:
             def read_at(self, n, offset):
                 read.append(n)
                 return f.read_at(n, offset)
+
         members = layouts._tar_members(Counting(), 0, len(data), str(path))
     assert {m for m, _, _ in members} == set(big)
     for name, offset, size in members:
-        assert data[offset:offset + size] == big[name]
+        assert data[offset : offset + size] == big[name]
     assert sum(read) < len(data) / 5
     assert len(read) <= len(big) + 2  # about one ranged read per member
 
@@ -225,14 +255,14 @@ def test_train_tar_with_unexpected_member(tmp_path):
             tf.addfile(info, io.BytesIO(data))
     write_tars(tmp_path, DS)
     put(tmp_path, "ILSVRC2012_img_train.tar", buf.getvalue())
-    with pytest.raises(UserError, match="unexpected member stray.JPEG"):
+    with pytest.raises(UserError, match=r"unexpected member stray\.JPEG"):
         detect_and_list(str(tmp_path))
 
 
 def test_corrupt_tar_is_a_user_error(tmp_path):
     write_tars(tmp_path, DS)
     put(tmp_path, "ILSVRC2012_img_val.tar", b"\x01" * 3000)
-    with pytest.raises(UserError, match="ILSVRC2012_img_val.tar: not a readable tar"):
+    with pytest.raises(UserError, match=r"ILSVRC2012_img_val\.tar: not a readable tar"):
         detect_and_list(str(tmp_path))
 
 
@@ -259,7 +289,7 @@ def test_folders_classes_from_train_folders_named_when_known(tmp_path):
     write_folders(tmp_path, DS)
     put(tmp_path, "train/n09999999/n09999999_1.JPEG", jpeg(1))  # not an ILSVRC2012 class: no name
     listing = detect_and_list(str(tmp_path))
-    assert listing.classes.wnids == tuple(sorted(SORTED_WNIDS + ("n09999999",)))
+    assert listing.classes.wnids == tuple(sorted((*SORTED_WNIDS, "n09999999")))
     assert listing.classes.names[-1] == ""
     assert listing.classes.names[0].startswith("brambling")
 
@@ -291,9 +321,18 @@ def test_listing_is_independent_of_root_spelling(built):
 # --- errors -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant,forced", [
-    ("kaggle", "folders"), ("folders", "kaggle"), ("folders", "devkit"), ("devkit", "tars"),
-    ("tars", "devkit"), ("tars", "folders"), ("devkit", "kaggle")])
+@pytest.mark.parametrize(
+    "variant,forced",
+    [
+        ("kaggle", "folders"),
+        ("folders", "kaggle"),
+        ("folders", "devkit"),
+        ("devkit", "tars"),
+        ("tars", "devkit"),
+        ("tars", "folders"),
+        ("devkit", "kaggle"),
+    ],
+)
 def test_forced_layout_that_does_not_match(built, variant, forced):
     with pytest.raises(UserError) as info:
         detect_and_list(str(built[variant]), layout=forced)
@@ -303,7 +342,7 @@ def test_forced_layout_that_does_not_match(built, variant, forced):
 
 
 def test_unknown_layout_name(tmp_path):
-    with pytest.raises(UserError, match="unknown layout 'imagenet'.*kaggle, folders, devkit, tars"):
+    with pytest.raises(UserError, match=r"unknown layout 'imagenet'.*kaggle, folders, devkit, tars"):
         detect_and_list(str(tmp_path), layout="imagenet")
     assert LAYOUTS == ("kaggle", "folders", "devkit", "tars")
 
@@ -371,14 +410,14 @@ def test_ground_truth_id_not_a_leaf(tmp_path):
 def test_devkit_missing(tmp_path):
     write_devkit(tmp_path, DS, devkit="root")
     (tmp_path / "meta.mat").unlink()
-    with pytest.raises(UserError, match="not the devkit layout \\(no meta.mat"):
+    with pytest.raises(UserError, match=r"not the devkit layout \(no meta\.mat"):
         detect_and_list(str(tmp_path))
 
 
 def test_val_image_with_unusable_name(tmp_path):
     write_devkit(tmp_path, DS)
     put(tmp_path, "val/photo_1.JPEG", jpeg(5))
-    with pytest.raises(UserError, match="val/photo_1.JPEG is not named ILSVRC2012_val_"):
+    with pytest.raises(UserError, match=r"val/photo_1\.JPEG is not named ILSVRC2012_val_"):
         detect_and_list(str(tmp_path))
 
 
@@ -416,7 +455,7 @@ def test_not_a_class_folder(tmp_path):
 def test_image_outside_class_folders(tmp_path):
     write_folders(tmp_path, DS)
     put(tmp_path, "val/loose.JPEG", jpeg(9))
-    with pytest.raises(UserError, match="val/loose.JPEG: a file outside a class folder"):
+    with pytest.raises(UserError, match=r"val/loose\.JPEG: a file outside a class folder"):
         detect_and_list(str(tmp_path))
 
 

@@ -15,12 +15,14 @@ from imagenet_ray.train.metrics import EvalTotals, all_reduce_sum, topk_correct
 
 
 def test_topk_correct_hand_computed():
-    logits = torch.tensor([
-        [9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0],  # ranking 0,5,4,3,2,1,6
-        [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],  # ranking 6,5,4,3,2,1,0
-        [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-        [6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0],  # ranking 0..6
-    ])
+    logits = torch.tensor(
+        [
+            [9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0],  # ranking 0,5,4,3,2,1,6
+            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],  # ranking 6,5,4,3,2,1,0
+            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            [6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0],  # ranking 0..6
+        ]
+    )
     target = torch.tensor([0, 2, 1, 6])
     # row0: top1 hit. row1: 2 is rank 5 → top5 hit. row2: 1 is rank 6 → miss. row3: 6 is rank 7 → miss.
     out = topk_correct(logits, target)
@@ -46,8 +48,12 @@ def test_eval_totals_add_and_metrics():
     t.add(torch.tensor(1.5), 2, torch.tensor([2, 2]))
     assert (t.loss_sum, t.samples, t.top1, t.top5) == (4.5, 6, 3, 5)
     m = t.as_metrics("val")
-    assert m == {"val/loss": pytest.approx(0.75), "val/top1": pytest.approx(0.5), "val/top5": pytest.approx(5 / 6),
-                 "val/images": 6.0}
+    assert m == {
+        "val/loss": pytest.approx(0.75),
+        "val/top1": pytest.approx(0.5),
+        "val/top5": pytest.approx(5 / 6),
+        "val/images": 6.0,
+    }
 
 
 def test_eval_totals_empty_does_not_divide_by_zero():
@@ -88,12 +94,20 @@ def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         logits, target = _rank_logits(rank)
         local = EvalTotals()
-        local.add(float(torch.nn.functional.cross_entropy(logits, target, reduction="sum")), len(target),
-                  topk_correct(logits, target))
+        local.add(
+            float(torch.nn.functional.cross_entropy(logits, target, reduction="sum")),
+            len(target),
+            topk_correct(logits, target),
+        )
         total = local.reduced(torch.device("cpu"))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"local": [local.loss_sum, local.samples, local.top1, local.top5],
-                       "total": [total.loss_sum, total.samples, total.top1, total.top5]}, f)
+            json.dump(
+                {
+                    "local": [local.loss_sum, local.samples, local.top1, local.top5],
+                    "total": [total.loss_sum, total.samples, total.top1, total.top5],
+                },
+                f,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -107,8 +121,11 @@ def test_reduced_sums_exactly_across_two_gloo_ranks(tmp_path):
     exp = EvalTotals()
     for rank in PER_RANK:
         logits, target = _rank_logits(rank)
-        exp.add(float(torch.nn.functional.cross_entropy(logits, target, reduction="sum")), len(target),
-                topk_correct(logits, target))
+        exp.add(
+            float(torch.nn.functional.cross_entropy(logits, target, reduction="sum")),
+            len(target),
+            topk_correct(logits, target),
+        )
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["local"][1] for r in results] == [3, 5]
     for r in results:

@@ -1,5 +1,7 @@
 """BatchNorm statistics after DDP training: different on every rank, one set after averaging."""
 
+from __future__ import annotations
+
 import socket
 
 import torch
@@ -34,9 +36,20 @@ def _two_rank_ddp_step(rank: int, port: int, out: dict) -> None:
         gathered = [torch.zeros(4) for _ in range(2)]
         dist.all_gather(gathered, bn.running_mean.clone())
         synced = average_batchnorm_stats(model)
-        out[rank] = {"before": before, "all_before": gathered, "synced": synced,
-                     "after": (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked)),
-                     "weight": model[0].weight.detach().clone()}
+        after = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+        # through the DDP wrapper (timm unwraps .module); equal values average to themselves
+        synced_wrapped = average_batchnorm_stats(ddp)
+        untracked = average_batchnorm_stats(nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False)))
+        out[rank] = {
+            "before": before,
+            "all_before": gathered,
+            "synced": synced,
+            "after": after,
+            "synced_wrapped": synced_wrapped,
+            "untracked": untracked,
+            "after_wrapped": (bn.running_mean.clone(), bn.running_var.clone()),
+            "weight": model[0].weight.detach().clone(),
+        }
     finally:
         dist.destroy_process_group()
 
@@ -52,6 +65,9 @@ def test_ddp_ranks_diverge_in_batchnorm_stats_and_averaging_makes_one_model():
         assert torch.equal(r0["after"][i], r1["after"][i])
         torch.testing.assert_close(r0["after"][i], (r0["before"][i] + r1["before"][i]) / 2)
     assert r0["after"][2] == r0["before"][2] == r1["after"][2] == 3  # untouched (1 lazy-init + 2 steps)
+    assert r0["synced_wrapped"] == r1["synced_wrapped"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(r0["after_wrapped"], r0["after"][:2], strict=True))
+    assert r0["untracked"] == r1["untracked"] == 0  # no running statistics to average
 
 
 def test_averaging_is_a_no_op_without_a_process_group():

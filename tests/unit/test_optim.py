@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from imagenet_ray.train.models import build_model
 from imagenet_ray.train.optim import build_sgd, lr_at, param_groups, scaled_lr, set_lr
 
 
@@ -17,7 +19,7 @@ def test_warmup_is_linear_and_reaches_peak_at_its_end():
     lrs = [lr_at(s, total, warmup, peak, "cosine") for s in range(warmup)]
     assert lrs[0] == pytest.approx(peak / warmup)
     assert lrs[-1] == pytest.approx(peak)
-    steps = [b - a for a, b in zip(lrs, lrs[1:])]
+    steps = [b - a for a, b in itertools.pairwise(lrs)]
     assert all(d == pytest.approx(peak / warmup) for d in steps)  # constant increments: linear
     # the schedule continues from the peak without a jump
     assert lr_at(warmup, total, warmup, peak, "cosine") == pytest.approx(peak)
@@ -27,7 +29,7 @@ def test_warmup_is_linear_and_reaches_peak_at_its_end():
 def test_cosine_decays_to_zero_at_total_steps():
     peak, warmup, total = 0.5, 5, 105
     lrs = [lr_at(s, total, warmup, peak, "cosine") for s in range(warmup, total + 1)]
-    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:])), "cosine must be non-increasing"
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(lrs)), "cosine must be non-increasing"
     assert lr_at(total, total, warmup, peak, "cosine") == pytest.approx(0.0, abs=1e-12)
     assert lr_at(total - 1, total, warmup, peak, "cosine") < peak * 1e-3
     assert lr_at(warmup + 50, total, warmup, peak, "cosine") == pytest.approx(peak / 2)  # midpoint
@@ -123,3 +125,36 @@ def test_no_decay_group_really_is_not_decayed():
     opt.step()
     assert torch.allclose(model[0].weight, w_before * 0.5)
     assert torch.equal(model[1].weight, bn_before)
+
+
+# ================================================================ param_groups on a torchvision ResNet
+
+
+@pytest.fixture(scope="module")
+def resnet18_plain():
+    """resnet18 (10 classes) built with seed 0, no tweaks; shared (its parameters are never changed)."""
+    torch.manual_seed(0)
+    return build_model("resnet18", num_classes=10)
+
+
+def test_param_groups_without_norm_exemption_decays_everything(resnet18_plain):
+    model = resnet18_plain
+    groups = param_groups(model, 1e-4, no_decay_norm_and_bias=False)
+    assert len(groups) == 1
+    assert groups[0]["weight_decay"] == 1e-4
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.parameters()}
+    opt = build_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4, no_decay_norm_and_bias=False)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 1e-4
+    bn_ids = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    assert bn_ids and bn_ids <= {id(p) for p in opt.param_groups[0]["params"]}
+    # with the exemption (FFCV / torchvision V2): every BN parameter and the fc bias are not decayed
+    _decay, no_decay = build_sgd(model, 0.1, 0.9, 1e-4).param_groups
+    assert no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in no_decay["params"]} == bn_ids | {id(model.fc.bias)}
+
+
+def test_param_groups_without_exemption_skips_frozen_params():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    model[0].bias.requires_grad_(False)
+    (group,) = param_groups(model, 0.5, no_decay_norm_and_bias=False)
+    assert {id(p) for p in group["params"]} == {id(model[0].weight), id(model[1].weight), id(model[1].bias)}

@@ -1,4 +1,4 @@
-"""The pipeline's map functions and read sizing as pure functions (no Ray)."""
+"""The pipeline's map functions as pure functions (no Ray)."""
 
 import io
 
@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from imagenet_ray.data import pipeline
-from imagenet_ray.data.pipeline import _eval_map, _train_map, read_blocks, row_chunks
+from imagenet_ray.data.pipeline import _eval_map, _train_map, row_chunks
 
 
 def _jpeg(value: int) -> bytes:
@@ -17,16 +17,11 @@ def _jpeg(value: int) -> bytes:
 
 def _block(n: int) -> dict[str, np.ndarray]:
     # Each image's grey level encodes its label, so rows can be traced through the maps.
-    return {"image": np.array([_jpeg(4 * i) for i in range(n)], dtype=object),
-            "label": np.arange(n, dtype=np.int64), "key": np.array([f"k{i}" for i in range(n)], dtype=object)}
-
-
-def test_read_blocks_asks_for_one_block_per_shard_only_when_shards_can_fill_the_cpus():
-    assert read_blocks(1100, 64) == 1100  # the full dataset: one fused read+decode task per shard
-    assert read_blocks(66, 2) == 66
-    assert read_blocks(8, 4) == 8
-    assert read_blocks(7, 4) is None  # too few shards: let Ray split the read for parallelism
-    assert read_blocks(1, 0) is None
+    return {
+        "image": np.array([_jpeg(4 * i) for i in range(n)], dtype=object),
+        "label": np.arange(n, dtype=np.int64),
+        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+    }
 
 
 def test_row_chunks_cover_every_row_in_order():
@@ -62,3 +57,29 @@ def test_eval_map_keeps_the_stored_order():
     out = list(_eval_map(_block(n), resize=20, crop=16))
     assert np.array_equal(np.concatenate([o["label"] for o in out]), np.arange(n))
     assert np.concatenate([o["image"] for o in out]).shape == (n, 16, 16, 3)
+
+
+def test_eval_map_with_val_index_replaces_the_key_by_the_val_index():
+    n = pipeline.DECODE_BATCH_ROWS + 3
+    block = _block(n)
+    block["key"] = np.array(
+        [f"val/n01440764/ILSVRC2012_val_{i + 1:08d}.JPEG" if i % 2 else f"k{i}" for i in range(n)], dtype=object
+    )
+    out = list(_eval_map(block, resize=20, crop=16, with_val_index=True))
+    assert all("key" not in o for o in out)  # strings cannot become tensors
+    val_index = np.concatenate([o["val_index"] for o in out])
+    assert val_index.dtype == np.int64
+    assert val_index.tolist() == [i if i % 2 else -1 for i in range(n)]
+    assert np.array_equal(np.concatenate([o["label"] for o in out]), np.arange(n))
+    assert all("val_index" not in o for o in _eval_map(block, resize=20, crop=16))
+
+
+def test_val_index_map_passes_the_bytes_through_with_the_val_index():
+    block = _block(3)
+    block["key"] = np.array(
+        ["ILSVRC2012_img_val.tar/ILSVRC2012_val_00050000.JPEG", "x", "ILSVRC2012_val_00000001"], dtype=object
+    )
+    out = pipeline._val_index_map(block)
+    assert set(out) == {"image", "label", "val_index"}
+    assert out["val_index"].tolist() == [49_999, -1, 0]
+    assert out["image"] is block["image"]

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import pytest
 
 from imagenet_ray.data.classes import imagenet_classes
+from imagenet_ray.data.format import MANIFEST_FORMAT, shard_name
 from imagenet_ray.data.layouts import ImageRecord, LayoutListing
-from imagenet_ray.data.prepare import (MANIFEST_FORMAT, PrepareOptions, build_manifest, build_shard_table,
-                                       plan_shards, shard_name)
+from imagenet_ray.data.prepare import PrepareOptions, build_manifest, build_report, build_shard_table, plan_shards
 
 CLASSES = imagenet_classes().subset(list(imagenet_classes().wnids[:10]))
 
 
 def _records(per_class: int = 20, size=lambda c, n: 1000 + 37 * c + 11 * n, split: str = "train"):
-    return tuple(ImageRecord(f"{split}/{w}/{w}_{n}.JPEG", w, c, size(c, n))
-                 for c, w in enumerate(CLASSES.wnids) for n in range(per_class))
+    return tuple(
+        ImageRecord(f"{split}/{w}/{w}_{n}.JPEG", w, c, size(c, n))
+        for c, w in enumerate(CLASSES.wnids)
+        for n in range(per_class)
+    )
 
 
 def test_plan_covers_every_record_exactly_once():
@@ -44,13 +48,13 @@ def test_plan_respects_target_bytes():
     for shard in shards:
         assert sum(r.size for r in shard) <= target
     # greedy packing: adding the next shard's first record would have overflowed
-    for shard, nxt in zip(shards, shards[1:]):
+    for shard, nxt in itertools.pairwise(shards):
         assert sum(r.size for r in shard) + nxt[0].size > target
     assert len(shards) >= sum(r.size for r in records) / target
 
 
 def test_oversized_record_gets_its_own_shard():
-    records = _records(per_class=3) + (ImageRecord("train/huge.JPEG", CLASSES.wnids[0], 0, 50_000),)
+    records = (*_records(per_class=3), ImageRecord("train/huge.JPEG", CLASSES.wnids[0], 0, 50_000))
     shards = plan_shards(records, 5_000, seed=3)
     huge = [s for s in shards if any(r.key == "train/huge.JPEG" for r in s)]
     assert len(huge) == 1 and len(huge[0]) == 1
@@ -72,12 +76,6 @@ def test_plan_of_nothing():
     assert plan_shards((), 1000, seed=0) == []
 
 
-def test_shard_name_sorts_in_index_order():
-    assert shard_name("train", 3, 120) == "train/shard-00003-of-00120.parquet"
-    names = [shard_name("val", i, 12) for i in range(12)]
-    assert sorted(names) == names
-
-
 def _listing():
     train = _records(per_class=2)
     val = _records(per_class=1, split="val")
@@ -86,10 +84,17 @@ def _listing():
 
 def _receipt(split, index, count, per_class, sha, quarantined=(), nbytes=100):
     rows = sum(per_class.values())
-    return {"split": split, "path": shard_name(split, index, count), "rows": rows, "bytes": nbytes,
-            "sha256": sha * 64, "bytes_in": nbytes + 10, "quarantined": [{"key": k, "reason": "corrupt"}
-                                                                         for k in quarantined],
-            "notes": {}, "per_class": per_class}
+    return {
+        "split": split,
+        "path": shard_name(split, index, count),
+        "rows": rows,
+        "bytes": nbytes,
+        "sha256": sha * 64,
+        "bytes_in": nbytes + 10,
+        "quarantined": [{"key": k, "reason": "corrupt"} for k in quarantined],
+        "notes": {},
+        "per_class": per_class,
+    }
 
 
 def _receipts():
@@ -107,14 +112,21 @@ def test_build_manifest():
     m = build_manifest(listing, _receipts(), opts)
     assert m["format"] == MANIFEST_FORMAT
     assert m["source"] == {"url": "file:///src", "layout": "kaggle"}
-    assert {k: m["options"][k] for k in ("shard_mb", "rows_per_group", "seed")} == {"shard_mb": 1.5,
-                                                                                     "rows_per_group": 64, "seed": 9}
+    assert {k: m["options"][k] for k in ("shard_mb", "rows_per_group", "seed")} == {
+        "shard_mb": 1.5,
+        "rows_per_group": 64,
+        "seed": 9,
+    }
     assert m["classes"] == list(CLASSES.wnids) and m["class_names"] == list(CLASSES.names)
     assert m["splits"]["train"]["num_images"] == 20 and m["splits"]["val"]["num_images"] == 10
     # shards listed in name order whatever order the tasks finished in
     assert [s["path"] for s in m["splits"]["train"]["shards"]] == [shard_name("train", 0, 2), shard_name("train", 1, 2)]
-    assert m["splits"]["train"]["shards"][0] == {"path": shard_name("train", 0, 2), "rows": 10, "bytes": 400,
-                                                 "sha256": "a" * 64}
+    assert m["splits"]["train"]["shards"][0] == {
+        "path": shard_name("train", 0, 2),
+        "rows": 10,
+        "bytes": 400,
+        "sha256": "a" * 64,
+    }
     assert m["splits"]["train"]["per_class"] == {w: 2 for w in CLASSES.wnids}
     assert m["splits"]["val"]["per_class"] == {w: 1 for w in CLASSES.wnids}
     assert sum(m["splits"]["train"]["per_class"].values()) == m["splits"]["train"]["num_images"]
@@ -131,8 +143,6 @@ def test_build_manifest_per_class_lists_every_class_even_if_empty():
 
 
 def test_build_report_conservation_and_quarantine():
-    from imagenet_ray.data.prepare import build_report
-
     listing = _listing()
     w = CLASSES.wnids
     ok = build_report(listing, _receipts(), PrepareOptions(), 3.0, "file:///out")
@@ -156,8 +166,9 @@ def test_build_report_conservation_and_quarantine():
 
 
 def test_build_shard_table_schema():
-    table = build_shard_table([{"image": b"\xff\xd8", "label": 3, "wnid": "n01440764", "key": "k", "height": 2,
-                                "width": 3}])
+    table = build_shard_table(
+        [{"image": b"\xff\xd8", "label": 3, "wnid": "n01440764", "key": "k", "height": 2, "width": 3}]
+    )
     assert table.num_rows == 1
     assert table.schema.names == ["image", "label", "wnid", "key", "height", "width"]
     assert str(table.schema.field("label").type) == "int16"

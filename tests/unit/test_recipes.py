@@ -11,21 +11,21 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from ffcv_reference import ffcv_resolution
 import torch
 import torch.nn as nn
 import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ffcv_reference import ffcv_resolution
 from imagenet_ray.config import ExperimentConfig, load_config, to_yaml
-from imagenet_ray.train.loop import train_size_for_epoch
+from imagenet_ray.train.device import train_size_for_epoch
 from imagenet_ray.train.models import BlurPool2d, build_model
 from imagenet_ray.train.optim import build_sgd, scaled_lr
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ALL = sorted(CONFIGS.glob("*.yaml"))
+BASES = sorted(CONFIGS.glob("base/*.yaml"))  # recipe parts that budget files extend
 NOT_RECIPES = {"local", "smoke"}  # the demo and the integration smoke run
 RECIPES = [p for p in ALL if p.stem not in NOT_RECIPES]
 FFCV = sorted(CONFIGS.glob("resnet*_fast_*ep.yaml"))
@@ -42,8 +42,7 @@ FFCV_REFERENCE = {
     "resnet18_fast_16ep": (16, 11, 13, 0.5, 1024, 1, 5e-5, 66.9),
     "resnet18_fast_88ep": (88, 65, 76, 0.5, 1024, 1, 5e-5, 72.4),
 }
-PUBLISHED_TOP1 = {**{k: v[-1] for k, v in FFCV_REFERENCE.items()}, "resnet50_v1_90ep": 76.13,
-                  "resnet50_v2": 80.858}
+PUBLISHED_TOP1 = {**{k: v[-1] for k, v in FFCV_REFERENCE.items()}, "resnet50_v1_90ep": 76.13, "resnet50_v2": 80.858}
 TARGET = re.compile(r"Published target:\s*(\d+(?:\.\d+)?)\s*%")
 
 
@@ -55,15 +54,13 @@ def _global_batch(cfg: ExperimentConfig) -> int:
     return cfg.data.batch_size * cfg.train.num_workers
 
 
-
-
 # ---------------------------------------------------------------- every file
 
 
 def test_the_recipe_set_is_complete():
     assert {p.stem for p in FFCV} == set(FFCV_REFERENCE)
     assert {p.stem for p in RECIPES} == set(PUBLISHED_TOP1)
-    assert NOT_RECIPES <= {p.stem for p in ALL}
+    assert {p.stem for p in ALL} >= NOT_RECIPES
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
@@ -75,10 +72,30 @@ def test_every_config_loads(path):
     assert ExperimentConfig.model_validate(yaml.safe_load(to_yaml(cfg))) == cfg
 
 
+@pytest.mark.parametrize("path", BASES, ids=lambda p: p.stem)
+def test_every_base_loads_on_its_own(path):
+    assert isinstance(load_config(path), ExperimentConfig)
+
+
+@pytest.mark.parametrize("path", FFCV, ids=lambda p: p.stem)
+def test_ffcv_budget_files_are_deltas(path):
+    """An FFCV budget file extends its model's base and sets only the name, the epochs and the ramp."""
+    tree = yaml.safe_load(path.read_text())
+    model = path.stem.split("_")[0]
+    assert tree.pop("extends") == f"base/ffcv_{model}.yaml"
+    assert tree == {
+        "name": tree["name"],
+        "data": {"progressive": tree["data"]["progressive"]},
+        "train": {"epochs": FFCV_REFERENCE[path.stem][0]},
+    }
+    assert set(tree["data"]["progressive"]) == {"start_epoch", "end_epoch"}
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_carries_a_published_target(path):
-    comments = " ".join(line.lstrip("# ").strip() for line in path.read_text().splitlines()
-                        if line.lstrip().startswith("#"))
+    comments = " ".join(
+        line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.lstrip().startswith("#")
+    )
     match = TARGET.search(comments)
     assert match, f"{path.name}: no 'Published target: NN.N %' comment"
     top1 = float(match.group(1))
@@ -104,13 +121,13 @@ def test_ffcv_recipe_settings(path):
     assert d.mixup_alpha == 0 and d.cutmix_alpha == 0
     assert o.ema_decay == 0
     assert m.blurpool is True and m.channels_last is True and m.zero_init_residual is False
-    assert d.eval_hflip is True  # FFCV lr_tta
+    assert cfg.eval.hflip is True  # FFCV lr_tta
     p = d.progressive
     assert p is not None
     assert (p.start_size, p.end_size, p.start_epoch, p.end_epoch, p.step) == (160, 192, start, end, 32)
     assert p.end_size <= d.train_crop
     # FFCV validation: 256 px crops of the central 224/256 of the image
-    assert d.val_crop == 256 and d.val_resize == int(256 / (224 / 256))
+    assert cfg.eval.crop == 256 and cfg.eval.resize == int(256 / (224 / 256))
     assert (d.batch_size, cfg.train.num_workers) == (batch, gpus)
 
 
@@ -137,8 +154,9 @@ def test_ffcv_model_and_optimizer_as_built():
     cfg = _load("resnet18_fast_16ep")
     model = build_model(cfg.model.name, 1000, cfg.model.zero_init_residual, cfg.model.blurpool)
     assert sum(isinstance(mod, BlurPool2d) for mod in model.modules()) == 6
-    decay, no_decay = build_sgd(model, 0.5, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov,
-                                cfg.optim.no_decay_norm_and_bias).param_groups
+    decay, no_decay = build_sgd(
+        model, 0.5, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.nesterov, cfg.optim.no_decay_norm_and_bias
+    ).param_groups
     bn = {id(p) for mod in model.modules() if isinstance(mod, nn.BatchNorm2d) for p in mod.parameters()}
     assert bn and bn <= {id(p) for p in no_decay["params"]}
     assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == pytest.approx(5e-5)
@@ -160,8 +178,8 @@ def test_torchvision_v1_recipe():
     assert (d.batch_size, cfg.train.num_workers) == (32, 8) and _global_batch(cfg) == 256
     assert scaled_lr(o.lr, _global_batch(cfg)) == pytest.approx(0.1)
     assert o.label_smoothing == 0 and d.mixup_alpha == 0 and d.cutmix_alpha == 0 and o.ema_decay == 0
-    assert (d.train_crop, d.val_resize, d.val_crop) == (224, 256, 224)
-    assert d.progressive is None and not cfg.model.blurpool and not d.eval_hflip
+    assert (d.train_crop, cfg.eval.resize, cfg.eval.crop) == (224, 256, 224)
+    assert d.progressive is None and not cfg.model.blurpool and not cfg.eval.hflip
 
 
 # ---------------------------------------------------------------- torchvision V2
@@ -173,7 +191,7 @@ def test_torchvision_v2_recipe():
     assert cfg.model.name == "resnet50" and cfg.train.epochs == 600
     assert (d.mixup_alpha, d.cutmix_alpha) == (pytest.approx(0.2), pytest.approx(1.0))
     assert o.ema_decay > 0 and o.ema_every_steps == 32
-    assert (d.train_crop, d.val_resize, d.val_crop) == (176, 232, 224)
+    assert (d.train_crop, cfg.eval.resize, cfg.eval.crop) == (176, 232, 224)
     assert o.label_smoothing == pytest.approx(0.1)
     assert o.schedule == "cosine" and o.warmup_epochs == 5 and o.warmup_start_factor == pytest.approx(0.01)
     assert o.weight_decay == pytest.approx(2e-5) and o.no_decay_norm_and_bias is True

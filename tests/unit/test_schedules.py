@@ -8,6 +8,7 @@ References: FFCV's `get_cyclic_lr` (libffcv/ffcv-imagenet train_imagenet.py: np.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 from pathlib import Path
@@ -23,6 +24,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 def _ffcv_step_lr(step: int, peak: float, steps_per_epoch: int, epochs: int, peak_epoch: int = 2) -> float:
     """FFCV's per-iteration LR: the epoch-level np.interp, linearly interpolated inside each epoch."""
+
     def epoch_lr(e):
         return float(np.interp([e], [0, peak_epoch, epochs], [1e-4 * peak, peak, 0])[0])
 
@@ -36,13 +38,19 @@ def _ffcv_step_lr(step: int, peak: float, steps_per_epoch: int, epochs: int, pea
 
 def test_warmup_is_linear_from_start_factor_and_peaks_at_last_warmup_step():
     peak, spe, f = 1.7, 50, 1e-4
-    s = LrSchedule(peak_lr=peak, total_steps=88 * spe, warmup_steps=2 * spe, schedule="linear",
-                   steps_per_epoch=spe, warmup_start_factor=f)
+    s = LrSchedule(
+        peak_lr=peak,
+        total_steps=88 * spe,
+        warmup_steps=2 * spe,
+        schedule="linear",
+        steps_per_epoch=spe,
+        warmup_start_factor=f,
+    )
     w = s.warmup_steps
     lrs = [s(i) for i in range(w)]
     inc = peak * (1 - f) / w
     # constant increments of (1 - f)·peak / W: a straight line ...
-    assert all(b - a == pytest.approx(inc, rel=1e-9) for a, b in zip(lrs, lrs[1:]))
+    assert all(b - a == pytest.approx(inc, rel=1e-9) for a, b in itertools.pairwise(lrs))
     # ... that starts at f·peak (one increment before step 0: step 0 already got its first increment) ...
     assert lrs[0] - inc == pytest.approx(f * peak, rel=1e-6)
     assert lrs[0] == pytest.approx(peak * (f + (1 - f) / w))
@@ -68,8 +76,14 @@ def test_warmup_start_factor_one_means_no_ramp():
 def test_ffcv_linear_matches_ffcv_reference_step_for_step():
     """After the ramp the schedule is FFCV's exactly; inside the ramp it leads FFCV by one step."""
     peak, spe, epochs = 1.7, 13, 16
-    s = LrSchedule(peak_lr=peak, total_steps=epochs * spe, warmup_steps=2 * spe, schedule="linear",
-                   steps_per_epoch=spe, warmup_start_factor=1e-4)
+    s = LrSchedule(
+        peak_lr=peak,
+        total_steps=epochs * spe,
+        warmup_steps=2 * spe,
+        schedule="linear",
+        steps_per_epoch=spe,
+        warmup_start_factor=1e-4,
+    )
     w = s.warmup_steps
     assert _ffcv_step_lr(0, peak, spe, epochs) == pytest.approx(1e-4 * peak)  # the reference starts there
     assert _ffcv_step_lr(w, peak, spe, epochs) == pytest.approx(peak)  # and peaks at epoch 2
@@ -95,7 +109,7 @@ def test_linear_decays_to_zero_and_is_linear_in_between():
     assert s(110) == pytest.approx(0.0, abs=1e-12)
     assert s(500) == pytest.approx(0.0, abs=1e-12)  # clamped past the end, never negative
     tail = [s(i) for i in range(10, 111)]
-    diffs = [a - b for a, b in zip(tail, tail[1:])]
+    diffs = [a - b for a, b in itertools.pairwise(tail)]
     assert all(d == pytest.approx(0.02) for d in diffs)
 
 
@@ -120,8 +134,9 @@ def test_cosine_is_half_at_midpoint_of_post_warmup_span():
 
 def test_step_schedule_torchvision_v1():
     spe = 5005
-    s = LrSchedule(peak_lr=0.1, total_steps=90 * spe, schedule="step", steps_per_epoch=spe, step_epochs=30,
-                   step_gamma=0.1)
+    s = LrSchedule(
+        peak_lr=0.1, total_steps=90 * spe, schedule="step", steps_per_epoch=spe, step_epochs=30, step_gamma=0.1
+    )
     assert s(0) == pytest.approx(0.1)  # no warmup: the peak from the first step
     assert s(30 * spe - 1) == pytest.approx(0.1)
     assert s(30 * spe) == pytest.approx(0.01)
@@ -157,8 +172,16 @@ def test_unknown_schedule_raises_naming_it(name):
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "step", "constant"])
 def test_same_step_same_value_in_any_order(schedule):
-    s = LrSchedule(peak_lr=1.3, total_steps=400, warmup_steps=30, schedule=schedule, steps_per_epoch=20,
-                   step_epochs=5, step_gamma=0.3, warmup_start_factor=0.01)
+    s = LrSchedule(
+        peak_lr=1.3,
+        total_steps=400,
+        warmup_steps=30,
+        schedule=schedule,
+        steps_per_epoch=20,
+        step_epochs=5,
+        step_gamma=0.3,
+        warmup_start_factor=0.01,
+    )
     steps = list(range(0, 450))
     in_order = {i: s(i) for i in steps}
     rnd = random.Random(1234)
@@ -199,9 +222,16 @@ def test_schedule_from_config_ffcv_rn50_88ep():
     spe = 1_281_167 // global_batch  # FFCV drops the last partial batch
     peak = scaled_lr(cfg.optim.lr, global_batch)
     s = schedule_from_config(cfg.optim, peak, spe, cfg.train.epochs)
-    assert s == LrSchedule(peak_lr=peak, total_steps=88 * spe, warmup_steps=2 * spe, schedule="linear",
-                           steps_per_epoch=spe, step_epochs=cfg.optim.step_epochs, step_gamma=cfg.optim.step_gamma,
-                           warmup_start_factor=1e-4)
+    assert s == LrSchedule(
+        peak_lr=peak,
+        total_steps=88 * spe,
+        warmup_steps=2 * spe,
+        schedule="linear",
+        steps_per_epoch=spe,
+        step_epochs=cfg.optim.step_epochs,
+        step_gamma=cfg.optim.step_gamma,
+        warmup_start_factor=1e-4,
+    )
     assert s(2 * spe - 1) == pytest.approx(1.7)
     for epoch in (2, 10, 45, 87):
         step = epoch * spe

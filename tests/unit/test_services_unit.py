@@ -1,10 +1,12 @@
-"""The pure parts of imagenet_ray.services: ports, state round trip, env, command lines, stopping trees.
+"""The pure parts of imagenet_ray.services: ports, state round trip, env, command lines, the service
+protocol and one-way imports, stopping trees.
 
 No servers are started; the process tests use `sleep` children only.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import socket
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from imagenet_ray.errors import UserError
-from imagenet_ray.services import LocalStack, mlflow_server, process, ray_head, s3
+from imagenet_ray.services import LocalStack, Service, StackState, mlflow_server, process, ray_head, s3
 from imagenet_ray.services.commands import env_sh
 from imagenet_ray.services.ports import free_ports, quiet_range
 from imagenet_ray.services.stack import SERVICES, _failure, _new_stack, _PortConflict
@@ -68,6 +70,55 @@ def test_addresses_and_env(tmp_path):
     assert st.ray_auth_headers() == {"Authorization": f"Bearer {st.ray_auth_token}"}
 
 
+def test_each_service_implements_the_protocol():
+    assert [svc.NAME for svc in SERVICES] == ["s3", "mlflow", "ray"]
+    for svc in SERVICES:
+        assert isinstance(svc, Service), svc.NAME
+    members = [name for name in vars(Service) if not name.startswith("_")] + list(Service.__annotations__)
+    for svc in SERVICES:
+        for name in members:
+            assert hasattr(svc, name), (svc.NAME, name)
+
+
+def test_services_import_the_state_and_never_the_stack():
+    """One-way imports: commands → stack → service modules → protocol/state → process/ports."""
+    services_dir = Path(s3.__file__).parent
+
+    def imported(module: str) -> set[str]:
+        tree = ast.parse((services_dir / f"{module}.py").read_text())
+        names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        names |= {
+            f"imagenet_ray.services.{alias.name}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "imagenet_ray.services"
+            for alias in node.names
+        }
+        return {n.rsplit(".", 1)[1] for n in names if n.startswith("imagenet_ray.services.")}
+
+    allowed = {
+        "ports": set(),
+        "process": set(),
+        "state": {"ports", "process"},
+        "protocol": {"state"},
+        "s3": {"ports", "state"},
+        "mlflow_server": {"ports", "state"},
+        "ray_head": {"ports", "state"},
+        "stack": {"s3", "mlflow_server", "ray_head", "process", "ports", "protocol", "state"},
+        "commands": {"stack", "state"},
+    }
+    for module, may_import in allowed.items():
+        assert imported(module) <= may_import, (module, imported(module) - may_import)
+
+
+def test_the_stack_is_its_state_plus_lifecycle(tmp_path):
+    st = _stack(tmp_path)
+    assert isinstance(st, StackState) and isinstance(st, LocalStack)
+    path = tmp_path / "state.json"
+    st.save(path)
+    assert type(LocalStack.load(path)) is LocalStack  # `services down` gets a stack it can stop
+    assert st.alive() == {"s3": False, "mlflow": False, "ray": False}  # nothing started
+
+
 def test_secrets_stay_out_of_repr_and_command_lines(tmp_path):
     st = _stack(tmp_path)
     shown = repr(st) + str(st)
@@ -79,8 +130,11 @@ def test_secrets_stay_out_of_repr_and_command_lines(tmp_path):
 
 def test_state_round_trip_and_file_mode(tmp_path):
     st = _stack(tmp_path)
-    st.processes = {"s3": process.ProcessRef(123, 456), "mlflow": process.ProcessRef(124, None),
-                    "ray": process.ProcessRef(125, 789)}
+    st.processes = {
+        "s3": process.ProcessRef(123, 456),
+        "mlflow": process.ProcessRef(124, None),
+        "ray": process.ProcessRef(125, 789),
+    }
     assert LocalStack.from_dict(st.to_dict()) == st
     path = tmp_path / "state" / "state.json"
     st.save(path)
@@ -100,11 +154,12 @@ def test_unreadable_state_is_one_user_error(tmp_path):
 
 def test_env_sh_sources_to_the_same_values(tmp_path):
     st = _stack(tmp_path)
-    st.secret_key = "we'ird $ecret \"quoted\" `x`"
+    st.secret_key = 'we\'ird $ecret "quoted" `x`'
     f = tmp_path / "env.sh"
     f.write_text(env_sh(st))
-    out = subprocess.run(["bash", "-c", f"export AWS_SESSION_TOKEN=stale; source {f}; env -0"],
-                         capture_output=True, check=True).stdout.decode()
+    out = subprocess.run(
+        ["bash", "-c", f"export AWS_SESSION_TOKEN=stale; source {f}; env -0"], capture_output=True, check=True
+    ).stdout.decode()
     seen = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
     for key, value in st.env().items():
         assert seen[key] == value, key
@@ -118,8 +173,17 @@ def test_service_commands_use_every_picked_port(tmp_path):
         assert f"={st.ports[name]}" in weed, name
     assert "-ip.bind=127.0.0.1" in weed and "-master.telemetry=false" in weed and "-s3.port.iceberg=0" in weed
     ray = " ".join(ray_head.command(st))
-    for name in ("gcs", "dashboard", "client_server", "dashboard_agent_http", "dashboard_agent_grpc",
-                 "runtime_env_agent", "metrics_export", "object_manager", "node_manager"):
+    for name in (
+        "gcs",
+        "dashboard",
+        "client_server",
+        "dashboard_agent_http",
+        "dashboard_agent_grpc",
+        "runtime_env_agent",
+        "metrics_export",
+        "object_manager",
+        "node_manager",
+    ):
         assert f"={st.ports[name]}" in ray, name
     assert f"--temp-dir=/tmp/irray-{st.ports['gcs']}" in ray and "--num-cpus=6" in ray
     assert len(str(ray_head.temp_dir(st))) < 20  # Ray's unix socket paths below it must stay < 107 chars
@@ -191,8 +255,9 @@ def _descendants(pid: int) -> set[int]:
 
 @needs_proc
 def test_stop_trees_kills_the_whole_tree_including_new_sessions(tmp_path):
-    popen, ref = process.spawn([sys.executable, "-c", _TREE], env=dict(os.environ), cwd=tmp_path,
-                               log_path=tmp_path / "logs" / "tree.log")
+    popen, ref = process.spawn(
+        [sys.executable, "-c", _TREE], env=dict(os.environ), cwd=tmp_path, log_path=tmp_path / "logs" / "tree.log"
+    )
     deadline = time.monotonic() + 20
     while "ready" not in (tmp_path / "logs" / "tree.log").read_text() or len(_descendants(ref.pid)) < 4:
         assert time.monotonic() < deadline, "tree did not start"

@@ -10,8 +10,15 @@ import pytest
 from imagenet_ray import storage
 from imagenet_ray.errors import UserError
 
-_AWS_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-             "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+_AWS_VARS = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
 
 
 @pytest.fixture
@@ -136,11 +143,15 @@ def test_ensure_dir_creates_local_directories(tmp_path):
 
 # --- error descriptions ----------------------------------------------------------------------------------------
 
-ACCESS_DENIED = ("When reading information for key 'prefix/a.parquet' in bucket 'bucket': AWS Error ACCESS_DENIED "
-                 "during HeadObject operation: No response body.")
-NO_CONNECT = ("When reading information for key 'prefix/{key}' in bucket 'bucket': AWS Error NETWORK_CONNECTION "
-              "during HeadObject operation: curlCode: 7, Could not connect to server; Details: Failed to connect to "
-              "127.0.0.1 port 9 after 0 ms: Could not connect to server")
+ACCESS_DENIED = (
+    "When reading information for key 'prefix/a.parquet' in bucket 'bucket': AWS Error ACCESS_DENIED "
+    "during HeadObject operation: No response body."
+)
+NO_CONNECT = (
+    "When reading information for key 'prefix/{key}' in bucket 'bucket': AWS Error NETWORK_CONNECTION "
+    "during HeadObject operation: curlCode: 7, Could not connect to server; Details: Failed to connect to "
+    "127.0.0.1 port 9 after 0 ms: Could not connect to server"
+)
 
 
 def test_describe_access_denied():
@@ -150,7 +161,9 @@ def test_describe_access_denied():
 
 
 def test_describe_no_such_bucket_and_connection_refused():
-    assert "bucket does not exist" in storage.describe_os_error("s3://b", OSError("AWS Error NO_SUCH_BUCKET: NoSuchBucket"))
+    assert "bucket does not exist" in storage.describe_os_error(
+        "s3://b", OSError("AWS Error NO_SUCH_BUCKET: NoSuchBucket")
+    )
     msg = storage.describe_os_error("s3://bucket/prefix", OSError(NO_CONNECT.format(key="a.parquet")))
     assert "cannot connect" in msg and "access denied" not in msg
 

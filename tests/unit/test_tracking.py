@@ -1,4 +1,4 @@
-"""Tracking URI rules and a real MLflow round trip against a local sqlite store (no server)."""
+"""Tracking URI rules and the RunSink against a real local sqlite MLflow store (no server)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,20 @@ from pathlib import Path
 import pytest
 
 from imagenet_ray.config import flatten, load_config, to_yaml
-from imagenet_ray.errors import UserError
-from imagenet_ray.tracking import (RUN_NAME_TAG, RunTracker, ensure_experiment, local_artifact_root,
-                                   resolve_tracking_uri)
+from imagenet_ray.errors import UserError, describe_error
+from imagenet_ray.tracking import (
+    DATASETS_EXPERIMENT,
+    RUN_NAME_TAG,
+    STORAGE_TAG,
+    RunSink,
+    RunTracker,
+    ensure_experiment,
+    find_or_start_run,
+    local_artifact_root,
+    log_prepared_dataset,
+    resolve_tracking_uri,
+    set_tag,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # sqlalchemy deprecations inside mlflow
 
@@ -71,7 +82,9 @@ def test_mlflow_sqlite_round_trip(tmp_path):
 
     cfg = load_config(None, ["name=unit-run", "optim.lr=0.05", "train.epochs=2"])
     params = flatten(cfg)
-    tracker = RunTracker.start(uri, exp_id, cfg.name, params, to_yaml(cfg), tags={"extra": "yes"})
+    tracker, resumed = RunSink.find_or_create(uri, "unit-exp", cfg.name, str(tmp_path / "ckpt"), params, to_yaml(cfg))
+    assert not resumed
+    tracker.set_tags({"extra": "yes"})
     tracker.log_metrics({"val/top1": 0.25, "train/loss": 2.0, "epoch": 1}, step=1)
     tracker.log_metrics({"val/top1": 0.5, "train/loss": 1.5, "epoch": 2}, step=2)
     tracker.log_dict({"a": 1}, "summary.json")
@@ -99,7 +112,7 @@ def test_mlflow_sqlite_round_trip(tmp_path):
     assert exp.artifact_location.startswith((tmp_path / "store" / "mlartifacts").as_uri())
 
     # resuming by id logs into the same run
-    resumed = RunTracker(uri, tracker.run_id)
+    resumed = RunSink.attach(uri, tracker.run_id)
     resumed.log_metrics({"val/top1": 0.75}, step=3)
     assert [m.step for m in client.get_metric_history(tracker.run_id, "val/top1")] == [1, 2, 3]
 
@@ -112,30 +125,109 @@ def test_ensure_experiment_unusable_path_is_a_user_error(tmp_path):
     assert str(blocker) in str(info.value)
 
 
-
-def test_real_counts_and_val_index():
-    from imagenet_ray.evaluate import real_counts, val_index_of
-
-    assert val_index_of("ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_00000001.JPEG") == 0
-    assert val_index_of("ILSVRC2012_img_val.tar/ILSVRC2012_val_00050000.JPEG") == 49_999
-    assert val_index_of("train/n01440764/n01440764_1.JPEG") == -1
-    table = [[3], [], [1, 7], [2]]
-    # image 0 right, image 1 has no ReaL label (not counted), image 2 right via its second label,
-    # image 3 wrong, index -1 and 9 are not val images of the table
-    assert real_counts([3, 5, 7, 4, 0, 0], [0, 1, 2, 3, -1, 9], table) == (2, 3)
+def test_describe_error_is_one_cut_line():
+    assert describe_error(ValueError("a\n  b\tc  ")) == "a b c"
+    assert describe_error(RuntimeError("x" * 500)) == "x" * 300
+    assert describe_error(RuntimeError("word " * 100), limit=9) == "word word"
 
 
-def test_weights_that_do_not_fit_are_one_clear_error():
-    import torchvision
+def test_create_logs_params_in_batches_tags_and_texts(tmp_path):
+    from mlflow.tracking import MlflowClient
 
-    from imagenet_ray.errors import UserError
-    from imagenet_ray.evaluate import check_weights_fit
+    uri = f"sqlite:///{tmp_path}/m.db"
+    params = {f"p{i:03d}": i for i in range(250)}  # more than one MLflow batch of 100
+    sink = RunSink.create(
+        uri, "created-exp", "a run", params=params, tags={"kind": "unit"}, texts={"notes/readme.txt": "hello\n"}
+    )
+    run = MlflowClient(uri).get_run(sink.run_id)
+    assert run.info.run_name == "a run" and run.info.status == "RUNNING"
+    assert run.info.experiment_id == ensure_experiment(uri, "created-exp")
+    assert run.data.params == {k: str(v) for k, v in params.items()}
+    assert run.data.tags["kind"] == "unit" and RUN_NAME_TAG not in run.data.tags  # only training runs are keyed
+    sink.log_text("more", "notes/more.txt")
+    local = MlflowClient(uri).download_artifacts(sink.run_id, "notes", str(tmp_path / "dl"))
+    assert sorted(p.name for p in Path(local).iterdir()) == ["more.txt", "readme.txt"]
+    assert (Path(local) / "readme.txt").read_text() == "hello\n"
 
-    state = torchvision.models.resnet18(num_classes=10).state_dict()
-    check_weights_fit("resnet18", state, 10)
-    with pytest.raises(UserError, match="do not fit resnet34 with 10 classes"):
-        check_weights_fit("resnet34", state, 10)
-    with pytest.raises(UserError, match="do not fit resnet18 with 3 classes"):
-        check_weights_fit("resnet18", state, 3)
-    with pytest.raises(UserError, match="not a torchvision classification model"):
-        check_weights_fit("resnet9000", state, 10)
+
+def test_find_or_create_resumes_by_name_and_storage(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    first, resumed = RunSink.find_or_create(uri, "exp", "run-a", "s3://b/ckpt", {"x": 1}, "x: 1\n")
+    assert not resumed
+    again, resumed = RunSink.find_or_create(uri, "exp", "run-a", "s3://b/ckpt", {"x": 1}, "x: 1\n")
+    assert resumed and again.run_id == first.run_id
+    other, resumed = RunSink.find_or_create(uri, "exp", "run-a", "s3://b/elsewhere", {"x": 1}, "x: 1\n")
+    assert not resumed and other.run_id != first.run_id  # same name, other storage: another training run
+    tags = MlflowClient(uri).get_run(first.run_id).data.tags
+    assert tags[RUN_NAME_TAG] == "run-a" and tags[STORAGE_TAG] == "s3://b/ckpt"
+    # the transition wrapper keys runs the same way
+    assert find_or_start_run(uri, ensure_experiment(uri, "exp"), "run-a", "s3://b/ckpt", {}, "") == (first.run_id, True)
+
+
+def test_attach_reopens_an_ended_run_and_knows_its_logged_steps(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    sink = RunSink.create(uri, "exp", "r")
+    sink.log_metrics({"val/top1": 0.1}, step=1)
+    sink.log_metrics({"val/top1": 0.2}, step=2)
+    sink.finish("KILLED")
+    client = MlflowClient(uri)
+    assert client.get_run(sink.run_id).info.status == "KILLED"
+    assert RunSink.attach(uri, sink.run_id).logged_steps("val/top1") == {1, 2}
+    assert client.get_run(sink.run_id).info.status == "KILLED"  # attaching alone changes nothing
+    reopened = RunSink.attach(uri, sink.run_id, reopen=True)
+    assert client.get_run(sink.run_id).info.status == "RUNNING"
+    assert reopened.logged_steps("missing") == set()
+    set_tag(uri, sink.run_id, "legacy", "ok")
+    assert client.get_run(sink.run_id).data.tags["legacy"] == "ok"
+    assert RunTracker is RunSink
+
+
+def test_mlflow_failures_are_one_user_error_naming_the_store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    ensure_experiment(uri, "exp")
+    sink = RunSink.attach(uri, "0" * 32)  # no such run
+    for call in (
+        lambda: sink.log_metrics({"a": 1.0}, step=0),
+        lambda: sink.set_tags({"k": "v"}),
+        lambda: sink.reopen(),
+        lambda: sink.finish(),
+        lambda: sink.log_dict({}, "x.json"),
+    ):
+        with pytest.raises(UserError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith(f"MLflow at {uri}: ") and "\n" not in message, message
+        assert len(message) <= len(f"MLflow at {uri}: ") + 300
+
+
+def test_log_prepared_dataset_is_one_finished_run_with_its_input(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    out = str(tmp_path / "prepared")
+    split = {"listed": 3, "written": 2, "quarantined": 1, "bytes_in": 300, "bytes_out": 200}
+    report = {
+        "source": "/src",
+        "layout": "kaggle",
+        "out": out,
+        "tool_version": "1",
+        "classes": 2,
+        "wall_seconds": 1.5,
+        "splits": {"train": split},
+    }
+    manifest = {"splits": {"train": {"shards": [{"sha256": "ab"}, {"sha256": "cd"}]}}}
+    run_id = log_prepared_dataset(uri, report, manifest)
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == f"prepare {out}"
+    assert run.info.experiment_id == ensure_experiment(uri, DATASETS_EXPERIMENT)
+    assert run.data.params == {"source": "/src", "layout": "kaggle", "out": out, "tool_version": "1"}
+    assert run.data.metrics["train/quarantined"] == 1 and run.data.metrics["classes"] == 2
+    assert {a.path for a in client.list_artifacts(run_id)} == {"_report.json", "_manifest.json"}
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == [out]
+    failed = log_prepared_dataset(uri, report, None)
+    assert client.get_run(failed).info.status == "FAILED"

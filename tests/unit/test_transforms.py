@@ -11,8 +11,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from imagenet_ray.data.decode import DecodeError, decode_rgb, image_size
-from imagenet_ray.data.transforms import (eval_batch, eval_box, eval_image, sample_rrc_box, train_batch,
-                                          train_image)
+from imagenet_ray.data.transforms import eval_batch, eval_box, eval_image, sample_rrc_box, train_batch, train_image
 
 
 class ScriptedRng:
@@ -38,8 +37,19 @@ class ScriptedRng:
 # --- decode ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt, mode", [("JPEG", "RGB"), ("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGB"),
-                                       ("PNG", "L"), ("PNG", "RGBA"), ("PNG", "P"), ("PNG", "LA")])
+@pytest.mark.parametrize(
+    "fmt, mode",
+    [
+        ("JPEG", "RGB"),
+        ("JPEG", "L"),
+        ("JPEG", "CMYK"),
+        ("PNG", "RGB"),
+        ("PNG", "L"),
+        ("PNG", "RGBA"),
+        ("PNG", "P"),
+        ("PNG", "LA"),
+    ],
+)
 def test_decode_rgb_any_mode_gives_rgb(fmt, mode, smooth_image, encode_image):
     encode = encode_image
     img = Image.fromarray(smooth_image(50, 40)).convert(mode)
@@ -73,7 +83,7 @@ def test_presets_output_uint8_rgb(kind, jpeg_bytes, png_bytes):
         assert arr.shape == (size, size, 3)
         assert arr.dtype == np.uint8
         assert arr.flags["C_CONTIGUOUS"]
-        assert 0 <= arr.min() and arr.max() <= 255
+        assert arr.min() >= 0 and arr.max() <= 255
         assert arr.std() > 1.0, "image content must survive the preset"
         if mode == "L":
             assert np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])
@@ -97,7 +107,7 @@ def test_mirroring_before_the_resize_equals_mirroring_after(out):
     for _ in range(40):
         h, w = int(rng.integers(3, 300)), int(rng.integers(3, 257))
         top, left = int(rng.integers(0, 300 - h + 1)), int(rng.integers(0, 257 - w + 1))
-        crop = image[top:top + h, left:left + w]  # a strided view, as in the kernel
+        crop = image[top : top + h, left : left + w]  # a strided view, as in the kernel
         assert torch.equal(_resize(crop, out, out, flip=True), _resize(crop, out, out).flip(1)), (h, w, out)
 
 
@@ -112,8 +122,16 @@ def test_train_image_is_deterministic_for_a_seed(jpeg_bytes):
 
 # --- eval geometry vs torchvision ------------------------------------------------------------------------------
 
-EVAL_CASES = [((500, 375), 73, 64), ((375, 500), 73, 64), ((333, 500), 256, 224), ((640, 480), 160, 128),
-              ((1000, 300), 73, 64), ((257, 256), 64, 64), ((100, 73), 256, 224), ((60, 45), 73, 64)]
+EVAL_CASES = [
+    ((500, 375), 73, 64),
+    ((375, 500), 73, 64),
+    ((333, 500), 256, 224),
+    ((640, 480), 160, 128),
+    ((1000, 300), 73, 64),
+    ((257, 256), 64, 64),
+    ((100, 73), 256, 224),
+    ((60, 45), 73, 64),
+]
 
 
 @pytest.mark.parametrize("size, resize, crop", EVAL_CASES)
@@ -129,10 +147,10 @@ def test_eval_geometry_matches_torchvision(size, resize, crop, smooth_image, enc
 
 def test_eval_box_matches_torchvision_offsets():
     # Resize(73) of 500x375 → 97x73; CenterCrop(64) → top=round(4.5)=4 (banker's), left=round(16.5)=16.
-    l, t, r, b = eval_box(500, 375, 73, 64)
+    left, top, right, bottom = eval_box(500, 375, 73, 64)
     sx, sy = 500 / 97, 375 / 73
-    assert (l, t, r, b) == pytest.approx((16 * sx, 4 * sy, 80 * sx, 68 * sy))
-    assert r - l == pytest.approx(64 * sx) and b - t == pytest.approx(64 * sy)
+    assert (left, top, right, bottom) == pytest.approx((16 * sx, 4 * sy, 80 * sx, 68 * sy))
+    assert right - left == pytest.approx(64 * sx) and bottom - top == pytest.approx(64 * sy)
 
 
 # --- RandomResizedCrop box -------------------------------------------------------------------------------------
@@ -143,7 +161,7 @@ def test_rrc_boxes_valid(width, height):
     rng = np.random.default_rng(0)
     for _ in range(2000):
         left, top, w, h = sample_rrc_box(width, height, rng)
-        assert 0 <= left and 0 <= top and w > 0 and h > 0
+        assert left >= 0 and top >= 0 and w > 0 and h > 0
         assert left + w <= width and top + h <= height
         frac = w * h / (width * height)
         # rounding of w and h moves the area / aspect a little beyond the sampled ranges
@@ -166,9 +184,13 @@ def test_rrc_distribution_matches_torchvision():
 
     def stats(boxes):
         left, top, w, h = boxes.T
-        return {"area": (w * h / (width * height)).mean(), "log_aspect": np.log(w / h).mean(),
-                "cx": ((left + w / 2) / width).mean(), "cy": ((top + h / 2) / height).mean(),
-                "full": ((w == width) & (h == height)).mean()}
+        return {
+            "area": (w * h / (width * height)).mean(),
+            "log_aspect": np.log(w / h).mean(),
+            "cx": ((left + w / 2) / width).mean(),
+            "cy": ((top + h / 2) / height).mean(),
+            "full": ((w == width) & (h == height)).mean(),
+        }
 
     a, b = stats(ours), stats(tv)
     for key, tol in (("area", 0.03), ("log_aspect", 0.03), ("cx", 0.02), ("cy", 0.02), ("full", 0.02)):
@@ -186,8 +208,7 @@ def test_rrc_fallback_matches_torchvision(width, height):
     # No box with area ≥ 8 % fits inside: torchvision falls back to a central crop clamped to the ratio range.
     rng = np.random.default_rng(0)
     ours = sample_rrc_box(width, height, rng)
-    i, j, h, w = T.RandomResizedCrop.get_params(torch.empty(3, height, width), scale=(0.08, 1.0),
-                                                ratio=(3 / 4, 4 / 3))
+    i, j, h, w = T.RandomResizedCrop.get_params(torch.empty(3, height, width), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
     assert ours == (j, i, w, h)
     left, top, bw, bh = ours
     assert 3 / 4 - 0.05 <= bw / bh <= 4 / 3 + 0.05
@@ -218,16 +239,21 @@ def _solid_jpeg(rgb) -> bytes:
 
 def test_eval_batch_raises_naming_the_key():
     good = _solid_jpeg((200, 10, 10))
-    batch = {"image": np.array([good, b"garbage bytes"], dtype=object), "label": np.array([3, 4]),
-             "key": np.array(["val/ok.JPEG", "val/ILSVRC2012_val_00000042.JPEG"], dtype=object)}
+    batch = {
+        "image": np.array([good, b"garbage bytes"], dtype=object),
+        "label": np.array([3, 4]),
+        "key": np.array(["val/ok.JPEG", "val/ILSVRC2012_val_00000042.JPEG"], dtype=object),
+    }
     with pytest.raises(DecodeError) as info:
         eval_batch(batch, 40, 32)
     assert "val/ILSVRC2012_val_00000042.JPEG" in str(info.value)
 
 
 def test_eval_batch_shapes_and_labels():
-    batch = {"image": np.array([_solid_jpeg((200, 10, 10)), _solid_jpeg((10, 10, 200))], dtype=object),
-             "label": np.array([3, 4], dtype=np.int16)}
+    batch = {
+        "image": np.array([_solid_jpeg((200, 10, 10)), _solid_jpeg((10, 10, 200))], dtype=object),
+        "label": np.array([3, 4], dtype=np.int16),
+    }
     out = eval_batch(batch, 40, 32)
     assert out["image"].shape == (2, 32, 32, 3) and out["image"].dtype == np.uint8
     assert out["label"].dtype == np.int64 and out["label"].tolist() == [3, 4]
@@ -239,19 +265,19 @@ def test_train_batch_replaces_corrupt_rows_and_keeps_labels_aligned():
     # flagged in decode_errors: the batch keeps its size, labels stay aligned with their images.
     red, blue = _solid_jpeg((220, 10, 10)), _solid_jpeg((10, 10, 220))
     truncated = blue[: len(blue) // 3]
-    batch = {"image": np.array([red, b"junk", blue, truncated, b""], dtype=object),
-             "label": np.array([0, 1, 2, 3, 4])}
+    batch = {"image": np.array([red, b"junk", blue, truncated, b""], dtype=object), "label": np.array([0, 1, 2, 3, 4])}
     out = train_batch(batch, 24, np.random.default_rng(0))
     assert out["image"].shape == (5, 24, 24, 3) and out["image"].dtype == np.uint8
     assert out["label"].dtype == np.int64 and out["decode_errors"].tolist() == [0, 1, 0, 1, 1]
     assert out["label"][0] == 0 and out["label"][2] == 2
     assert set(out["label"].tolist()) <= {0, 2}
-    for img, label in zip(out["image"], out["label"]):
+    for img, label in zip(out["image"], out["label"], strict=True):
         channel = 0 if label == 0 else 2  # label 0 is the red image, label 2 the blue one
         assert img[..., channel].mean() > 150
 
 
 def test_train_batch_all_corrupt_raises():
     with pytest.raises(DecodeError, match="all 2 images"):
-        train_batch({"image": np.array([b"x", b"y"], dtype=object), "label": np.array([1, 2])}, 16,
-                    np.random.default_rng(0))
+        train_batch(
+            {"image": np.array([b"x", b"y"], dtype=object), "label": np.array([1, 2])}, 16, np.random.default_rng(0)
+        )

@@ -14,8 +14,16 @@ from PIL import Image
 
 from imagenet_ray.data import transforms
 from imagenet_ray.data.decode import DecodeError, decode_rgb, decode_rgb_array, image_size, jpeg_header
-from imagenet_ray.data.transforms import (dct_factor, eval_batch, eval_geometry, eval_image, sample_rrc_box,
-                                          snap_box, train_batch, train_image)
+from imagenet_ray.data.transforms import (
+    dct_factor,
+    eval_batch,
+    eval_geometry,
+    eval_image,
+    sample_rrc_box,
+    snap_box,
+    train_batch,
+    train_image,
+)
 
 
 def _pil(data: bytes) -> Image.Image:
@@ -79,8 +87,9 @@ def test_truncated_jpeg_is_a_decode_error(jpeg_bytes):
 # --- colour modes through the presets --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["jpeg-RGB", "jpeg-L", "jpeg-CMYK", "png-RGB", "png-L", "png-RGBA", "png-P",
-                                  "png-I;16"])
+@pytest.mark.parametrize(
+    "kind", ["jpeg-RGB", "jpeg-L", "jpeg-CMYK", "png-RGB", "png-L", "png-RGBA", "png-P", "png-I;16"]
+)
 def test_presets_give_three_channels(kind, smooth_image, encode_image):
     fmt, mode = kind.split("-")
     img = Image.fromarray(smooth_image(120, 90))
@@ -97,8 +106,16 @@ def test_presets_give_three_channels(kind, smooth_image, encode_image):
 
 # (size, resize, crop): ImageNet-like, the 256/224 default, FixRes 232/224 and 176 train, FFCV's low res;
 # the large ones take the DCT-downscale path (shorter side ≥ 2 x resize).
-EVAL_JPEG_CASES = [((500, 375), 256, 224), ((375, 500), 256, 224), ((500, 333), 232, 224), ((640, 480), 176, 160),
-                   ((333, 500), 192, 160), ((1200, 900), 256, 224), ((2000, 1500), 232, 224), ((300, 1000), 64, 56)]
+EVAL_JPEG_CASES = [
+    ((500, 375), 256, 224),
+    ((375, 500), 256, 224),
+    ((500, 333), 232, 224),
+    ((640, 480), 176, 160),
+    ((333, 500), 192, 160),
+    ((1200, 900), 256, 224),
+    ((2000, 1500), 232, 224),
+    ((300, 1000), 64, 56),
+]
 
 
 @pytest.mark.parametrize("size, resize, crop", EVAL_JPEG_CASES)
@@ -107,8 +124,9 @@ def test_eval_jpeg_matches_torchvision_resize_center_crop(size, resize, crop, sm
     ref = np.asarray(T.CenterCrop(crop)(T.Resize(resize)(_pil(data)))).astype(np.int16)
     ours = eval_image(data, resize, crop).astype(np.int16)
     diff = np.abs(ours - ref)
-    print(f"eval {size} {resize}/{crop} (DCT 1/{dct_factor(min(size), resize)}): max {diff.max()}, "
-          f"mean {diff.mean():.3f}")
+    print(
+        f"eval {size} {resize}/{crop} (DCT 1/{dct_factor(min(size), resize)}): max {diff.max()}, mean {diff.mean():.3f}"
+    )
     if dct_factor(min(size), resize) == 1:
         assert diff.max() <= 2  # same decoder, same filter (torch's uint8 AA bilinear = Pillow's, ±1)
     else:
@@ -134,8 +152,9 @@ def test_resize_keeps_channels_last_for_arrays_and_views():
 # --- train crop vs torchvision ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size, out", [((500, 375), 224), ((375, 500), 176), ((160, 120), 192), ((1600, 1200), 128),
-                                       ((2000, 1500), 64)])
+@pytest.mark.parametrize(
+    "size, out", [((500, 375), 224), ((375, 500), 176), ((160, 120), 192), ((1600, 1200), 128), ((2000, 1500), 64)]
+)
 def test_train_crop_matches_torchvision_resized_crop(size, out, smooth_image, encode_image):
     """Same seed → same box and flip as the sampler; pixels = torchvision's resized_crop of that box
     (snapped to the DCT grid when the kernel decoded at 1/2, 1/4 or 1/8)."""
@@ -152,7 +171,7 @@ def test_train_crop_matches_torchvision_resized_crop(size, out, smooth_image, en
         ref = np.asarray(TF.resized_crop(pil, top, left, bh, bw, [out, out], T.InterpolationMode.BILINEAR))
         ref = ref[:, ::-1] if flip else ref
         diff = np.abs(train_image(data, out, np.random.default_rng(seed)).astype(np.int16) - ref.astype(np.int16))
-        worst, means = max(worst, int(diff.max())), means + [diff.mean()]
+        worst, means = max(worst, int(diff.max())), [*means, diff.mean()]
         if k == 1:
             assert diff.max() <= 2, (seed, diff.max())
     assert np.mean(means) < 1.0 and worst <= 8
@@ -165,7 +184,7 @@ def test_snap_box_stays_within_half_a_downscaled_pixel():
         left, top, bw, bh = sample_rrc_box(w, h, rng)
         for k in (2, 4, 8):
             x, y, sw, sh = snap_box(left, top, bw, bh, k, -(-w // k), -(-h // k))
-            assert 0 <= x and 0 <= y and x + sw <= -(-w // k) and y + sh <= -(-h // k) and sw >= 1 and sh >= 1
+            assert x >= 0 and y >= 0 and x + sw <= -(-w // k) and y + sh <= -(-h // k) and sw >= 1 and sh >= 1
             assert abs(x * k - left) <= k / 2 and abs(y * k - top) <= k / 2
             assert abs((x + sw) * k - (left + bw)) <= k and abs((y + sh) * k - (top + bh)) <= k
 
@@ -179,11 +198,11 @@ def test_dct_factor_never_upsamples_after_the_downscale():
             assert k == 8 or shorter < 2 * k * target  # the largest such factor
 
 
-def test_dct_downscale_can_be_switched_off(monkeypatch, smooth_image, encode_image):
+def test_dct_downscale_can_be_switched_off(smooth_image, encode_image):
     data = encode_image(Image.fromarray(smooth_image(1600, 1200)), "JPEG", quality=92)
-    monkeypatch.setattr(transforms, "DCT_DOWNSCALE", False)
+    options = transforms.KernelOptions(dct_downscale=False)
     ref = np.asarray(T.CenterCrop(224)(T.Resize(256)(_pil(data)))).astype(np.int16)
-    assert np.abs(eval_image(data, 256, 224).astype(np.int16) - ref).max() <= 2
+    assert np.abs(eval_image(data, 256, 224, options).astype(np.int16) - ref).max() <= 2
 
 
 # --- RandomResizedCrop distribution ----------------------------------------------------------------------------
@@ -197,14 +216,22 @@ def test_rrc_box_distribution_matches_torchvision_get_params(width, height):
     torch.manual_seed(2024)
     ours = np.array([sample_rrc_box(width, height, rng) for _ in range(n)], dtype=np.float64)
     img = torch.empty(1, height, width)
-    tv = np.array([(j, i, w, h) for i, j, h, w in
-                   (T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n))],
-                  dtype=np.float64)
+    tv = np.array(
+        [
+            (j, i, w, h)
+            for i, j, h, w in (T.RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n))
+        ],
+        dtype=np.float64,
+    )
 
     def features(boxes):
         left, top, w, h = boxes.T
-        return {"area": w * h / (width * height), "log_aspect": np.log(w / h),
-                "cx": (left + w / 2) / width, "cy": (top + h / 2) / height}
+        return {
+            "area": w * h / (width * height),
+            "log_aspect": np.log(w / h),
+            "cx": (left + w / 2) / width,
+            "cy": (top + h / 2) / height,
+        }
 
     a, b = features(ours), features(tv)
     qs = [0.05, 0.25, 0.5, 0.75, 0.95]
@@ -233,34 +260,46 @@ def test_failed_rows_are_replaced_counted_and_batch_size_kept():
     assert out["decode_errors"].sum() == 3
     assert 7 not in out["label"].tolist()  # every stand-in carries its donor's label
     assert out["label"][[0, 2, 4]].tolist() == [0, 1, 2]
-    for img, label in zip(out["image"], out["label"]):
+    for img, label in zip(out["image"], out["label"], strict=True):
         assert img[..., int(label)].mean() > 150  # label i is the image whose channel i is bright
 
 
 def test_clean_batch_has_no_errors_and_keeps_order():
     good = [_jpeg((220, 10, 10)), _jpeg((10, 10, 220))]
-    out = train_batch({"image": np.array(good, dtype=object), "label": np.array([0, 2])}, 16,
-                      np.random.default_rng(0))
+    out = train_batch({"image": np.array(good, dtype=object), "label": np.array([0, 2])}, 16, np.random.default_rng(0))
     assert out["decode_errors"].tolist() == [0, 0] and out["label"].tolist() == [0, 2]
 
 
 def test_all_rows_failing_raises_naming_keys():
-    batch = {"image": np.array([b"x", b"y"], dtype=object), "label": np.array([1, 2]),
-             "key": np.array(["train/a.JPEG", "train/b.JPEG"], dtype=object)}
-    with pytest.raises(DecodeError, match="train/a.JPEG"):
+    batch = {
+        "image": np.array([b"x", b"y"], dtype=object),
+        "label": np.array([1, 2]),
+        "key": np.array(["train/a.JPEG", "train/b.JPEG"], dtype=object),
+    }
+    with pytest.raises(DecodeError, match=r"train/a\.JPEG"):
         train_batch(batch, 16, np.random.default_rng(0))
 
 
 def test_empty_batch():
-    out = train_batch({"image": np.array([], dtype=object), "label": np.array([], dtype=np.int64)}, 16,
-                      np.random.default_rng(0))
+    out = train_batch(
+        {"image": np.array([], dtype=object), "label": np.array([], dtype=np.int64)}, 16, np.random.default_rng(0)
+    )
     assert out["image"].shape == (0, 16, 16, 3) and out["label"].shape == (0,) and out["decode_errors"].shape == (0,)
     empty_eval = eval_batch({"image": np.array([], dtype=object), "label": np.array([])}, 40, 32)
     assert empty_eval["image"].shape == (0, 32, 32, 3)
 
 
 def test_eval_batch_still_raises_on_a_bad_row():
-    batch = {"image": np.array([_jpeg((1, 2, 3)), b"bad"], dtype=object), "label": np.array([0, 1]),
-             "key": np.array(["val/x.JPEG", "val/ILSVRC2012_val_00000007.JPEG"], dtype=object)}
+    batch = {
+        "image": np.array([_jpeg((1, 2, 3)), b"bad"], dtype=object),
+        "label": np.array([0, 1]),
+        "key": np.array(["val/x.JPEG", "val/ILSVRC2012_val_00000007.JPEG"], dtype=object),
+    }
     with pytest.raises(DecodeError, match="ILSVRC2012_val_00000007"):
         eval_batch(batch, 40, 32)
+
+
+def test_kernel_options_are_frozen_and_default_to_every_speed_up():
+    assert transforms.KernelOptions(dct_downscale=True, crop_decode=True) == transforms.DEFAULT_KERNEL
+    with pytest.raises(AttributeError):
+        transforms.DEFAULT_KERNEL.crop_decode = False  # type: ignore[misc]

@@ -1,0 +1,64 @@
+"""Where the program runs: absolute URLs for Ray jobs, connecting to (or starting) Ray, GPUs in the cluster."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+
+from imagenet_ray.errors import UserError
+
+
+def absolute_url(url: str) -> str:
+    """Local paths become absolute (a Ray job's cwd is a temporary copy of the working dir)."""
+    return url if "://" in url else os.path.abspath(url)
+
+
+def ensure_ray(min_cpus: float) -> None:
+    """Connect to the cluster this runs in (a Ray job or RAY_ADDRESS), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):
+        raise UserError(
+            f"RAY_ADDRESS={address} is a job-API URL: submit with `ray job submit --address {address} "
+            "--working-dir . -- python jobs/train.py ...`, or unset RAY_ADDRESS to run on a local Ray"
+        )
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Training workers reserve their CPUs; Ray Data needs at least one more for decoding.
+        # A local Ray is private to this process tree: bind it to loopback.
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus) + 1),
+            include_dashboard=False,
+            log_to_driver=True,
+            _node_ip_address="127.0.0.1",
+        )
+
+
+def cluster_has_gpu() -> bool:
+    """Whether the connected Ray cluster has at least one GPU."""
+    import ray
+
+    return bool(ray.cluster_resources().get("GPU", 0) >= 1)
+
+
+_WORKER_HANDLER = "imagenet_ray.worker"
+
+
+def configure_worker_logging() -> None:
+    """On a Ray worker, send the package's INFO messages (the epoch line) to stdout as plain text,
+    whatever Ray did to the root logger; idempotent."""
+    package = logging.getLogger("imagenet_ray")
+    if any(h.get_name() == _WORKER_HANDLER for h in package.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.set_name(_WORKER_HANDLER)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False  # printed once, here, even where Ray gave the root logger a handler

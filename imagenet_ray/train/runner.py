@@ -1,0 +1,320 @@
+"""Training on each Ray Train worker: a `Runner` whose methods read like the recipe (set up or restore
+the state, train one epoch, validate, save and report) and `train_loop_per_worker`, the entrypoint."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, cast
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from imagenet_ray.config import DataSection
+from imagenet_ray.data.device_decode import train_batch_on_device
+from imagenet_ray.runtime import configure_worker_logging
+from imagenet_ray.tracking import RunSink
+from imagenet_ray.train.batch_aug import mix_batch, random_erase, trivial_augment
+from imagenet_ray.train.checkpoint import load_checkpoint, restore_rng, write_checkpoint_dir
+from imagenet_ray.train.device import amp_dtype, resize_on_device, to_model_input, train_size_for_epoch
+from imagenet_ray.train.evaluation import PerClassCounts, evaluate, val_batches
+from imagenet_ray.train.metrics import all_reduce_sum
+from imagenet_ray.train.models import build_model
+from imagenet_ray.train.norm_stats import average_batchnorm_stats
+from imagenet_ray.train.optim import build_sgd, scale_for_world, schedule_from_config
+from imagenet_ray.train.plan import WorkerPlan
+from imagenet_ray.train.step import TrainStep
+
+log = logging.getLogger(__name__)
+
+
+class DataWaitTimer:
+    """Wall time blocked on the data iterator (the numerator of perf/data_wait_frac)."""
+
+    def __init__(self, iterable: Iterable[dict[str, torch.Tensor]]) -> None:
+        self.iterator, self.wait_s = iter(iterable), 0.0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            t0 = time.perf_counter()
+            item = next(self.iterator, None)
+            self.wait_s += time.perf_counter() - t0
+            if item is None:
+                return
+            yield item
+
+
+def train_batches(
+    shard: Any,
+    data: DataSection,
+    crop: int,
+    device: torch.device,
+    rng: np.random.Generator,
+    shuffle_seed: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's training batches for one epoch: uint8 images + int64 labels on `device`.
+
+    decode_on="gpu": JPEG bytes are decoded and cropped to `crop` here; otherwise they arrive decoded."""
+    common: dict[str, Any] = dict(
+        batch_size=data.batch_size,
+        prefetch_batches=data.prefetch_batches,
+        local_shuffle_buffer_size=data.local_shuffle_buffer or None,
+    )
+    if shuffle_seed is not None and common["local_shuffle_buffer_size"]:
+        common["local_shuffle_seed"] = shuffle_seed
+    if data.decode_on == "gpu":
+        for b in shard.iter_batches(batch_format="numpy", **common):
+            yield {
+                "image": train_batch_on_device(list(b["image"]), crop, device, rng),
+                "label": torch.as_tensor(b["label"], dtype=torch.int64).to(device),
+            }
+    else:
+        # dtypes are inferred (uint8 images, int64 labels); extra columns such as decode_errors pass through.
+        yield from shard.iter_torch_batches(device=device, **common)
+
+
+class Runner:
+    """One worker's training run; rank 0 alone writes the MLflow run and the checkpoints."""
+
+    def __init__(self, plan: WorkerPlan) -> None:
+        self.plan, self.cfg = plan, plan.config
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.amp = amp_dtype(self.cfg.train.precision, self.device)
+        self.set_up_state()
+        self.restore(ray.train.get_checkpoint())
+        self.place_on_device()
+        self.open_tracking()
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.val_shard = ray.train.get_dataset_shard("val")
+
+    # -- state ------------------------------------------------------------------------------------
+    def set_up_state(self) -> None:
+        """Model, optimizer, EMA and LR schedule for the actual world size (elastic runs may resize)."""
+        cfg, plan = self.cfg, self.plan
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        self.aug_rng = np.random.default_rng([cfg.seed, self.rank])
+        model = build_model(cfg.model.name, plan.num_classes, cfg.model.zero_init_residual, cfg.model.blurpool)
+        if cfg.model.sync_batchnorm and self.world > 1 and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        o = cfg.optim
+        scale = scale_for_world(plan.num_train, self.world, cfg.data.batch_size, o.grad_accum_steps, o.lr)
+        self.optimizer = build_sgd(
+            model, scale.peak_lr, o.momentum, o.weight_decay, o.nesterov, o.no_decay_norm_and_bias
+        )
+        self.ema = (
+            AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay), use_buffers=True)
+            if o.ema_decay > 0
+            else None
+        )
+        self.schedule = schedule_from_config(o, scale.peak_lr, scale.steps_per_epoch, cfg.train.epochs)
+        self.start_epoch, self.start_step, self.run_id = 0, 0, plan.mlflow_run_id
+
+    def restore(self, checkpoint: ray.train.Checkpoint | None) -> None:
+        """Continue from the latest checkpoint (after a worker failure or a resubmission)."""
+        if checkpoint is None:
+            return
+        state = load_checkpoint(checkpoint)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.start_epoch, self.start_step = state["epoch"], state["step"]
+        # A checkpoint written by this run names its MLflow run (the driver found the same one).
+        self.run_id = state["mlflow_run_id"] or self.run_id
+        restore_rng(state["rng"])
+        self.aug_rng = np.random.default_rng([self.cfg.seed, self.rank, self.start_epoch])
+
+    def place_on_device(self) -> None:
+        """DDP-wrap (and compile) the model; the EMA and the optimizer state follow it to the device."""
+        self.ddp_model = ray.train.torch.prepare_model(self.model)
+        if self.ema is not None:
+            self.ema.to(self.device)
+        for s in self.optimizer.state.values():
+            for k, v in s.items():
+                if isinstance(v, torch.Tensor):
+                    s[k] = v.to(self.device)
+        train_model = cast(nn.Module, torch.compile(self.ddp_model)) if self.cfg.model.compile else self.ddp_model
+        o = self.cfg.optim
+        self.step = TrainStep(
+            train_model,
+            self.optimizer,
+            self.schedule,
+            accum_steps=o.grad_accum_steps,
+            amp=self.amp,
+            label_smoothing=o.label_smoothing,
+            after_step=self._update_ema,
+            ddp=self.ddp_model,
+            step=self.start_step,
+        )
+
+    def _update_ema(self, step: int) -> None:
+        if self.ema is not None and step % self.cfg.optim.ema_every_steps == 0:
+            self.ema.update_parameters(self.model)
+
+    def open_tracking(self) -> None:
+        """Rank 0 reattaches to the driver's MLflow run; after a restart it never logs an epoch twice."""
+        self.sink, self.logged_epochs = None, set()
+        if self.rank == 0:
+            self.sink = RunSink.attach(self.plan.tracking_uri, self.run_id, reopen=True)
+            self.logged_epochs = self.sink.logged_steps("val/top1")
+
+    # -- the recipe -------------------------------------------------------------------------------
+    def run(self) -> None:
+        for epoch in range(self.start_epoch, self.cfg.train.epochs):
+            start = time.perf_counter()
+            metrics = {"epoch": epoch + 1, **self.train_one_epoch(epoch, train_size_for_epoch(self.cfg.data, epoch))}
+            val_metrics, per_class = self.validate(last=epoch + 1 == self.cfg.train.epochs)
+            metrics.update(val_metrics)
+            metrics["perf/epoch_s"] = time.perf_counter() - start
+            self.save_and_report(epoch + 1, metrics, per_class)
+            if self.time_box_reached(epoch + 1):
+                break
+
+    def train_one_epoch(self, epoch: int, crop: int) -> dict[str, float]:
+        """One pass over this worker's shard at train crop `crop`; metrics summed over all workers."""
+        self.step.model.train()
+        shuffle_seed = self.seed_epoch(epoch) if self.cfg.data.deterministic else None
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        samples, decode_errors = 0, 0
+        start = time.perf_counter()
+        timed = DataWaitTimer(
+            train_batches(self.train_shard, self.cfg.data, crop, self.device, self.aug_rng, shuffle_seed)
+        )
+        for batch in timed:
+            if "decode_errors" in batch:  # rows replaced by another image of the batch (transforms.py)
+                decode_errors += int(batch["decode_errors"].sum())
+            x, target = self.model_input(batch, crop)
+            loss_sum += self.step(x, target)
+            samples += batch["label"].shape[0]
+        self.step.flush()
+        train_s = time.perf_counter() - start
+        local = torch.tensor(
+            [loss_sum.item(), samples, timed.wait_s / max(train_s, 1e-9), decode_errors],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        g_loss, g_samples, g_wait, g_errors = all_reduce_sum(local).tolist()
+        return {
+            "train/loss": g_loss / max(1, g_samples),
+            "train/images": g_samples,
+            "train/lr": self.schedule(max(0, self.step.step - 1)),
+            "train/crop_size": crop,
+            "perf/images_per_s": g_samples / train_s,
+            "perf/images_per_s_per_worker": g_samples / train_s / self.world,
+            "perf/data_wait_frac": g_wait / self.world,
+            "data/decode_errors": g_errors,
+        }
+
+    def seed_epoch(self, epoch: int) -> int:
+        """Deterministic runs: everything random in this epoch is a function of (seed, rank, epoch)."""
+        self.aug_rng = np.random.default_rng([self.cfg.seed, self.rank, epoch])
+        shuffle_seed = (self.cfg.seed * 100_003 + epoch * 1_009 + self.rank) % 2**31
+        torch.manual_seed(shuffle_seed)  # torch's RNG drives TrivialAugmentWide
+        return int(shuffle_seed)
+
+    def model_input(self, batch: dict[str, torch.Tensor], crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model input, targets) of a uint8 batch: TrivialAugment, the epoch's crop, erasing, Mixup/CutMix."""
+        data, labels, images = self.cfg.data, batch["label"].long(), batch["image"]
+        if data.auto_augment == "trivialaugment":
+            images = trivial_augment(images)
+        x = resize_on_device(to_model_input(images), crop)
+        if data.random_erasing > 0:
+            x = random_erase(x, data.random_erasing, self.aug_rng)
+        if data.mixup_alpha > 0 or data.cutmix_alpha > 0:
+            return mix_batch(
+                x,
+                labels,
+                self.plan.num_classes,
+                data.mixup_alpha,
+                data.cutmix_alpha,
+                self.aug_rng,
+                self.cfg.optim.label_smoothing,
+            )
+        return x, labels
+
+    def validate(self, last: bool) -> tuple[dict[str, float], dict[str, Any] | None]:
+        """(val metrics over every val image, per-class artifact after the last epoch if asked for)."""
+        e = self.cfg.eval
+        per_class = PerClassCounts(self.plan.num_classes, self.device) if (last and e.per_class) else None
+        # Every rank evaluates (and rank 0 checkpoints) one model: see norm_stats.py.
+        average_batchnorm_stats(self.model)
+        if self.ema is not None:
+            average_batchnorm_stats(self.ema.module)
+        val = evaluate(
+            self.model,
+            self.val_batches(),
+            self.device,
+            self.amp,
+            e.hflip,
+            hooks=[per_class] if per_class is not None else (),
+        ).reduced(self.device)
+        if val.samples != self.plan.num_val:
+            raise RuntimeError(
+                f"validation counted {val.samples} images but the manifest lists {self.plan.num_val}: "
+                "refusing to report a wrong Top-1/Top-5"
+            )
+        metrics = val.as_metrics("val")
+        if self.ema is not None:
+            ema_val = evaluate(self.ema.module, self.val_batches(), self.device, self.amp, e.hflip)
+            metrics.update(ema_val.reduced(self.device).as_metrics("val_ema"))
+        return metrics, per_class.as_artifact(self.plan.classes) if per_class is not None else None
+
+    def val_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        e, data = self.cfg.eval, self.cfg.data
+        return val_batches(
+            self.val_shard, e.batch_size, data.prefetch_batches, self.device, data.decode_on, e.resize, e.crop
+        )
+
+    def save_and_report(self, epochs_done: int, metrics: dict[str, float], per_class: dict[str, Any] | None) -> None:
+        """Rank 0 logs the epoch to MLflow and writes the checkpoint; every rank reports to Ray Train."""
+        total = self.cfg.train.epochs
+        if self.sink is not None:
+            if epochs_done not in self.logged_epochs:
+                self.sink.log_metrics(metrics, step=epochs_done)
+            if per_class is not None:
+                self.sink.log_dict(per_class, "per_class_top1.json")
+            log.info(
+                f"[epoch {epochs_done}/{total}] train/loss={metrics['train/loss']:.4f} "
+                f"val/top1={metrics['val/top1']:.4f} val/top5={metrics['val/top5']:.4f} "
+                f"images/s={metrics['perf/images_per_s']:.1f} data_wait={metrics['perf/data_wait_frac']:.2f}"
+            )
+            if epochs_done == total:
+                self.sink.finish("FINISHED")
+            elif self.time_box_reached(epochs_done):
+                self.sink.finish("KILLED")  # time box reached; a resubmission reopens this run
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if self.rank == 0:
+                write_checkpoint_dir(
+                    tmp,
+                    model=self.model,
+                    optimizer=self.optimizer,
+                    epoch=epochs_done,
+                    step=self.step.step,
+                    mlflow_run_id=self.run_id,
+                    config_yaml=self.plan.config_yaml,
+                    ema=self.ema.state_dict() if self.ema is not None else None,
+                )
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({**metrics, "mlflow_run_id": self.run_id or ""}, checkpoint=ckpt)
+
+    def time_box_reached(self, epochs_done: int) -> bool:
+        stop = self.cfg.train.stop_after_epochs
+        return stop is not None and epochs_done >= stop
+
+
+def train_loop_per_worker(loop_config: dict[str, WorkerPlan]) -> None:
+    """Ray Train entrypoint (runs on every worker)."""
+    configure_worker_logging()
+    Runner(WorkerPlan.from_loop_config(loop_config)).run()

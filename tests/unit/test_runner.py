@@ -1,0 +1,93 @@
+"""Runner pieces without Ray: the data-wait timer, the train iterator's options, a batch's model input."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from imagenet_ray.config import ExperimentConfig
+from imagenet_ray.train.plan import WorkerPlan
+from imagenet_ray.train.runner import DataWaitTimer, Runner, train_batches
+
+CPU = torch.device("cpu")
+
+
+def test_data_wait_timer_counts_only_the_time_blocked_on_the_iterator():
+    def slow():
+        for i in range(3):
+            time.sleep(0.02)
+            yield i
+
+    timed = DataWaitTimer(slow())
+    seen = []
+    for item in timed:
+        time.sleep(0.03)  # "training": not counted
+        seen.append(item)
+    assert seen == [0, 1, 2]
+    assert 0.05 <= timed.wait_s < 0.09
+
+
+class _FakeShard:
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def iter_torch_batches(self, **kwargs):
+        self.calls.append(kwargs)
+        return iter([{"image": torch.zeros(1, 2, 2, 3, dtype=torch.uint8), "label": torch.tensor([0])}])
+
+
+@pytest.mark.parametrize("buffer,seed,expected_seed", [(256, 7, 7), (0, 7, None), (256, None, None)])
+def test_train_batches_shuffle_seed_only_with_a_buffer(buffer, seed, expected_seed):
+    data = ExperimentConfig.model_validate({"data": {"local_shuffle_buffer": buffer, "batch_size": 8}}).data
+    shard = _FakeShard()
+    assert len(list(train_batches(shard, data, 64, CPU, np.random.default_rng(0), seed))) == 1
+    (kwargs,) = shard.calls
+    assert kwargs["batch_size"] == 8 and kwargs["device"] == CPU
+    assert kwargs["local_shuffle_buffer_size"] == (buffer or None)
+    assert kwargs.get("local_shuffle_seed") == expected_seed
+
+
+def _runner(data: dict, optim: dict | None = None, train: dict | None = None) -> Runner:
+    cfg = ExperimentConfig.model_validate({"data": data, "optim": optim or {}, "train": train or {}})
+    runner = Runner.__new__(Runner)  # the pieces under test need no Ray context
+    runner.cfg = cfg
+    runner.plan = WorkerPlan(
+        config=cfg,
+        num_classes=5,
+        classes=tuple("abcde"),
+        num_train=10,
+        num_val=5,
+        tracking_uri="sqlite:////m.db",
+        mlflow_run_id="r",
+    )
+    runner.aug_rng = np.random.default_rng(0)
+    return runner
+
+
+def _batch(n: int = 4, size: int = 64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g),
+        "label": torch.tensor([0, 1, 2, 3], dtype=torch.int32),
+    }
+
+
+def test_model_input_resizes_to_the_epochs_crop_and_keeps_integer_labels():
+    x, target = _runner({}).model_input(_batch(), 32)
+    assert x.shape == (4, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    assert target.dtype == torch.int64 and target.tolist() == [0, 1, 2, 3]
+
+
+def test_model_input_with_mixing_gives_soft_targets():
+    x, target = _runner({"mixup_alpha": 0.2}, {"label_smoothing": 0.1}).model_input(_batch(), 64)
+    assert x.shape == (4, 3, 64, 64)
+    assert target.shape == (4, 5) and torch.allclose(target.sum(1), torch.ones(4))
+
+
+def test_time_box():
+    assert not _runner({}).time_box_reached(99)
+    boxed = _runner({}, train={"epochs": 5, "stop_after_epochs": 2})
+    assert not boxed.time_box_reached(1) and boxed.time_box_reached(2)
