@@ -1,14 +1,6 @@
-"""URL → (pyarrow filesystem, path), plus the few file operations the project needs.
-
-Every component (prepare, Ray Data reads, Ray Train checkpoints) goes through `resolve`, so one set
-of rules decides where data lives. URLs may be `s3://bucket/prefix`, `gs://bucket/prefix`,
-`file:///abs/path` or plain paths. S3 endpoint and credentials come from the standard AWS
-environment variables (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION); nothing is hard-coded.
-
-pyarrow's native filesystems are used (rather than fsspec wrappers) because Ray Data and Ray Train
-take them directly and they stream without a Python layer in the hot path.
-"""
+"""URL (`s3://`, `gs://`, `file://`, plain path) → (pyarrow filesystem, path), plus the few file operations
+the project needs. Prepare, Ray Data and Ray Train checkpoints all go through `resolve`; S3 endpoint and
+credentials come only from the standard AWS environment (docs/architecture.md, "Decisions")."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,13 @@ def test_mypy_is_clean():
 def test_imports_flow_one_way_without_cycles():
     out = _run("lint-imports")
     assert "0 broken" in out and " kept" in out
+
+
+def test_module_docstrings_are_short():
+    """Design essays live in docs/architecture.md; a module says what it is in at most five lines."""
+    long = {}
+    for path in sorted((REPO / "imagenet_ray").rglob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text()), clean=False)
+        if doc and len(doc.strip().splitlines()) > 5:
+            long[str(path.relative_to(REPO))] = len(doc.strip().splitlines())
+    assert not long, f"module docstrings over 5 lines: {long}"
