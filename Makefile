@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := .demo
 
-.PHONY: venv demo test test-unit test-fast clean-demo services-up services-down
+.PHONY: venv demo test test-fast lint format clean-demo services-up services-down
 
 # One pip resolve for everything so that boto3's botocore matches aiobotocore's pin.
 # setup.py builds the cropped JPEG decoder (a C extension): a change to its source reinstalls.
@@ -31,6 +31,17 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not integration and not slow"
+
+# The static checks alone (make test runs them too, in tests/unit/test_static_checks.py).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 services-up: $(STAMP)
 	$(BIN)/imagenet-ray services up

@@ -73,8 +73,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    from imagenet_ray.data.format import REPORT_NAME
     from imagenet_ray.data.layouts import LAYOUTS, detect_and_list
-    from imagenet_ray.data.prepare import REPORT_NAME, PrepareOptions, prepare
+    from imagenet_ray.data.prepare import PrepareOptions, prepare
     from imagenet_ray.runtime import absolute_url, ensure_ray
 
     if args.shard_mb <= 0:

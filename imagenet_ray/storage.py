@@ -8,6 +8,7 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -40,7 +41,7 @@ def join(url: str, *parts: str) -> str:
 
 def s3_filesystem_from_env() -> pafs.S3FileSystem:
     """An S3 filesystem configured from the standard AWS environment variables."""
-    kwargs: dict = {}
+    kwargs: dict[str, Any] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -139,7 +140,7 @@ def list_files(loc: Location) -> list[pafs.FileInfo]:
 def read_bytes(loc: Location) -> bytes:
     try:
         with loc.fs.open_input_stream(loc.path) as stream:
-            return stream.read()
+            return cast(bytes, stream.read())
     except FileNotFoundError:
         raise UserError(f"{loc.url}: not found") from None
     except OSError as exc:
@@ -148,7 +149,7 @@ def read_bytes(loc: Location) -> bytes:
 
 def exists(loc: Location) -> bool:
     try:
-        return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+        return cast(bool, loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound)
     except OSError as exc:
         raise UserError(describe_os_error(loc.url, exc)) from None
 

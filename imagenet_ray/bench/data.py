@@ -21,9 +21,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -119,16 +119,21 @@ def pinned(cores: set[int], threads: int = 1) -> Iterator[None]:
 # --- section 1: per-core kernel ---------------------------------------------------------------------------------
 
 
-def reference_train_transform(crop: int):
+def reference_train_transform(crop: int) -> Callable[[Any], Any]:
     import torchvision.transforms as T
 
-    return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return cast(
+        Callable[[Any], Any],
+        T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)]),
+    )
 
 
-def reference_eval_transform(resize: int, crop: int):
+def reference_eval_transform(resize: int, crop: int) -> Callable[[Any], Any]:
     import torchvision.transforms as T
 
-    return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return cast(
+        Callable[[Any], Any], T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(MEAN, STD)])
+    )
 
 
 def decoder_candidates() -> dict[str, Callable[[bytes], Any]]:
@@ -137,14 +142,14 @@ def decoder_candidates() -> dict[str, Callable[[bytes], Any]]:
     import torch
     from PIL import Image
 
-    def pillow(d: bytes):
+    def pillow(d: bytes) -> Image.Image:
         img = Image.open(io.BytesIO(d))
         return img.convert("RGB") if img.mode != "RGB" else (img.load(), img)[1]
 
-    def torchvision_io(d: bytes):
+    def torchvision_io(d: bytes) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        return decode_jpeg(torch.from_numpy(np.frombuffer(d, np.uint8)), mode=ImageReadMode.RGB)
+        return cast(torch.Tensor, decode_jpeg(torch.from_numpy(np.frombuffer(d, np.uint8)), mode=ImageReadMode.RGB))
 
     cands: dict[str, Callable[[bytes], Any]] = {
         "pillow": pillow,
@@ -251,7 +256,7 @@ def kernel_variant(
         arr[:] = list(chunk)
         return {"image": arr, "label": np.zeros(len(chunk), np.int64)}
 
-    def pil(d: bytes):
+    def pil(d: bytes) -> Image.Image:
         return Image.open(io.BytesIO(d)).convert("RGB")
 
     fallbacks = {name: [0] for name in decoder_candidates()}
@@ -607,12 +612,15 @@ def _ray_bench_loop(config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
 
-    def batches(_epoch: int):
+    def batches(_epoch: int) -> Iterable[Any]:
         # As train/runner.py iterates (dtypes inferred: uint8 images, int64 labels, int32 decode_errors).
-        return shard.iter_torch_batches(
-            batch_size=config["batch_size"],
-            prefetch_batches=config["prefetch_batches"],
-            local_shuffle_buffer_size=config["local_shuffle_buffer"] or None,
+        return cast(
+            Iterable[Any],
+            shard.iter_torch_batches(
+                batch_size=config["batch_size"],
+                prefetch_batches=config["prefetch_batches"],
+                local_shuffle_buffer_size=config["local_shuffle_buffer"] or None,
+            ),
         )
 
     epochs = consume(batches, config["epochs"], config["step_s"])
@@ -632,7 +640,7 @@ class ObjectStoreMonitor:
         self._thread = threading.Thread(target=self._run, name="object-store-monitor", daemon=True)
 
     @staticmethod
-    def _stats():
+    def _stats() -> Any:
         import ray
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
@@ -648,7 +656,7 @@ class ObjectStoreMonitor:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         end = self._stats()
@@ -678,7 +686,8 @@ def run_ray_side(
     from ray.data import DataContext
     from ray.train.torch import TorchTrainer
 
-    from imagenet_ray.data.pipeline import build_train_dataset, exact_val_data_config, open_prepared
+    from imagenet_ray.data.format import open_prepared
+    from imagenet_ray.data.pipeline import build_train_dataset, exact_val_data_config
 
     DataContext.get_current().enable_progress_bars = False
     result_path = str(Path(storage_dir) / "ray_side_epochs.json")

@@ -11,27 +11,31 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: `--help` stays fast
+    import torch
 
 
-def _sync(device):
+def _sync(device: torch.device) -> None:
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def _resnet50_and_sgd(device):
+def _resnet50_and_sgd(device: torch.device) -> tuple[torch.nn.Module, torch.optim.SGD]:
     import torch
+    import torchvision.models
 
-    from imagenet_ray.train.models import build_model
     from imagenet_ray.train.optim import build_sgd
 
-    model = build_model("resnet50", 1000).to(device).to(memory_format=torch.channels_last)
+    # torchvision's ResNet-50 as build_model makes it (no BlurPool), without timm: the device has only torch.
+    model = torchvision.models.resnet50(num_classes=1000).to(device).to(memory_format=torch.channels_last)
     return model, build_sgd(model, 0.1, 0.9, 5e-5)
 
 
-def ceiling(device, batch: int, steps: int, size: int, compile_model: bool) -> dict:
+def ceiling(device: torch.device, batch: int, steps: int, size: int, compile_model: bool) -> dict[str, Any]:
     import torch
 
     from imagenet_ray.train.device import autocast_context, to_model_input
@@ -43,7 +47,7 @@ def ceiling(device, batch: int, steps: int, size: int, compile_model: bool) -> d
     labels = torch.randint(0, 1000, (batch,), device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
 
-    def one():
+    def one() -> None:
         with autocast_context(device, dtype):
             logits = step_model(to_model_input(images))
         loss = loss_fn(logits, labels, 0.1)
@@ -92,7 +96,7 @@ def read_encoded(shards: list[Path]) -> tuple[list[bytes], list[int]]:
     return images, labels
 
 
-def gpu_decode(device, encoded: list[bytes], batch: int, size: int, rounds: int) -> dict:
+def gpu_decode(device: torch.device, encoded: list[bytes], batch: int, size: int, rounds: int) -> dict[str, Any]:
     import numpy as np
 
     from imagenet_ray.data.device_decode import train_batch_on_device
@@ -109,7 +113,9 @@ def gpu_decode(device, encoded: list[bytes], batch: int, size: int, rounds: int)
     return {"images_per_s": n / (time.perf_counter() - t0), "batch": batch, "size": size}
 
 
-def end_to_end(device, encoded: list[bytes], labels: list[int], batch: int, size: int, rounds: int) -> dict:
+def end_to_end(
+    device: torch.device, encoded: list[bytes], labels: list[int], batch: int, size: int, rounds: int
+) -> dict[str, Any]:
     import numpy as np
     import torch
 

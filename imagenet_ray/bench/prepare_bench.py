@@ -17,8 +17,12 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from imagenet_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 _WNID = re.compile(r"^(n\d{8})")
 
@@ -38,7 +42,7 @@ def build_folder_layout(images_dir: Path, out: Path, limit: int | None = None) -
     return sum(1 for _ in out.rglob("*") if _.is_file())
 
 
-def plain_copy(src_url: str, dst_url: str, threads: int) -> dict:
+def plain_copy(src_url: str, dst_url: str, threads: int) -> dict[str, Any]:
     """Read every object under src and write it under dst (the same bytes, no decoding)."""
     from imagenet_ray import storage
 
@@ -47,7 +51,7 @@ def plain_copy(src_url: str, dst_url: str, threads: int) -> dict:
     base = src.path.rstrip("/") + "/"
     start = time.perf_counter()
 
-    def copy(info):
+    def copy(info: pafs.FileInfo) -> int:
         data = storage.read_bytes(storage.Location(src.url, src.fs, info.path))
         storage.write_bytes_atomic(dst.child(info.path[len(base) :]), data)
         return len(data)
@@ -64,7 +68,7 @@ def plain_copy(src_url: str, dst_url: str, threads: int) -> dict:
     }
 
 
-def run_prepare(src_url: str, out_url: str, cpus: int) -> dict:
+def run_prepare(src_url: str, out_url: str, cpus: int) -> dict[str, Any]:
     from imagenet_ray.data.prepare import PrepareOptions, prepare
 
     start = time.perf_counter()
@@ -84,7 +88,7 @@ def run_prepare(src_url: str, out_url: str, cpus: int) -> dict:
     }
 
 
-def time_breakdown(layout_dir: Path, sample: int = 200) -> dict:
+def time_breakdown(layout_dir: Path, sample: int = 200) -> dict[str, Any]:
     """Per-image cost of each stage on one core (ms), measured on the same files."""
     from imagenet_ray.data.prepare import encode_shard
     from imagenet_ray.data.storage_rules import normalize_for_storage
@@ -117,14 +121,14 @@ def time_breakdown(layout_dir: Path, sample: int = 200) -> dict:
     }
 
 
-def run_prepare_bench(images_dir: Path, cpus: int, s3: bool, limit: int | None, rounds: int) -> dict:
+def run_prepare_bench(images_dir: Path, cpus: int, s3: bool, limit: int | None, rounds: int) -> dict[str, Any]:
     import ray
 
     from imagenet_ray import storage
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
-    results: dict = {"cpus": cpus, "rounds": rounds, "machine": _machine()}
+    results: dict[str, Any] = {"cpus": cpus, "rounds": rounds, "machine": _machine()}
     stack = None
     try:
         layout = work / "raw"
@@ -166,7 +170,7 @@ def run_prepare_bench(images_dir: Path, cpus: int, s3: bool, limit: int | None, 
     return results
 
 
-def _machine() -> dict:
+def _machine() -> dict[str, Any]:
     model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -12,7 +12,11 @@ import json
 import logging
 import statistics
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +24,9 @@ log = logging.getLogger(__name__)
 # to build its parser, and `imagenet-ray --help` should not pay for them.
 
 
-def _make_batches(num_images: int, size: int, batch_size: int, num_classes: int, seed: int = 0):
+def _make_batches(
+    num_images: int, size: int, batch_size: int, num_classes: int, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -29,7 +35,13 @@ def _make_batches(num_images: int, size: int, batch_size: int, num_classes: int,
     return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, num_images, batch_size)]
 
 
-def _epochs_images_per_s(model_name: str, batches, epochs: int, threads: int, report=None) -> list[float]:
+def _epochs_images_per_s(
+    model_name: str,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    epochs: int,
+    threads: int,
+    report: Callable[[dict[str, Any]], None] | None = None,
+) -> list[float]:
     import torch
 
     from imagenet_ray.train.device import to_model_input
@@ -76,7 +88,7 @@ def run_train_overhead(
     rounds: int = 3,
     threads: int = 1,
     storage: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     import tempfile
 
     import ray

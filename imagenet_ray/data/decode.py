@@ -7,6 +7,7 @@ Everything else goes through Pillow, which decides what is undecodable (DecodeEr
 from __future__ import annotations
 
 import io
+from typing import cast
 
 import numpy as np
 import simplejpeg
@@ -79,9 +80,12 @@ def decode_rgb_array(data: bytes, reduce: int = 1, size: tuple[int, int] | None 
     if size is not None:
         try:
             if reduce == 1:
-                return simplejpeg.decode_jpeg(data, "RGB")
+                return cast(np.ndarray, simplejpeg.decode_jpeg(data, "RGB"))
             width, height = size
-            return simplejpeg.decode_jpeg(data, "RGB", min_width=-(-width // reduce), min_height=-(-height // reduce))
+            return cast(
+                np.ndarray,
+                simplejpeg.decode_jpeg(data, "RGB", min_width=-(-width // reduce), min_height=-(-height // reduce)),
+            )
         except Exception:
             pass  # strict mode refused it (truncated, recoverable warnings, ...): Pillow decides
     arr = np.asarray(decode_rgb(data))

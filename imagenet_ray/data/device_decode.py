@@ -7,6 +7,7 @@ tensors, so the path is tested without a GPU. Output follows the CPU kernel's co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ def _as_tensors(encoded: Sequence[bytes]) -> list[torch.Tensor]:
 
 def decode_batch(encoded: Sequence[bytes], device: torch.device) -> list[torch.Tensor]:
     """Decode JPEGs to RGB uint8 (3, H, W) tensors on `device` (batched nvJPEG on CUDA)."""
-    return decode_jpeg(_as_tensors(encoded), mode=ImageReadMode.RGB, device=device)
+    return cast(list[torch.Tensor], decode_jpeg(_as_tensors(encoded), mode=ImageReadMode.RGB, device=device))
 
 
 def _nhwc(chw_images: list[torch.Tensor]) -> torch.Tensor:

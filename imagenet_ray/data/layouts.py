@@ -15,7 +15,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -87,7 +87,7 @@ def read_record(root: storage.Location, rec: ImageRecord) -> bytes:
         return storage.read_bytes(loc)
     try:
         with loc.fs.open_input_file(loc.path) as f:
-            return f.read_at(rec.size, rec.offset)
+            return cast(bytes, f.read_at(rec.size, rec.offset))
     except OSError as exc:
         raise UserError(storage.describe_os_error(loc.url, exc)) from None
 
@@ -303,7 +303,7 @@ class _TarView:
     blocks) costs one ranged read per member.
     """
 
-    def __init__(self, f, start: int, length: int):
+    def __init__(self, f: pa.NativeFile, start: int, length: int) -> None:
         self._f, self._start, self._len = f, start, length
         self._pos = 0
         self._buf, self._buf_at = b"", 0
@@ -337,7 +337,7 @@ def _member_name(name: str) -> str:
     return "" if name == "." else name
 
 
-def _tar_members(f, start: int, length: int, where: str) -> list[tuple[str, int, int]]:
+def _tar_members(f: pa.NativeFile, start: int, length: int, where: str) -> list[tuple[str, int, int]]:
     """(member name, absolute data offset, size) of each regular file in the tar at [start, start+length)."""
     members = []
     try:
@@ -355,7 +355,7 @@ def _tar_members(f, start: int, length: int, where: str) -> list[tuple[str, int,
     return members
 
 
-def _open(src: _Source, rel: str):
+def _open(src: _Source, rel: str) -> pa.NativeFile:
     loc = src.root.child(rel)
     try:
         return loc.fs.open_input_file(loc.path)
@@ -453,7 +453,7 @@ class _Devkit(NamedTuple):
     gt_source: str
 
 
-def _devkit_file(src: _Source, name: str, targz: list) -> tuple[bytes, str] | None:
+def _devkit_file(src: _Source, name: str, targz: list[dict[str, bytes]]) -> tuple[bytes, str] | None:
     """(bytes, where) of a devkit file: at the root, under ILSVRC2012_devkit_t12/data/, or in its .tar.gz."""
     if name in src.top_files:
         return src.read(name), src.url(name)
@@ -487,7 +487,7 @@ def _read_targz(src: _Source) -> dict[str, bytes]:
 
 
 def _load_devkit(src: _Source, layout: str) -> _Devkit:
-    targz: list = []
+    targz: list[dict[str, bytes]] = []
     meta = _devkit_file(src, DEVKIT_META, targz)
     gt = _devkit_file(src, DEVKIT_GROUND_TRUTH, targz)
     missing = [n for n, v in ((DEVKIT_META, meta), (DEVKIT_GROUND_TRUTH, gt)) if v is None]

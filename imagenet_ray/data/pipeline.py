@@ -20,6 +20,7 @@ from imagenet_ray.data.layouts import ImageRecord, LayoutListing, detect_and_lis
 
 if TYPE_CHECKING:
     import ray.data
+    from ray.actor import ActorHandle
     from ray.train import DataConfig
 
 DECODE_BATCH_ROWS = 32
@@ -169,7 +170,14 @@ def exact_val_data_config(
     from ray.train import DataConfig
 
     class ExactValDataConfig(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        def configure(
+            self,
+            datasets: dict[str, ray.data.Dataset],
+            world_size: int,
+            worker_handles: list[ActorHandle[Any]] | None,
+            worker_node_ids: list[str] | None,
+            **kwargs: Any,
+        ) -> list[dict[str, ray.data.DataIterator]]:
             output: list[dict[str, Any]] = [{} for _ in range(world_size)]
             for name, ds in datasets.items():
                 if ds.name is None:

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -95,7 +95,7 @@ def encode_shard(rows: list[dict[str, Any]], rows_per_group: int) -> bytes:
         use_dictionary=["wnid"],
         write_statistics=["label"],
     )
-    return sink.getvalue().to_pybytes()
+    return cast(bytes, sink.getvalue().to_pybytes())
 
 
 def write_shard_row(row: dict[str, str]) -> dict[str, str]:

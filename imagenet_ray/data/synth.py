@@ -10,6 +10,7 @@ import colorsys
 import io
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -63,7 +64,7 @@ def render_image(style: ClassStyle, rng: np.random.Generator) -> np.ndarray:
     mask = np.exp(-(((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * radius**2)))[..., None]
     img = img * (1 - mask) + mask * style.blob_rgb[None, None, :]
     img += rng.normal(0, 0.05, img.shape).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return cast(np.ndarray, (np.clip(img, 0, 1) * 255).astype(np.uint8))
 
 
 def encode_jpeg(pixels: np.ndarray, grayscale: bool, quality: int = 90) -> bytes:

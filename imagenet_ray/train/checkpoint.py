@@ -7,7 +7,7 @@ import io
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def write_checkpoint_dir(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike[str],
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -62,15 +62,15 @@ def write_checkpoint_dir(
     (directory / CONFIG_FILE).write_text(config_yaml)
 
 
-def read_checkpoint_dir(directory: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint_dir(directory: str | os.PathLike[str]) -> dict[str, Any]:
     # weights_only=False: the state holds RNG states (numpy arrays, tuples) we wrote ourselves.
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    return cast(dict[str, Any], torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False))
 
 
 def read_checkpoint_url(url: str) -> dict[str, Any]:
     """State dict of the checkpoint directory at `url` (local path or remote URL), on the CPU."""
     data = storage.read_bytes(storage.resolve(url).child(STATE_FILE))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    return cast(dict[str, Any], torch.load(io.BytesIO(data), map_location="cpu", weights_only=False))
 
 
 def load_checkpoint(checkpoint: Any) -> dict[str, Any]:

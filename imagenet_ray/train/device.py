@@ -4,14 +4,16 @@ autocast precision, and progressive resizing (the crop size of each epoch, and t
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imagenet_ray.config import DataSection
 from imagenet_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:  # the GPU benchmark imports this module on a machine without pydantic
+    from imagenet_ray.config import DataSection
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:

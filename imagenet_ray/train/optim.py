@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:  # the GPU benchmark imports this module on a machine without pydantic
+    from imagenet_ray.config import OptimSection
 
 # Module types whose parameters get no weight decay (decided by module type, not parameter name).
 _NORM_TYPES = (
@@ -59,7 +63,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, schedu
     return LrSchedule(peak_lr, total_steps, warmup_steps, schedule)(step)
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_and_bias: bool = True) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_and_bias: bool = True) -> list[dict[str, Any]]:
     """Two groups: decayed weights, and norm-layer parameters + all biases without weight decay.
 
     With `no_decay_norm_and_bias=False` (torchvision's V1 recipe) everything is decayed.
@@ -91,7 +95,7 @@ def build_sgd(
     )
 
 
-def schedule_from_config(optim_cfg, peak_lr: float, steps_per_epoch: int, epochs: int) -> LrSchedule:
+def schedule_from_config(optim_cfg: OptimSection, peak_lr: float, steps_per_epoch: int, epochs: int) -> LrSchedule:
     """The run's LR schedule in optimizer steps (micro-batches / grad_accum_steps)."""
     return LrSchedule(
         peak_lr=peak_lr,
