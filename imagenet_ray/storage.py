@@ -40,7 +40,14 @@ def join(url: str, *parts: str) -> str:
 
 
 def s3_filesystem_from_env() -> pafs.S3FileSystem:
-    """An S3 filesystem configured from the standard AWS environment variables."""
+    """An S3 filesystem configured from the standard AWS environment variables.
+
+    With AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY set (a Secret), those keys are used. Without them
+    no keys are passed and access is not anonymous, so the AWS SDK's default credential chain finds
+    them: AWS_SHARED_CREDENTIALS_FILE / AWS_PROFILE, a web-identity token (AWS_WEB_IDENTITY_TOKEN_FILE
+    + AWS_ROLE_ARN: IRSA, workload identity), container or instance metadata. A pickled filesystem
+    (Ray workers) carries these options, not resolved credentials: each process runs the chain itself.
+    """
     kwargs: dict[str, Any] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
@@ -91,6 +98,9 @@ _DENIED_MARKERS = (
     "access denied",
     "invalidaccesskeyid",
     "signaturedoesnotmatch",
+    "signature_does_not_match",  # the SDK's error-code spelling, e.g. on a write (CreateMultipartUpload)
+    "signature we calculated does not match",
+    "invalid_access_key_id",
     "http status 403",
     "status code: 403",
     "status code 403",
@@ -106,16 +116,27 @@ _UNREACHABLE_MARKERS = (
 )
 
 
+def _credentials_hint() -> str:
+    """Where this process's S3 credentials come from, for an access-denied message (names, never values).
+
+    Follows the SDK chain's order: keys in the environment, then the shared credentials file, then web identity."""
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        return "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+    if os.environ.get("AWS_SHARED_CREDENTIALS_FILE"):
+        profile = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE") or "default"
+        return f"profile {profile!r} in AWS_SHARED_CREDENTIALS_FILE"
+    if os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
+        return "the web identity (AWS_WEB_IDENTITY_TOKEN_FILE / AWS_ROLE_ARN)"
+    return "the credentials of the AWS default chain (AWS_ACCESS_KEY_ID, AWS_PROFILE, web identity, instance role)"
+
+
 def describe_os_error(url: str, exc: BaseException) -> str:
     """Turn a pyarrow/OS error into one readable line naming the URL."""
     text = " ".join(str(exc).split())
     # Match error codes, not bare numbers: the text includes object keys like ILSVRC2012_val_00000403.JPEG.
     lowered = text.lower().replace(url.lower(), "")
     if any(m in lowered for m in _DENIED_MARKERS):
-        return (
-            f"{url}: access denied by the storage server (check AWS_ACCESS_KEY_ID / "
-            f"AWS_SECRET_ACCESS_KEY and the endpoint)"
-        )
+        return f"{url}: access denied by the storage server (check {_credentials_hint()} and the endpoint)"
     if "nosuchbucket" in lowered or "bucket does not exist" in lowered:
         return f"{url}: bucket does not exist"
     if any(m in lowered for m in _UNREACHABLE_MARKERS):

@@ -18,6 +18,11 @@ _AWS_VARS = (
     "AWS_SESSION_TOKEN",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
 )
 
 
@@ -65,6 +70,27 @@ def test_s3_specific_endpoint_and_region_win(clean_aws_env):
     kwargs = fs.__reduce__()[1][0]  # pyarrow pickles the S3 options as a dict
     assert kwargs["endpoint_override"] == "127.0.0.1:10" and kwargs["scheme"] == "https"
     assert fs.region == "eu-west-3"
+
+
+def test_s3_without_key_env_uses_the_default_credential_chain(clean_aws_env):
+    # No keys in the environment (IRSA, workload identity, a credentials file): no explicit keys and not
+    # anonymous, so the AWS SDK's default chain looks the credentials up.
+    clean_aws_env.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    clean_aws_env.setenv("AWS_ACCESS_KEY_ID", "")  # set but empty counts as unset
+    kwargs = storage.s3_filesystem_from_env().__reduce__()[1][0]
+    assert not kwargs["access_key"] and not kwargs["secret_key"] and not kwargs["session_token"]
+    assert kwargs["anonymous"] is False and not kwargs["role_arn"]
+    assert kwargs["endpoint_override"] == "127.0.0.1:9" and kwargs["scheme"] == "http"
+
+
+def test_s3_keys_from_env_are_passed(clean_aws_env):
+    clean_aws_env.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    clean_aws_env.setenv("AWS_ACCESS_KEY_ID", "key-id")
+    clean_aws_env.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    clean_aws_env.setenv("AWS_SESSION_TOKEN", "token")
+    kwargs = storage.s3_filesystem_from_env().__reduce__()[1][0]
+    assert (kwargs["access_key"], kwargs["secret_key"], kwargs["session_token"]) == ("key-id", "secret", "token")
+    assert kwargs["anonymous"] is False
 
 
 def test_resolve_s3_bucket_root(clean_aws_env):
@@ -158,6 +184,38 @@ def test_describe_access_denied():
     msg = storage.describe_os_error("s3://bucket/prefix", OSError(ACCESS_DENIED))
     assert msg.startswith("s3://bucket/prefix: ") and "access denied" in msg.lower()
     assert "\n" not in msg
+
+
+def test_access_denied_names_where_the_credentials_came_from(clean_aws_env):
+    def denied() -> str:
+        return storage.describe_os_error("s3://bucket/prefix", OSError(ACCESS_DENIED))
+
+    clean_aws_env.setenv("AWS_ACCESS_KEY_ID", "key-id")
+    clean_aws_env.setenv("AWS_SECRET_ACCESS_KEY", "secret-value")
+    assert "AWS_SECRET_ACCESS_KEY" in denied() and "secret-value" not in denied()
+    clean_aws_env.delenv("AWS_ACCESS_KEY_ID")
+    clean_aws_env.delenv("AWS_SECRET_ACCESS_KEY")
+    assert "default chain" in denied()
+    clean_aws_env.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/secrets/token")
+    assert "AWS_WEB_IDENTITY_TOKEN_FILE" in denied()
+    clean_aws_env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/etc/aws/credentials")
+    clean_aws_env.setenv("AWS_PROFILE", "imagenet")
+    msg = denied()
+    assert "profile 'imagenet' in AWS_SHARED_CREDENTIALS_FILE" in msg
+    assert msg.startswith("s3://bucket/prefix: access denied") and "\n" not in msg
+
+
+WRITE_SIGNATURE_MISMATCH = (
+    "When initiating multiple part upload for key 'prefix/x.bin' in bucket 'bucket': AWS Error "
+    "SIGNATURE_DOES_NOT_MATCH during CreateMultipartUpload operation: The request signature we calculated does "
+    "not match the signature you provided. Check your key and signing method. (Request ID: 18ED44B84F5ED892)"
+)
+
+
+def test_describe_wrong_secret_on_a_write_is_access_denied():
+    # What SeaweedFS answers a write signed with a wrong secret (pyarrow 25's text).
+    msg = storage.describe_os_error("s3://bucket/prefix/x.bin", OSError(WRITE_SIGNATURE_MISMATCH))
+    assert msg.startswith("s3://bucket/prefix/x.bin: access denied by the storage server")
 
 
 def test_describe_no_such_bucket_and_connection_refused():
