@@ -268,12 +268,13 @@ def merge_trees(base: Tree, delta: Tree) -> Tree:
 
 def load_tree(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> Tree:
     """The raw tree of a config file with its `extends:` bases (paths relative to the file) merged under it."""
-    p = Path(path).resolve() if _chain else Path(path)
-    key = p.resolve()
+    key = Path(path).resolve()
     if key in _chain:
         cycle = " -> ".join(str(c) for c in (*_chain, key))
         raise ConfigError(f"{path}: extends cycle ({cycle})")
-    tree = _read_yaml_mapping(p)
+    if _chain and not key.is_file():
+        raise ConfigError(f"{_chain[-1]}: extends {key}, which is not found")
+    tree = _read_yaml_mapping(Path(path))
     bases = tree.pop(EXTENDS_KEY, [])
     if isinstance(bases, str):
         bases = [bases]

@@ -7,7 +7,6 @@ import inspect
 from collections.abc import Callable
 
 import timm.layers
-import torch
 import torch.nn as nn
 import torchvision.models
 import torchvision.models.resnet as resnet
@@ -20,11 +19,6 @@ class BlurPool2d(timm.layers.BlurPool2d):
     def __init__(self, channels: int) -> None:
         # zero padding as FFCV's BlurPoolConv2d (timm's default reflect padding fails on 1×1 maps of small inputs)
         super().__init__(channels, filt_size=3, stride=1, pad_mode="constant")
-
-    @property
-    def kernel(self) -> torch.Tensor:
-        """The (channels, 1, 3, 3) filter (timm's non-persistent `filt` buffer)."""
-        return self.get_buffer("filt")
 
 
 def add_blurpool(model: nn.Module) -> int:

@@ -274,7 +274,7 @@ def test_extends_chains_and_lists_apply_in_order(tmp_path):
 
 def test_extends_errors_are_one_line(tmp_path):
     missing = _write(tmp_path, "extends: nope.yaml\n", name="m.yaml")
-    assert "nope.yaml not found" in _config_error(missing)
+    assert _config_error(missing) == f"{missing}: extends {tmp_path / 'nope.yaml'}, which is not found"
     _write(tmp_path, "extends: y.yaml\n", name="x.yaml")
     _write(tmp_path, "extends: x.yaml\n", name="y.yaml")
     assert "extends cycle" in _config_error(tmp_path / "x.yaml")

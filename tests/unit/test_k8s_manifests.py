@@ -511,7 +511,7 @@ def test_schemas_are_the_kuberay_v1_7_ones_and_regenerate(tmp_path):
     # the group-level Ray node `labels` field these manifests rely on (KubeRay >= 1.5)
     raycluster = json.loads(gzip.decompress((SCHEMAS / "raycluster.v1.json.gz").read_bytes()))
     assert "labels" in raycluster["properties"]["spec"]["properties"]["workerGroupSpecs"]["items"]["properties"]
-    # extract.py writes the same bytes from CRDs (a tiny synthetic pair here: tests never read ../shared)
+    # extract.py writes the same bytes from CRDs (a synthetic pair written here: no reference data needed)
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("k8s_schema_extract", SCHEMAS / "extract.py")
