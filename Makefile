@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := .demo
 
-.PHONY: venv demo test test-fast lint format clean-demo services-up services-down
+.PHONY: venv postgres demo test test-fast lint format clean-demo services-up services-down
 
 # One pip resolve for everything so that boto3's botocore matches aiobotocore's pin.
 # setup.py builds the cropped JPEG decoder (a C extension): a change to its source reinstalls.
@@ -25,8 +25,24 @@ demo: $(STAMP)
 	$(BIN)/imagenet-ray prepare --source $(DEMO)/raw --out $(DEMO)/prepared --shard-mb 16
 	$(BIN)/imagenet-ray train --config configs/local.yaml name=local-$$(date +%Y%m%d-%H%M%S)
 
+# PostgreSQL, MLflow's database in the integration tests (as in the k8s deployment): the distribution's
+# package, installed here when missing and we are root with apt-get. Anywhere else this says so, and
+# the PostgreSQL tests fail with the same advice (they are never skipped).
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing PostgreSQL: apt-get install postgresql"; \
+		out=$$( (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends postgresql) 2>&1) \
+			|| { echo "$$out" >&2; echo "make: installing PostgreSQL failed" >&2; exit 1; }; \
+	else \
+		echo "WARNING: PostgreSQL is not installed (no initdb); install it (apt-get install postgresql)," \
+			"or the PostgreSQL tests fail" >&2; \
+	fi
+
 # PATH: Ray jobs submitted by the tests run `python` from the same environment.
-test: $(STAMP)
+test: $(STAMP) postgres
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 test-fast: $(STAMP)

@@ -1,4 +1,4 @@
-"""`imagenet-ray` command line: synth | prepare | verify | train | evaluate | bench | services.
+"""`imagenet-ray` command line: synth | prepare | verify | train | evaluate | bench | services | cluster | plan.
 
 Argument parsing and dispatch only. Messages go through `logging` (plain lines: INFO on stdout, warnings on
 stderr); a user error ends as one line on stderr and exit 2 (bad config or arguments) or 1.
@@ -18,6 +18,7 @@ from typing import Any, NoReturn, TextIO
 from imagenet_ray.errors import ConfigError, UserError
 
 DEFAULT_SERVICES_DIR = ".services"
+DEFAULT_CLUSTER_DIR = ".cluster"
 log = logging.getLogger(__name__)
 
 
@@ -221,6 +222,21 @@ def _cmd_services(args: argparse.Namespace) -> int:
     return {"up": services.up, "down": services.down, "status": services.status}[args.action](state_dir)
 
 
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from imagenet_ray.cluster import commands
+
+    root = Path(args.root)
+    if args.action == "up":
+        return commands.up(root, Path(args.manifest), args.replicas, args.cpus, args.object_store_mb, args.loopback)
+    if args.action == "status":
+        return commands.status(root, args.json)
+    if args.action == "kill-node":
+        if not args.host:
+            raise UserError("cluster kill-node needs --host (e.g. decode-0)")
+        return commands.kill_node(root, args.host, args.restart)
+    return commands.down(root)
+
+
 def _bench(
     module: str, add_args: str, run: str, parser: argparse.ArgumentParser
 ) -> Callable[[argparse.Namespace], int]:
@@ -304,10 +320,28 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("train", help="Ray Train overhead vs a plain PyTorch loop (CPU)")
     b.set_defaults(func=_bench("imagenet_ray.bench.train_overhead", "add_bench_train_args", "run_bench_train", b))
 
+    p = sub.add_parser("plan", help="decode cores and decode-group pods for N GPUs, from measured rates")
+    p.set_defaults(func=_bench("imagenet_ray.capacity.command", "add_plan_args", "run_plan", p))
+
     p = sub.add_parser("services", help="local S3 server, MLflow server and Ray head on 127.0.0.1")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--dir", default=DEFAULT_SERVICES_DIR, help="state and data directory")
     p.set_defaults(func=_cmd_services)
+
+    p = sub.add_parser("cluster", help="a multi-host Ray cluster of a RayCluster manifest's shape, on this machine")
+    p.add_argument("action", choices=["up", "down", "status", "kill-node"])
+    p.add_argument("--root", default=DEFAULT_CLUSTER_DIR, help="state, logs and service data")
+    p.add_argument("--manifest", default="infra/k8s/base/raycluster.yaml", help="RayCluster (or built RayJob) YAML")
+    p.add_argument("--replicas", action="append", default=[], metavar="GROUP=N", help="pods of a worker group")
+    p.add_argument(
+        "--cpus", action="append", default=[], metavar="GROUP=N", help="CPUs per node (default: min(manifest, cores))"
+    )
+    p.add_argument("--object-store-mb", type=int, default=512, help="object store per node (the manifest's is capped)")
+    p.add_argument("--loopback", action="store_true", help="127.0.0.x hosts instead of network namespaces")
+    p.add_argument("--host", help="kill-node: the host to kill (e.g. decode-0)")
+    p.add_argument("--restart", action="store_true", help="kill-node: start it again, like a restarted pod")
+    p.add_argument("--json", action="store_true", help="status as JSON")
+    p.set_defaults(func=_cmd_cluster)
     return parser
 
 

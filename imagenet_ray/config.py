@@ -61,7 +61,7 @@ class DataSection(_Strict):
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(α, α); 0 = off")
     node_labels: dict[str, str] = Field(
         default_factory=dict,
-        description="run decoding only on Ray nodes with these labels, e.g. {ray.io/node-group: cpu-workers}",
+        description="run decoding only on Ray nodes with these labels, e.g. {imagenet-ray/node-group: decode}",
     )
     deterministic: bool = Field(
         False,
@@ -124,6 +124,14 @@ class TrainSection(_Strict):
     use_gpu: bool | Literal["auto"] = Field("auto", description="true, false or auto (GPUs if the cluster has any)")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast on GPUs, fp32 on CPU")
     cpus_per_worker: float = Field(1.0, gt=0)
+    node_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="run training workers only on Ray nodes with these labels, e.g. {imagenet-ray/node-group: train}",
+    )
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="extra Ray resources per worker, e.g. {stand_in_gpu: 1} on the local multi-host cluster",
+    )
     storage_path: str = Field(".demo/runs", description="checkpoints go to <storage_path>/<name>")
     checkpoints_to_keep: int = Field(2, gt=0, description="best K by val/top1 (the latest is kept too)")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
@@ -131,6 +139,12 @@ class TrainSection(_Strict):
         None,
         gt=0,
         description="end this job after N epochs in total (a time box); resubmit with the same name to continue",
+    )
+    throttle_images_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="pace each training step so that a worker consumes at most this many images/s: stands in "
+        "for a GPU of that speed on CPU-only test clusters, for capacity checks (imagenet-ray plan)",
     )
 
     @field_validator("num_workers")

@@ -155,6 +155,15 @@ def build_val_dataset(
     return ds.map_batches(_eval_map, fn_kwargs=kwargs, batch_size=None, batch_format="numpy")  # type: ignore[arg-type]
 
 
+def pin_reads_to(node_labels: dict[str, str]) -> None:
+    """Send Ray Data's own tasks at dataset construction (Parquet metadata sampling) where decoding goes:
+    they follow the driver's DataContext selector, not the trainer's DataConfig."""
+    from ray.data import DataContext
+
+    if node_labels:
+        DataContext.get_current().execution_options.label_selector = dict(node_labels)
+
+
 def exact_val_data_config(
     equal_split: tuple[str, ...] = ("train",), preserve_order: bool = False, node_labels: dict[str, str] | None = None
 ) -> DataConfig:

@@ -11,7 +11,7 @@ import shlex
 from pathlib import Path
 
 from imagenet_ray.errors import UserError
-from imagenet_ray.services.stack import SERVICES, LocalStack, start_stack
+from imagenet_ray.services.stack import LocalStack, start_stack
 from imagenet_ray.services.state import write_private
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def env_sh(stack: LocalStack) -> str:
 
 
 def _describe(stack: LocalStack) -> list[tuple[str, str]]:
-    return [(svc.TITLE, svc.url(stack)) for svc in SERVICES]
+    return [(svc.TITLE, svc.url(stack)) for svc in stack.members()]
 
 
 def _load_running(state_dir: Path) -> LocalStack | None:
@@ -78,7 +78,7 @@ def down(state_dir: Path) -> int:
     stack.stop()
     for name in (STATE_FILE, ENV_FILE):  # the credentials are dead with the servers
         (state_dir / name).unlink(missing_ok=True)
-    log.info("stopped %s (data kept in %s)", ", ".join(svc.TITLE for svc in SERVICES), state_dir)
+    log.info("stopped %s (data kept in %s)", ", ".join(svc.TITLE for svc in stack.members()), state_dir)
     return 0
 
 
@@ -90,6 +90,6 @@ def status(state_dir: Path) -> int:
         return 1
     health = stack.health()
     width = max(len(title) for title, _ in _describe(stack))
-    for svc in SERVICES:
+    for svc in stack.members():
         print(f"{svc.TITLE:<{width}}  {svc.url(stack)}  {'up' if health[svc.NAME] else 'down'}")
     return 0 if all(health.values()) else 1

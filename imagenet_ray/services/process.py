@@ -13,9 +13,10 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 _PROC = Path("/proc")
 
@@ -73,17 +74,34 @@ def _live(st: _Stat | None) -> bool:
     return st is not None and st.state not in ("Z", "X", "x")  # zombies are dead, just not yet reaped
 
 
+def in_netns(cmd: list[str], netns: str | None) -> list[str]:
+    """`cmd` run inside the network namespace `netns` (unchanged for None). `ip netns exec` execs the
+    command after entering the namespace, so the pid, session and signals stay the command's."""
+    return ["ip", "netns", "exec", netns, *cmd] if netns else list(cmd)
+
+
+def _log_header(log: IO[bytes], cmd: list[str]) -> None:
+    log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
+    log.flush()
+
+
 def spawn(
-    cmd: list[str], *, env: dict[str, str], cwd: Path, log_path: Path
+    cmd: list[str],
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    log_path: Path,
+    pass_fds: tuple[int, ...] = (),
+    netns: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], ProcessRef]:
-    """Start `cmd` in its own session, stdout+stderr appended to `log_path`.
+    """Start `cmd` (inside `netns` if given) in its own session, stdout+stderr appended to `log_path`.
 
     The command line is written to the log (it never carries secrets: those travel in `env` or in
     files with mode 0600)."""
+    cmd = in_netns(cmd, netns)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
-        log.flush()
+        _log_header(log, cmd)
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -93,9 +111,21 @@ def spawn(
             cwd=cwd,
             start_new_session=True,
             close_fds=True,
+            pass_fds=pass_fds,  # e.g. listening sockets handed over (the cluster gateway)
         )
     st = _read_stat(proc.pid) if _have_proc() else None
     return proc, ProcessRef(proc.pid, st.start_time if st else None)
+
+
+def run_logged(cmd: list[str], *, env: dict[str, str], cwd: Path, log_path: Path, timeout_s: float) -> int:
+    """Run a one-off command (e.g. initdb) to completion, logged like `spawn`; returns its exit code."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        _log_header(log, cmd)
+        done = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, timeout=timeout_s
+        )
+    return done.returncode
 
 
 def start_time_of(pid: int) -> int | None:
@@ -148,22 +178,26 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def stop_trees(refs: list[tuple[ProcessRef, float]], kill_wait_s: float = 10.0) -> list[int]:
+def stop_trees(
+    refs: list[tuple[ProcessRef, float]],
+    kill_wait_s: float = 10.0,
+    leader_signals: Mapping[ProcessRef, int] | None = None,
+) -> list[int]:
     """Stop several process trees concurrently and wait until every process in them is gone.
 
     Each entry is (leader, grace seconds): SIGTERM to the whole tree at once, SIGKILL to whatever is
-    left after the grace period, then wait up to `kill_wait_s`. Returns the pids still alive after
-    that (empty on success).
+    left after the grace period, then wait up to `kill_wait_s`. A tree in `leader_signals` gets that
+    signal at its leader only (a server that stops its own children, e.g. PostgreSQL's SIGINT). Returns
+    the pids still alive after that (empty on success).
     """
     if not refs:
         return []
+    first = dict(leader_signals or {})
     if not _have_proc():
-        return _stop_groups_fallback(refs, kill_wait_s)
+        return _stop_groups_fallback(refs, kill_wait_s, first)
     t0 = time.monotonic()
     known: dict[ProcessRef, dict[int, int]] = {ref: {} for ref, _ in refs}
-    sent: dict[ProcessRef, dict[int, set[int]]] = {
-        ref: {signal.SIGTERM: set(), signal.SIGKILL: set()} for ref, _ in refs
-    }
+    sent: dict[ProcessRef, set[tuple[int, int]]] = {ref: set() for ref, _ in refs}  # (pid, signal)
     deadline = t0 + max(grace for _, grace in refs) + kill_wait_s
     while True:
         table = _proc_table()
@@ -172,22 +206,29 @@ def stop_trees(refs: list[tuple[ProcessRef, float]], kill_wait_s: float = 10.0) 
             _reap(ref.pid)
             members = _family(ref, table, known[ref])
             known[ref] = members
-            sig = signal.SIGTERM if time.monotonic() - t0 < grace else signal.SIGKILL
-            for pid in members:
-                if pid not in sent[ref][sig]:
+            killing = time.monotonic() - t0 >= grace
+            sig = signal.SIGKILL if killing else first.get(ref, signal.SIGTERM)
+            targets = [pid for pid in members if killing or ref not in first or pid == ref.pid]
+            for pid in targets:
+                if (pid, sig) not in sent[ref]:
                     _signal(pid, sig)
-                    sent[ref][sig].add(pid)
+                    sent[ref].add((pid, sig))
             remaining.extend(members)
         if not remaining or time.monotonic() > deadline:
             return sorted(remaining)
         time.sleep(0.1)
 
 
-def _stop_groups_fallback(refs: list[tuple[ProcessRef, float]], kill_wait_s: float) -> list[int]:
+def _stop_groups_fallback(
+    refs: list[tuple[ProcessRef, float]], kill_wait_s: float, first: dict[ProcessRef, int]
+) -> list[int]:
     t0 = time.monotonic()
     for ref, _ in refs:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(ref.pid, signal.SIGTERM)
+            if ref in first:
+                os.kill(ref.pid, first[ref])
+            else:
+                os.killpg(ref.pid, signal.SIGTERM)
     killed: set[int] = set()
     deadline = t0 + max(grace for _, grace in refs) + kill_wait_s
     while True:

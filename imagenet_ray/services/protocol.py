@@ -1,4 +1,4 @@
-"""What every service module (s3, mlflow_server, ray_head) provides, so the stack can run them alike."""
+"""What every service module (s3, postgres, mlflow_server, ray_head) provides, so the stack runs them alike."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ class Service(Protocol):
     TITLE: str  # shown to people
     PORTS: tuple[str, ...]  # names of the ports it needs in StackState.ports
     STARTUP_TIMEOUT_S: float
-    STOP_GRACE_S: float  # SIGTERM → SIGKILL
+    STOP_GRACE_S: float  # first signal → SIGKILL
+    STOP_SIGNAL: int | None  # sent to the leader alone (it stops its children); None: SIGTERM to the tree
+    START_AFTER: tuple[str, ...]  # services (where part of the stack) that must be healthy before it starts
 
     def prepare(self, stack: StackState) -> None:
         """Create directories and files it needs; fail early (e.g. on a missing binary)."""

@@ -1,4 +1,4 @@
-"""A Ray head node (`ray start --head --block`) on 127.0.0.1 that jobs are submitted to.
+"""A Ray head node (`ray start --head --block`) on bind_host (default 127.0.0.1) that jobs are submitted to.
 
 Every port explicit, its own short temp dir (an unrelated `ray.init()` never attaches to it), token auth
 with a per-stack token, and the stack's AWS_*/MLFLOW_* variables in every job's environment. Why each
@@ -13,7 +13,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from imagenet_ray.services.ports import LOCALHOST
 from imagenet_ray.services.state import StackState
 
 NAME = "ray"
@@ -34,6 +33,8 @@ PORTS: tuple[str, ...] = (
 STARTUP_TIMEOUT_S = 60.0
 # Ray keeps no durable state here, and a graceful GCS stop waits for an agent that is already gone.
 STOP_GRACE_S = 5.0
+STOP_SIGNAL: int | None = None  # SIGTERM to the tree
+START_AFTER: tuple[str, ...] = ()
 
 
 def default_num_cpus() -> int:
@@ -62,7 +63,7 @@ def prepare(stack: StackState) -> None:
 
 
 def command(stack: StackState) -> list[str]:
-    p = stack.ports
+    p = stack.bind_port
     # --block as our child in its own session: stopping is signalling its tree, never `ray stop`
     # (which stops every Ray on the machine). Worker ports 0/0: the OS picks one per worker.
     return [
@@ -70,18 +71,18 @@ def command(stack: StackState) -> list[str]:
         "start",
         "--head",
         "--block",
-        f"--node-ip-address={LOCALHOST}",
-        f"--port={p['gcs']}",
+        f"--node-ip-address={stack.peer_host}",
+        f"--port={p('gcs')}",
         "--include-dashboard=true",
-        f"--dashboard-host={LOCALHOST}",
-        f"--dashboard-port={p['dashboard']}",
-        f"--ray-client-server-port={p['client_server']}",
-        f"--dashboard-agent-listen-port={p['dashboard_agent_http']}",
-        f"--dashboard-agent-grpc-port={p['dashboard_agent_grpc']}",
-        f"--runtime-env-agent-port={p['runtime_env_agent']}",
-        f"--metrics-export-port={p['metrics_export']}",
-        f"--object-manager-port={p['object_manager']}",
-        f"--node-manager-port={p['node_manager']}",
+        f"--dashboard-host={stack.bind_host}",
+        f"--dashboard-port={p('dashboard')}",
+        f"--ray-client-server-port={p('client_server')}",
+        f"--dashboard-agent-listen-port={p('dashboard_agent_http')}",
+        f"--dashboard-agent-grpc-port={p('dashboard_agent_grpc')}",
+        f"--runtime-env-agent-port={p('runtime_env_agent')}",
+        f"--metrics-export-port={p('metrics_export')}",
+        f"--object-manager-port={p('object_manager')}",
+        f"--node-manager-port={p('node_manager')}",
         "--min-worker-port=0",
         "--max-worker-port=0",
         f"--num-cpus={stack.ray_num_cpus}",
@@ -91,7 +92,7 @@ def command(stack: StackState) -> list[str]:
 
 
 def environ(stack: StackState, base: dict[str, str]) -> dict[str, str]:
-    env = {**base, **stack.env()}
+    env = {**base, **stack.server_env()}
     env.pop("RAY_ADDRESS")  # the job supervisor sets it (to the GCS) for each job's driver
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, *(d for d in env.get("PATH", "").split(os.pathsep) if d and d != bin_dir)])
@@ -100,8 +101,8 @@ def environ(stack: StackState, base: dict[str, str]) -> dict[str, str]:
             # Keeps --node-ip-address=127.0.0.1 (Ray would otherwise listen on the machine's address).
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
-            "AUTOSCALER_METRIC_PORT": str(stack.ports["autoscaler_metrics"]),
-            "DASHBOARD_METRIC_PORT": str(stack.ports["dashboard_metrics"]),
+            "AUTOSCALER_METRIC_PORT": str(stack.bind_port("autoscaler_metrics")),
+            "DASHBOARD_METRIC_PORT": str(stack.bind_port("dashboard_metrics")),
         }
     )
     return env
@@ -156,9 +157,14 @@ def url(stack: StackState) -> str:
 def cleanup(stack: StackState) -> None:
     """Keep the session's logs (job drivers, raylet, agents) under root_dir/logs/ray-session, replacing
     the previous copy, then remove the temp dir."""
-    session_logs = temp_dir(stack) / "session_latest" / "logs"
+    keep_session_logs(temp_dir(stack), stack.logs_dir / "ray-session")
+    shutil.rmtree(temp_dir(stack), ignore_errors=True)
+
+
+def keep_session_logs(ray_temp_dir: Path, dest: Path) -> None:
+    """Copy a Ray temp dir's latest session logs to `dest` (replacing it), without sockets or events."""
+    session_logs = ray_temp_dir / "session_latest" / "logs"
     if session_logs.is_dir():
-        dest = stack.logs_dir / "ray-session"
         shutil.rmtree(dest, ignore_errors=True)
         with contextlib.suppress(OSError, shutil.Error):  # best effort: logs must never keep a stop from finishing
             shutil.copytree(
@@ -168,4 +174,3 @@ def cleanup(stack: StackState) -> None:
                 ignore_dangling_symlinks=True,
                 ignore=shutil.ignore_patterns("*.sock", "events", "export_events"),
             )
-    shutil.rmtree(temp_dir(stack), ignore_errors=True)

@@ -1,6 +1,6 @@
 """SeaweedFS (`weed server -s3`) as the local S3 server: master, volume, filer and S3 gateway in one process.
 
-Only this stack's random key pair is accepted (no anonymous access); everything binds to 127.0.0.1.
+Only this stack's random key pair is accepted (no anonymous access); everything binds to bind_host.
 Why each flag is set: docs/architecture.md ("Local services").
 """
 
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from imagenet_ray.errors import UserError
-from imagenet_ray.services.ports import LOCALHOST
 from imagenet_ray.services.state import StackState, write_private
 
 NAME = "s3"
@@ -25,6 +24,8 @@ STARTUP_TIMEOUT_S = 30.0
 # Acknowledged writes are already in weed's volume files and filer journal; its filer waits a fixed
 # time on SIGTERM for its own metadata subscription, so the rest of the stop is a SIGKILL.
 STOP_GRACE_S = 5.0
+STOP_SIGNAL: int | None = None  # SIGTERM to the tree
+START_AFTER: tuple[str, ...] = ()
 VOLUME_SIZE_LIMIT_MB = 64
 
 
@@ -66,30 +67,31 @@ def prepare(stack: StackState) -> None:
 
 
 def command(stack: StackState) -> list[str]:
-    p = stack.ports
+    p = stack.bind_port
     # Every HTTP and gRPC port explicit: weed's defaults (gRPC = http + 10000) could land on another
     # stack's ports. -logtostderr: glog into our log, not /tmp/weed.*. Small volumes for small disks.
+    # -ip is what its parts advertise to each other (never a wildcard), -ip.bind where they listen.
     return [
         binary(),
         "-logtostderr",
         "server",
-        f"-ip={LOCALHOST}",
-        f"-ip.bind={LOCALHOST}",
+        f"-ip={stack.peer_host}",
+        f"-ip.bind={stack.bind_host}",
         f"-dir={data_dir(stack) / 'data'}",
-        f"-master.port={p['master']}",
-        f"-master.port.grpc={p['master_grpc']}",
+        f"-master.port={p('master')}",
+        f"-master.port.grpc={p('master_grpc')}",
         "-master.telemetry=false",
         f"-master.volumeSizeLimitMB={VOLUME_SIZE_LIMIT_MB}",
-        f"-volume.port={p['volume']}",
-        f"-volume.port.grpc={p['volume_grpc']}",
+        f"-volume.port={p('volume')}",
+        f"-volume.port.grpc={p('volume_grpc')}",
         "-volume.max=0",
         "-volume.preStopSeconds=0",
         "-filer",
-        f"-filer.port={p['filer']}",
-        f"-filer.port.grpc={p['filer_grpc']}",
+        f"-filer.port={p('filer')}",
+        f"-filer.port.grpc={p('filer_grpc')}",
         "-s3",
-        f"-s3.port={p['s3']}",
-        f"-s3.port.grpc={p['s3_grpc']}",
+        f"-s3.port={p('s3')}",
+        f"-s3.port.grpc={p('s3_grpc')}",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-s3.iam=false",
@@ -161,7 +163,7 @@ def cleanup(stack: StackState) -> None:
     import socket
 
     dirs = {"/tmp", os.environ.get("TMPDIR") or "/tmp"}
-    for port in (stack.ports.get(name) for name in PORTS):
+    for port in (stack.bind_port(name) if name in stack.ports else None for name in PORTS):
         if not port:
             continue
         for d in dirs:

@@ -29,7 +29,7 @@ from imagenet_ray.train.models import build_model
 from imagenet_ray.train.norm_stats import average_batchnorm_stats
 from imagenet_ray.train.optim import build_sgd, scale_for_world, schedule_from_config
 from imagenet_ray.train.plan import WorkerPlan
-from imagenet_ray.train.step import TrainStep
+from imagenet_ray.train.step import StepPacer, TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,9 @@ class Runner:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.start_epoch, self.start_step = state["epoch"], state["step"]
+        log.info(
+            "rank %d: restored from the checkpoint of epoch %d (step %d)", self.rank, self.start_epoch, self.start_step
+        )
         # A checkpoint written by this run names its MLflow run (the driver found the same one).
         self.run_id = state["mlflow_run_id"] or self.run_id
         restore_rng(state["rng"])
@@ -191,20 +194,29 @@ class Runner:
         timed = DataWaitTimer(
             train_batches(self.train_shard, self.cfg.data, crop, self.device, self.aug_rng, shuffle_seed)
         )
+        pacer = StepPacer(self.cfg.train.throttle_images_per_s)  # sleeps inside the loop body: not data wait
         for batch in timed:
-            if "decode_errors" in batch:  # rows replaced by another image of the batch (transforms.py)
-                decode_errors += int(batch["decode_errors"].sum())
-            x, target = self.model_input(batch, crop)
-            loss_sum += self.step(x, target)
-            samples += batch["label"].shape[0]
+            with pacer.pace(int(batch["label"].shape[0])):
+                if "decode_errors" in batch:  # rows replaced by another image of the batch (transforms.py)
+                    decode_errors += int(batch["decode_errors"].sum())
+                x, target = self.model_input(batch, crop)
+                loss_sum += self.step(x, target)
+                samples += batch["label"].shape[0]
         self.step.flush()
         train_s = time.perf_counter() - start
         local = torch.tensor(
-            [loss_sum.item(), samples, timed.wait_s / max(train_s, 1e-9), decode_errors],
+            [
+                loss_sum.item(),
+                samples,
+                timed.wait_s / max(train_s, 1e-9),
+                decode_errors,
+                pacer.slept_s / max(train_s, 1e-9),
+            ],
             dtype=torch.float64,
             device=self.device,
         )
-        g_loss, g_samples, g_wait, g_errors = all_reduce_sum(local).tolist()
+        g_loss, g_samples, g_wait, g_errors, g_slept = all_reduce_sum(local).tolist()
+        throttle = {} if pacer.images_per_s is None else {"perf/throttle_sleep_frac": g_slept / self.world}
         return {
             "train/loss": g_loss / max(1, g_samples),
             "train/images": g_samples,
@@ -214,6 +226,7 @@ class Runner:
             "perf/images_per_s_per_worker": g_samples / train_s / self.world,
             "perf/data_wait_frac": g_wait / self.world,
             "data/decode_errors": g_errors,
+            **throttle,
         }
 
     def seed_epoch(self, epoch: int) -> int:

@@ -4,7 +4,8 @@ optimizer step per `accum_steps` micro-batches (DDP's all-reduce skipped on the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -80,6 +81,40 @@ class TrainStep:
         self.pending = 0
         if self.after_step is not None:
             self.after_step(self.step)
+
+
+class StepPacer:
+    """Paces training steps so that a worker consumes at most `images_per_s` (None: no pacing at all).
+
+    train.throttle_images_per_s: stands in for a GPU of that speed on CPU-only test clusters, for capacity
+    checks. After the real step it sleeps the rest of images / rate; the sleep is step time, not data wait.
+    """
+
+    def __init__(
+        self,
+        images_per_s: float | None,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if images_per_s is not None and images_per_s <= 0:
+            raise ValueError(f"images_per_s must be > 0, got {images_per_s}")
+        self.images_per_s, self._clock, self._sleep = images_per_s, clock, sleep
+        self.slept_s = 0.0  # total pacing sleep so far
+
+    @contextlib.contextmanager
+    def pace(self, images: int) -> Iterator[None]:
+        """Wrap one step of `images` images; it lasts at least images / images_per_s seconds."""
+        if self.images_per_s is None:
+            yield
+            return
+        start = self._clock()
+        yield
+        # On CUDA the step's kernels may still be queued: the sleep then overlaps them (a slower real
+        # step than the throttle wins either way).
+        remaining = images / self.images_per_s - (self._clock() - start)
+        if remaining > 0:
+            self._sleep(remaining)
+            self.slept_s += remaining
 
 
 def _average_gradients(model: nn.Module) -> None:

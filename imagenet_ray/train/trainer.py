@@ -16,7 +16,13 @@ from ray.train.torch import TorchTrainer
 from imagenet_ray import storage
 from imagenet_ray.config import ExperimentConfig, flatten, to_yaml
 from imagenet_ray.data.decode import CROP_DECODER_TAG, crop_decoder_description
-from imagenet_ray.data.pipeline import build_train_dataset, build_val_dataset, exact_val_data_config, open_source
+from imagenet_ray.data.pipeline import (
+    build_train_dataset,
+    build_val_dataset,
+    exact_val_data_config,
+    open_source,
+    pin_reads_to,
+)
 from imagenet_ray.errors import UserError
 from imagenet_ray.runtime import absolute_url, cluster_has_gpu, ensure_ray
 from imagenet_ray.tracking import RunSink, resolve_tracking_uri
@@ -101,14 +107,21 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
     if not storage.is_remote(storage_loc.url):
         storage.ensure_dir(storage_loc)
 
+    pin_reads_to(cfg.data.node_labels)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan.for_workers(cfg, sink.run_id).to_loop_config(),
-        scaling_config=ray.train.ScalingConfig(
+        # Train V2's ScalingConfig at run time; the stubs name V1's, which lacks label_selector.
+        scaling_config=ray.train.ScalingConfig(  # type: ignore[call-arg]
             # an int, or (min, max): elastic (Ray's type hints predate the tuple form)
             num_workers=cfg.train.num_workers,  # type: ignore[arg-type]
             use_gpu=plan.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})},
+            resources_per_worker={
+                "CPU": cfg.train.cpus_per_worker,
+                **({"GPU": 1} if plan.use_gpu else {}),
+                **cfg.train.worker_resources,
+            },
+            label_selector=dict(cfg.train.node_labels) or None,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,

@@ -1,4 +1,4 @@
-"""Integration layer: real servers on 127.0.0.1, started once per test session.
+"""Integration layer: real servers on 127.0.0.1 (and a multi-host cluster), started once per test session.
 
 `local_stack` is an `imagenet_ray.services.LocalStack`: a SeaweedFS S3 server with credentials, an
 MLflow server storing artifacts in it, and a Ray head, all on fresh free ports with data in a pytest
@@ -10,6 +10,8 @@ JobSubmissionClient.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 
 import pytest
@@ -32,3 +34,29 @@ def local_stack(tmp_path_factory):
         t0 = time.monotonic()
         stack.stop()
         print(f"\nlocal_stack: stopped in {time.monotonic() - t0:.1f} s")
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory):
+    """The base RayCluster's shape on this machine: head, one train and one decode host, services host."""
+    from pathlib import Path
+
+    from imagenet_ray.cluster import local
+    from imagenet_ray.cluster.hosts import our_namespaces
+
+    manifest = Path(__file__).resolve().parents[2] / "infra/k8s/base/raycluster.yaml"
+    t0 = time.monotonic()
+    # Not below pytest's 0700 temp root: PostgreSQL (its own user) must reach the services' data.
+    root = Path(tempfile.mkdtemp(prefix="irray-cluster-"))
+    cluster = local.up(root, manifest)
+    print(
+        f"\nlocal_cluster: {len(cluster.nodes)} nodes up in {time.monotonic() - t0:.1f} s (logs in {cluster.logs_dir})"
+    )
+    try:
+        yield cluster
+    finally:
+        t0 = time.monotonic()
+        local.down(cluster)  # raises if any process, namespace or link is left
+        assert our_namespaces(cluster.cluster_id) == []
+        print(f"\nlocal_cluster: stopped in {time.monotonic() - t0:.1f} s")
+        shutil.rmtree(root, ignore_errors=True)

@@ -398,8 +398,34 @@ def test_elastic_worker_range():
 def test_node_labels_reach_ray_data_execution_options():
     from imagenet_ray.data.pipeline import exact_val_data_config
 
-    cfg = load_config(None, ["data.node_labels={ray.io/node-group: cpu-workers}"])
-    assert cfg.data.node_labels == {"ray.io/node-group": "cpu-workers"}
+    cfg = load_config(None, ["data.node_labels={imagenet-ray/node-group: decode}"])
+    assert cfg.data.node_labels == {"imagenet-ray/node-group": "decode"}
     dc = exact_val_data_config(node_labels=cfg.data.node_labels)
-    assert dc._resolve_execution_options("train").label_selector == {"ray.io/node-group": "cpu-workers"}
+    assert dc._resolve_execution_options("train").label_selector == {"imagenet-ray/node-group": "decode"}
     assert exact_val_data_config()._resolve_execution_options("train").label_selector in (None, {})
+
+
+def test_node_labels_pin_dataset_construction_tasks_too():
+    from ray.data import DataContext
+
+    from imagenet_ray.data.pipeline import pin_reads_to
+
+    options = DataContext.get_current().execution_options
+    before = options.label_selector
+    try:
+        pin_reads_to({})
+        assert options.label_selector == before  # no labels: nothing pinned
+        pin_reads_to({"imagenet-ray/node-group": "decode"})
+        assert DataContext.get_current().execution_options.label_selector == {"imagenet-ray/node-group": "decode"}
+    finally:
+        DataContext.get_current().execution_options.label_selector = before
+
+
+def test_train_node_labels_and_worker_resources():
+    cfg = load_config(
+        None, ["train.node_labels={imagenet-ray/node-group: train}", "train.worker_resources={stand_in_gpu: 1}"]
+    )
+    assert cfg.train.node_labels == {"imagenet-ray/node-group": "train"}
+    assert cfg.train.worker_resources == {"stand_in_gpu": 1.0}
+    with pytest.raises(ConfigError):
+        load_config(None, ["train.worker_resources={stand_in_gpu: lots}"])

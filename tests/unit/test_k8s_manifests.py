@@ -416,6 +416,8 @@ def test_train_job_config_and_node_labels(root):
     groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert cfg.data.node_labels, "the train job decodes on the CPU-only group"
     assert any(cfg.data.node_labels.items() <= g["labels"].items() for g in groups), cfg.data.node_labels
+    (gpu_group,) = [g for g in groups if cfg.train.node_labels.items() <= g["labels"].items()]
+    assert gpu_group["groupName"] == "train", "training workers are placed on the GPU group by its label"
     assert cfg.mlflow.tracking_uri == mlflow_url(root)
     assert cfg.train.storage_path.startswith("s3://") and cfg.data.url.startswith("s3://")
     train_gpus = max(
@@ -429,11 +431,11 @@ def test_train_job_config_and_node_labels(root):
 
 
 @pytest.mark.parametrize("root", ROOTS)
-def test_every_data_node_labels_in_a_job_is_set_by_a_group(root):
+def test_every_node_labels_in_a_job_is_set_by_a_group(root):
     for job in by_kind(root, "RayJob"):
         groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
         for arg in entrypoint(job)[1]:
-            if arg.startswith("data.node_labels="):
+            if arg.startswith(("data.node_labels=", "train.node_labels=")):
                 wanted = yaml.safe_load(arg.partition("=")[2])
                 assert any(wanted.items() <= g["labels"].items() for g in groups), (job["metadata"]["name"], wanted)
 

@@ -1,32 +1,64 @@
-"""The pure parts of imagenet_ray.services: ports, state round trip, env, command lines, the service
-protocol and one-way imports, stopping trees.
+"""The pure parts of imagenet_ray.services: ports, state round trip, env, command lines, config files, the
+service protocol and one-way imports, the start order, stopping trees.
 
-No servers are started; the process tests use `sleep` children only.
+No servers are started; the process tests use `sleep` and small Python children only.
 """
 
 from __future__ import annotations
 
 import ast
+import configparser
 import os
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from imagenet_ray.errors import UserError
-from imagenet_ray.services import LocalStack, Service, StackState, mlflow_server, process, ray_head, s3
+from imagenet_ray.services import (
+    LocalStack,
+    Service,
+    StackOptions,
+    StackState,
+    mlflow_server,
+    postgres,
+    process,
+    ray_head,
+    s3,
+)
 from imagenet_ray.services.commands import env_sh
 from imagenet_ray.services.ports import free_ports, quiet_range
-from imagenet_ray.services.stack import SERVICES, _failure, _new_stack, _PortConflict
+from imagenet_ray.services.stack import (
+    SERVICES,
+    _check_options,
+    _failure,
+    _new_stack,
+    _pick_ports,
+    _PortConflict,
+    _select,
+    _start_once,
+)
+
+DEFAULT = StackOptions()
+_PG_AUTH = {"mlflow_backend": "postgres", "mlflow_auth": True}
+POSTGRES_AUTH = StackOptions(mlflow_backend="postgres", mlflow_auth=True)
 
 
-def _stack(tmp_path: Path) -> LocalStack:
-    return _new_stack(tmp_path, 6, ("imagenet", "mlflow", "checkpoints"))
+def _stack(tmp_path: Path, options: StackOptions = DEFAULT) -> LocalStack:
+    names = _select(None, options.mlflow_backend)
+    return _new_stack(tmp_path, 6, ("imagenet", "mlflow", "checkpoints"), names, options)
+
+
+@pytest.fixture
+def pg_bin(monkeypatch):
+    """PostgreSQL's command lines without PostgreSQL installed."""
+    monkeypatch.setattr(postgres, "bin_dir", lambda: Path("/opt/pg/bin"))
 
 
 def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range():
@@ -71,7 +103,7 @@ def test_addresses_and_env(tmp_path):
 
 
 def test_each_service_implements_the_protocol():
-    assert [svc.NAME for svc in SERVICES] == ["s3", "mlflow", "ray"]
+    assert [svc.NAME for svc in SERVICES] == ["s3", "postgres", "mlflow", "ray"]
     for svc in SERVICES:
         assert isinstance(svc, Service), svc.NAME
     members = [name for name in vars(Service) if not name.startswith("_")] + list(Service.__annotations__)
@@ -101,9 +133,10 @@ def test_services_import_the_state_and_never_the_stack():
         "state": {"ports", "process"},
         "protocol": {"state"},
         "s3": {"ports", "state"},
-        "mlflow_server": {"ports", "state"},
+        "postgres": {"ports", "process", "state"},
+        "mlflow_server": {"ports", "postgres", "state"},
         "ray_head": {"ports", "state"},
-        "stack": {"s3", "mlflow_server", "ray_head", "process", "ports", "protocol", "state"},
+        "stack": {"s3", "postgres", "mlflow_server", "ray_head", "process", "ports", "protocol", "state"},
         "commands": {"stack", "state"},
     }
     for module, may_import in allowed.items():
@@ -117,19 +150,31 @@ def test_the_stack_is_its_state_plus_lifecycle(tmp_path):
     st.save(path)
     assert type(LocalStack.load(path)) is LocalStack  # `services down` gets a stack it can stop
     assert st.alive() == {"s3": False, "mlflow": False, "ray": False}  # nothing started
+    assert _stack(tmp_path, POSTGRES_AUTH).alive() == {"s3": False, "postgres": False, "mlflow": False, "ray": False}
 
 
-def test_secrets_stay_out_of_repr_and_command_lines(tmp_path):
-    st = _stack(tmp_path)
+def _secrets(st: StackState) -> list[str]:
+    return [st.secret_key, st.ray_auth_token, st.mlflow_password, st.postgres_password]
+
+
+def test_secrets_stay_out_of_repr_and_command_lines(tmp_path, pg_bin):
+    st = _stack(tmp_path, POSTGRES_AUTH)
+    assert all(len(secret) >= 40 for secret in _secrets(st))
     shown = repr(st) + str(st)
-    assert st.secret_key not in shown and st.ray_auth_token not in shown
+    assert not [secret for secret in _secrets(st) if secret in shown]
     for svc in SERVICES:
         cmd = " ".join(svc.command(st))
-        assert st.secret_key not in cmd and st.ray_auth_token not in cmd, svc.NAME
+        assert not [secret for secret in _secrets(st) if secret in cmd], svc.NAME
 
 
 def test_state_round_trip_and_file_mode(tmp_path):
-    st = _stack(tmp_path)
+    st = _stack(
+        tmp_path,
+        StackOptions(
+            bind_host="10.7.0.1", bind_ports={"mlflow": 5000}, netns="irc-services", mlflow_backend="postgres"
+        ),
+    )
+    st.mlflow_auth = True
     st.processes = {
         "s3": process.ProcessRef(123, 456),
         "mlflow": process.ProcessRef(124, None),
@@ -289,3 +334,372 @@ def test_a_reused_pid_is_never_signalled(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+# -- bind addresses, namespaces, PostgreSQL and MLflow's auth -------------------------------------------
+
+
+def test_version_1_state_reads_as_the_default_stack(tmp_path):
+    old = _stack(tmp_path).to_dict()
+    for key in ("service_names", "bind_host", "bind_ports", "netns", "mlflow_backend", "mlflow_auth"):
+        del old[key]
+    for key in ("mlflow_username", "mlflow_password", "postgres_password"):
+        del old[key]
+    old["version"] = 1
+    old["processes"] = {"s3": {"pid": 1, "start_time": 2}, "mlflow": {"pid": 3, "start_time": 4}}
+    st = LocalStack.from_dict(old)
+    assert (st.bind_host, st.bind_ports, st.netns, st.mlflow_backend, st.mlflow_auth) == (
+        "127.0.0.1",
+        {},
+        None,
+        "sqlite",
+        False,
+    )
+    assert [svc.NAME for svc in st.members()] == ["s3", "mlflow"]  # what a version-1 `services up` started
+
+
+def test_passwords_kept_in_the_data_are_reused_by_the_next_start(tmp_path):
+    a, b = _stack(tmp_path, POSTGRES_AUTH), _stack(tmp_path, POSTGRES_AUTH)
+    kept = ("mlflow_username", "mlflow_password", "postgres_password")
+    assert [getattr(a, k) for k in kept] == [getattr(b, k) for k in kept]  # PostgreSQL and MLflow keep them
+    assert a.secret_key != b.secret_key and a.ray_auth_token != b.ray_auth_token  # per start, as before
+    other = _stack(tmp_path / "other", POSTGRES_AUTH)
+    assert other.postgres_password != a.postgres_password and other.mlflow_password != a.mlflow_password
+    path = tmp_path / "credentials.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.write_text("{broken")
+    with pytest.raises(UserError, match=r"credentials\.json: unreadable"):
+        _stack(tmp_path, POSTGRES_AUTH)
+
+
+def test_clients_use_loopback_ports_and_servers_the_bind_address(tmp_path):
+    opts = StackOptions(ports={"mlflow": 41000}, bind_host="10.7.0.1", bind_ports={"mlflow": 5000, "s3": 8333})
+    st = _stack(tmp_path, opts)
+    assert st.ports["mlflow"] == 41000 and st.mlflow_uri == "http://127.0.0.1:41000"
+    assert st.bind_port("mlflow") == 5000 and st.bind_port("s3") == 8333
+    assert st.bind_port("filer") == st.ports["filer"]  # not given: the same number, in the namespace
+    assert st.peer_host == "10.7.0.1"
+    assert _stack(tmp_path, StackOptions(bind_host="0.0.0.0")).peer_host == "127.0.0.1"  # never advertise a wildcard
+
+    weed = s3.command(st)
+    assert "-ip=10.7.0.1" in weed and "-ip.bind=10.7.0.1" in weed and "-s3.port=8333" in weed
+    assert f"-filer.port={st.ports['filer']}" in weed
+    ray = ray_head.command(st)
+    assert "--node-ip-address=10.7.0.1" in ray and "--dashboard-host=10.7.0.1" in ray
+    ml = mlflow_server.command(st)
+    assert ml[ml.index("--host") + 1] == "10.7.0.1" and ml[ml.index("--port") + 1] == "5000"
+    assert "--app-name" not in ml  # no auth asked for
+
+    # The servers (MLflow writing artifacts, Ray jobs) reach S3 and MLflow inside their namespace.
+    inner = st.server_env()
+    assert inner["MLFLOW_S3_ENDPOINT_URL"] == inner["AWS_ENDPOINT_URL"] == "http://10.7.0.1:8333"
+    assert inner["MLFLOW_TRACKING_URI"] == "http://10.7.0.1:5000"
+    assert st.service_env()["AWS_ENDPOINT_URL_S3"] == "http://10.7.0.1:8333"
+    assert ray_head.environ(st, {"PATH": "/usr/bin"})["MLFLOW_TRACKING_URI"] == "http://10.7.0.1:5000"
+    assert st.env()["AWS_ENDPOINT_URL"] == st.s3_endpoint == f"http://127.0.0.1:{st.ports['s3']}"
+    default = _stack(tmp_path)
+    assert default.server_env() == default.env()  # on loopback, servers and clients see the same stack
+
+
+def test_given_client_ports_are_kept_and_never_picked_twice():
+    given = {"s3": 30001, "mlflow": 30002}
+    ports = _pick_ports(given)
+    assert ports["s3"] == 30001 and ports["mlflow"] == 30002
+    assert sorted(ports) == sorted(name for svc in SERVICES for name in svc.PORTS)
+    assert len(set(ports.values())) == len(ports)
+
+
+def test_options_are_checked_before_anything_starts():
+    with pytest.raises(UserError, match="unknown port name"):
+        _check_options(StackOptions(bind_ports={"mlfow": 5000}))
+    with pytest.raises(UserError, match="out of range"):
+        _check_options(StackOptions(ports={"s3": 70000}))
+    with pytest.raises(UserError, match="IPv4"):
+        _check_options(StackOptions(bind_host="services-host"))
+    _check_options(StackOptions(bind_host="10.7.0.1", bind_ports={"postgres": 5432}))
+
+
+def test_postgres_joins_the_stack_only_under_an_mlflow_on_postgres():
+    assert _select(None, "sqlite") == ("s3", "mlflow", "ray")
+    assert _select(None, "postgres") == ("s3", "postgres", "mlflow", "ray")
+    assert _select(("mlflow",), "postgres") == ("postgres", "mlflow")  # its database comes with it
+    assert _select(("s3", "postgres", "mlflow"), "postgres") == ("s3", "postgres", "mlflow")
+    with pytest.raises(UserError, match="mlflow_backend='postgres'"):
+        _select(("postgres",), "sqlite")
+    with pytest.raises(UserError, match="unknown mlflow_backend"):
+        _select(None, "mysql")
+    with pytest.raises(UserError, match="unknown service"):
+        _select(("s3", "redis"), "sqlite")
+
+
+def test_env_has_mlflow_credentials_only_with_auth(tmp_path):
+    assert "MLFLOW_TRACKING_USERNAME" not in _stack(tmp_path).env()
+    st = _stack(tmp_path, POSTGRES_AUTH)
+    env = st.env()
+    assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == (
+        st.mlflow_username,
+        st.mlflow_password,
+    )
+    assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{st.ports['mlflow']}"
+    assert st.postgres_password not in env.values()  # only MLflow's server needs the database
+
+
+def test_server_commands_run_inside_the_namespace(tmp_path):
+    assert process.in_netns(["weed", "server"], None) == ["weed", "server"]
+    assert process.in_netns(["weed", "server"], "irc-services") == [
+        "ip",
+        "netns",
+        "exec",
+        "irc-services",
+        "weed",
+        "server",
+    ]
+
+
+def test_mlflow_on_postgres_with_auth_gets_passwords_through_private_files(tmp_path, monkeypatch):
+    st = _stack(tmp_path, StackOptions(bind_host="10.7.0.1", bind_ports={"mlflow": 5000}, **_PG_AUTH))
+    mlflow_server.prepare(st)
+    cmd = mlflow_server.command(st)
+    uri = cmd[cmd.index("--backend-store-uri") + 1]
+    assert uri == f"postgresql://mlflow@10.7.0.1:{st.bind_port('postgres')}/mlflow"  # no password in argv
+    assert cmd[cmd.index("--app-name") + 1] == "basic-auth"
+    hosts = cmd[cmd.index("--allowed-hosts") + 1].split(",")
+    client = st.ports["mlflow"]
+    for host in ("127.0.0.1", "localhost", "10.7.0.1", "mlflow"):
+        assert {host, f"{host}:{client}", f"{host}:5000"} <= set(hosts), host
+
+    for path in (mlflow_server.pgpass_path(st), mlflow_server.auth_config_path(st)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert mlflow_server.pgpass_path(st).read_text() == f"*:*:*:mlflow:{st.postgres_password}\n"
+
+    base = {"PATH": "/usr/bin", "MLFLOW_AUTH_ADMIN_PASSWORD": "users-own", "PGPASSWORD": "x", **st.env()}
+    env = mlflow_server.environ(st, base)
+    assert env["PGPASSFILE"] == str(mlflow_server.pgpass_path(st))
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == str(mlflow_server.auth_config_path(st))
+    assert len(env["MLFLOW_FLASK_SERVER_SECRET_KEY"]) >= 32
+    for scrubbed in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "PGPASSWORD"):
+        assert scrubbed not in env, scrubbed
+
+    # Read as MLflow's auth config reader does (configparser with interpolation, section [mlflow]).
+    config = configparser.ConfigParser()
+    config.read(env["MLFLOW_AUTH_CONFIG_PATH"])
+    ini = config["mlflow"]
+    assert (ini["admin_username"], ini["admin_password"]) == (st.mlflow_username, st.mlflow_password)
+    assert ini["database_uri"] == f"postgresql://mlflow@10.7.0.1:{st.bind_port('postgres')}/mlflow_auth"
+    assert ini["default_permission"] == "READ"
+
+
+def test_mlflow_auth_on_sqlite_keeps_its_users_beside_the_runs(tmp_path):
+    st = _stack(tmp_path, StackOptions(mlflow_auth=True))
+    assert mlflow_server.backend_store_uri(st) == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    assert mlflow_server.auth_database_uri(st) == f"sqlite:///{tmp_path / 'mlflow' / 'basic_auth.db'}"
+    assert "PGPASSFILE" not in mlflow_server.environ(st, {"PATH": "/usr/bin"})
+    st.mlflow_password = "50%-off-password"  # configparser interpolates %: written doubled
+    mlflow_server.prepare(st)
+    config = configparser.ConfigParser()
+    config.read(mlflow_server.auth_config_path(st))
+    assert config["mlflow"]["admin_password"] == "50%-off-password"
+
+
+def test_the_default_mlflow_is_unchanged(tmp_path):
+    st = _stack(tmp_path)
+    mlflow_server.prepare(st)
+    cmd = mlflow_server.command(st)
+    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    assert "--app-name" not in cmd and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert not mlflow_server.pgpass_path(st).exists() and not mlflow_server.auth_config_path(st).exists()
+    env = mlflow_server.environ(st, {"PATH": "/usr/bin", **st.env()})
+    assert not {"PGPASSFILE", "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_TRACKING_URI"} & set(env)
+
+
+def test_postgres_command_line_and_environment(tmp_path, pg_bin, monkeypatch):
+    st = _stack(tmp_path, StackOptions(bind_host="10.7.0.1", bind_ports={"postgres": 5432}, **_PG_AUTH))
+    monkeypatch.setattr(postgres, "server_user", lambda: None)  # not root: runs as us
+    cmd = postgres.command(st)
+    assert cmd[:3] == ["/opt/pg/bin/postgres", "-D", str(tmp_path / "postgres" / "data")]
+    assert cmd[cmd.index("-p") + 1] == "5432" and cmd[cmd.index("-k") + 1] == str(tmp_path / "postgres" / "run")
+    settings = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-c"]
+    assert {"listen_addresses=10.7.0.1", "shared_buffers=32MB", "max_connections=50"} <= set(settings)
+    env = postgres.environ(st, {"PATH": "/usr/bin", **st.env(), "PGPASSWORD": "x"})
+    assert env == {"PATH": "/usr/bin", "LC_ALL": "C", "LANG": "C"}  # nothing of the stack's secrets
+    assert postgres.url(st) == f"postgresql://mlflow@127.0.0.1:{st.ports['postgres']}/mlflow"
+    assert postgres.STOP_SIGNAL == signal.SIGINT  # fast shutdown, to the postmaster alone
+
+
+def test_postgres_runs_as_an_unprivileged_user_under_root(tmp_path, pg_bin, monkeypatch):
+    import pwd
+
+    user = pwd.getpwnam("nobody")
+    monkeypatch.setattr(postgres, "server_user", lambda: user)
+    cmd = postgres.command(_stack(tmp_path, POSTGRES_AUTH))
+    setpriv = cmd[: cmd.index("--") + 1]
+    assert Path(setpriv[0]).name == "setpriv"  # execs: the pid and signals stay the server's
+    assert setpriv[1:] == [f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
+    assert cmd[len(setpriv)] == "/opt/pg/bin/postgres"
+
+
+def test_a_missing_postgresql_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(postgres, "LIB_DIR", tmp_path / "none")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UserError, match=r"`initdb` not found.*apt-get install postgresql"):
+        postgres.bin_dir()
+
+
+def test_the_newest_postgresql_version_is_used(tmp_path, monkeypatch):
+    for version in ("9.6", "13", "15"):
+        for name in ("initdb", "postgres"):
+            (tmp_path / version / "bin").mkdir(parents=True, exist_ok=True)
+            (tmp_path / version / "bin" / name).touch()
+    (tmp_path / "16" / "bin").mkdir(parents=True)  # a client-only install: no server binaries
+    monkeypatch.setattr(postgres, "LIB_DIR", tmp_path)
+    assert postgres.bin_dir() == tmp_path / "15" / "bin"
+
+
+def test_pgpass_escapes_its_separators(tmp_path):
+    st = _stack(tmp_path)
+    st.postgres_password = r"a:b\c"
+    assert postgres.pgpass_line(st) == "*:*:*:mlflow:a\\:b\\\\c\n"
+    assert (
+        postgres.sqlalchemy_uri(st, "mlflow_auth")
+        == f"postgresql://mlflow@127.0.0.1:{st.ports['postgres']}/mlflow_auth"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs PostgreSQL as another user")
+def test_root_dir_opens_to_the_server_users_group_only():
+    import pwd
+    import shutil
+    import tempfile
+
+    user = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="irray-unit-"))  # under /tmp, which anyone may search
+    try:
+        root = base / "stack"
+        root.mkdir(mode=0o750)
+        base.chmod(0o755)
+        postgres._open_path_for(_stack(root), user)
+        assert stat.S_IMODE(root.stat().st_mode) == 0o710  # search for its group, no listing, nobody else
+        assert root.stat().st_gid == user.pw_gid
+
+        base.chmod(0o700)  # like pytest's base temp dir: not ours to open
+        with pytest.raises(UserError, match=rf"cannot reach {root}: {base} is not searchable for it"):
+            postgres._open_path_for(_stack(root), user)
+    finally:
+        shutil.rmtree(base)
+
+
+# -- start order ----------------------------------------------------------------------------------------
+
+
+class _FakeService:
+    """A `sleep` server whose health the test controls; records what it saw when it was launched."""
+
+    PORTS: tuple[str, ...] = ()
+    STARTUP_TIMEOUT_S = 20.0
+    STOP_GRACE_S = 1.0
+    STOP_SIGNAL = None
+
+    def __init__(self, name: str, after: tuple[str, ...] = (), cmd: tuple[str, ...] = ("sleep", "60")):
+        self.NAME = self.TITLE = name
+        self.START_AFTER = after
+        self.cmd = list(cmd)
+        self.ready = False
+        self.launched_when: dict[str, bool] | None = None
+        self.others: list[_FakeService] = []
+
+    def prepare(self, stack):
+        pass
+
+    def command(self, stack):
+        return self.cmd
+
+    def environ(self, stack, base):
+        self.launched_when = {o.NAME: o.ready for o in self.others}
+        return dict(os.environ)
+
+    def cwd(self, stack):
+        return stack.root_dir
+
+    def healthy(self, stack):
+        return self.ready
+
+    def after_start(self, stack):
+        pass
+
+    def diagnostics(self, stack):
+        return ""
+
+    def url(self, stack):
+        return ""
+
+    def cleanup(self, stack):
+        pass
+
+
+def _stop_all(st: LocalStack) -> None:
+    assert process.stop_trees([(ref, 1.0) for ref in st.processes.values()], kill_wait_s=5.0) == []
+
+
+def test_a_service_starts_only_once_those_it_starts_after_are_healthy(tmp_path):
+    db, app = _FakeService("db"), _FakeService("app", after=("db",))
+    db.others = app.others = [db, app]
+    st = _stack(tmp_path)
+    timer = threading.Timer(1.0, lambda: setattr(db, "ready", True))
+    app_ready = threading.Timer(1.5, lambda: setattr(app, "ready", True))
+    timer.start()
+    app_ready.start()
+    try:
+        _start_once(st, (db, app))
+        assert app.launched_when == {"db": True, "app": False}  # launched after db was healthy
+        assert db.launched_when == {"db": False, "app": False}
+        assert set(st.processes) == {"db", "app"}
+    finally:
+        timer.cancel()
+        app_ready.cancel()
+        _stop_all(st)
+
+
+def test_a_failed_dependency_means_its_dependent_never_starts(tmp_path):
+    db, app = _FakeService("db", cmd=("sh", "-c", "exit 3")), _FakeService("app", after=("db",))
+    st = _stack(tmp_path)
+    try:
+        with pytest.raises(UserError, match="db exited with code 3 while starting"):
+            _start_once(st, (db, app))
+        assert app.launched_when is None and "app" not in st.processes
+    finally:
+        _stop_all(st)
+
+
+# A leader that stops its own child on SIGINT (like PostgreSQL's fast shutdown) and ignores SIGTERM; the
+# child notes any SIGTERM it gets (it must get none: only the leader is signalled).
+_SELF_STOPPING = r"""
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", (
+    "import signal, sys, time\n"
+    "def note(*_): open(sys.argv[1], 'w').write('TERM')\n"
+    "signal.signal(signal.SIGTERM, note)\n"
+    "time.sleep(300)\n"), sys.argv[1]])
+def stop(*_):
+    child.kill(); child.wait(); sys.exit(0)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@needs_proc
+def test_a_leader_signal_goes_to_the_leader_alone(tmp_path):
+    noted = tmp_path / "child-got-sigterm"
+    log = tmp_path / "logs" / "leader.log"
+    popen, ref = process.spawn(
+        [sys.executable, "-c", _SELF_STOPPING, str(noted)], env=dict(os.environ), cwd=tmp_path, log_path=log
+    )
+    deadline = time.monotonic() + 20
+    while "ready" not in log.read_text() or not _descendants(ref.pid):
+        assert time.monotonic() < deadline, "leader did not start"
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    assert process.stop_trees([(ref, 10.0)], kill_wait_s=5.0, leader_signals={ref: signal.SIGINT}) == []
+    assert time.monotonic() - t0 < 5  # stopped by its own SIGINT handling, long before the SIGKILL
+    assert popen.wait(5) == 0 and not noted.exists()

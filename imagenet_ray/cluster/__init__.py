@@ -1,0 +1,1 @@
+"""A multi-host Ray cluster of a RayCluster manifest's shape on one machine (`imagenet-ray cluster`)."""
