@@ -56,7 +56,9 @@ def local_cluster(tmp_path_factory):
         yield cluster
     finally:
         t0 = time.monotonic()
-        local.down(cluster)  # raises if any process, namespace or link is left
-        assert our_namespaces(cluster.cluster_id) == []
-        print(f"\nlocal_cluster: stopped in {time.monotonic() - t0:.1f} s")
-        shutil.rmtree(root, ignore_errors=True)
+        try:
+            local.down(cluster)  # raises if any process, namespace or link is left
+            assert our_namespaces(cluster.cluster_id) == []
+            print(f"\nlocal_cluster: stopped in {time.monotonic() - t0:.1f} s")
+        finally:
+            shutil.rmtree(root, ignore_errors=True)

@@ -37,7 +37,7 @@ from imagenet_ray.services import process
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 60, 10
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 40, 10
 EXPERIMENT = "imagenet-ray-cluster"
 KILL_DELAY_S = 4.0
 # The manifest's train entrypoint is kept whole; these overrides, appended, only scale it to a CPU
@@ -310,9 +310,16 @@ def test_train_node_lost_recovers_from_checkpoint_in_the_same_run(
     assert [m.value for m in mlflow.get_metric_history(run.info.run_id, "val/images")] == [CLASSES * VAL_PER_CLASS] * 3
 
 
-def test_cli_up_status_kill_down_leaves_nothing():
-    """The CLI on its own cluster (no decode replicas): up, status, kill-node --restart, down, nothing left."""
+@pytest.fixture
+def cli_root() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="irray-cli-cluster-"))  # reachable by PostgreSQL's own user
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_cli_up_status_kill_down_leaves_nothing(cli_root):
+    """The CLI on its own cluster (no decode replicas): up, status, kill-node --restart, down, nothing left."""
+    root = cli_root
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
@@ -343,4 +350,3 @@ def test_cli_up_status_kill_down_leaves_nothing():
     assert not Path(f"/tmp/irc-{state.cluster_id}").exists()
     refs = [*state.node_processes.values(), *([state.gateway] if state.gateway else [])]
     assert [r.pid for r in refs if process.is_alive(r)] == []  # zombies and reused pids do not count
-    shutil.rmtree(root, ignore_errors=True)
