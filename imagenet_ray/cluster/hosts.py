@@ -131,13 +131,6 @@ def kill_host_processes(host: Host, grace_s: float = 5.0) -> list[int]:
     return pids_in(host)
 
 
-def cut_link(host: Host, up: bool = False) -> None:
-    """Take the host's only link down (a network partition), or back up."""
-    if not host.netns:
-        raise UserError(f"host {host.name!r} has no network namespace: links can only be cut between namespaces")
-    _ip("-n", host.netns, "link", "set", "eth0", "up" if up else "down")
-
-
 def delete_hosts(hosts: list[Host]) -> list[str]:
     """Kill every process on each host, delete its namespace (its veth goes with it) and /etc/netns entry.
 
