@@ -14,6 +14,7 @@ import ctypes
 import os
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 
 CLONE_NEWNET = 0x40000000
 
@@ -42,7 +43,10 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.close()
 
 
-def _handler(target: tuple[str, int]):  # type: ignore[no-untyped-def]
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def _handler(target: tuple[str, int]) -> Handler:
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:
             upstream_r, upstream_w = await asyncio.open_connection(*target)

@@ -36,6 +36,7 @@ from imagenet_ray.cluster.nodes import (
 )
 from imagenet_ray.errors import UserError
 from imagenet_ray.services import process, ray_head
+from imagenet_ray.services.commands import export_lines
 from imagenet_ray.services.ports import LOCALHOST, free_ports
 from imagenet_ray.services.process import ProcessRef
 from imagenet_ray.services.stack import LocalStack
@@ -410,14 +411,7 @@ def _bring_up(state: ClusterState) -> None:
         for fut in [pool.submit(start_node, state, stack, n.host) for n in state.nodes[1:]]:
             fut.result()
     state.save()
-    write_private(state.root_dir / ENV_FILE, _env_sh(state.client_env(stack)))
-
-
-def _env_sh(env: dict[str, str]) -> str:
-    import shlex
-
-    lines = ["# imagenet-ray local cluster: `source` this file (it holds credentials; keep it private)."]
-    return "\n".join([*lines, *(f"export {k}={shlex.quote(v)}" for k, v in env.items())]) + "\n"
+    write_private(state.root_dir / ENV_FILE, export_lines(state.client_env(stack), "imagenet-ray local cluster"))
 
 
 def _keep_ray_logs(state: ClusterState) -> None:

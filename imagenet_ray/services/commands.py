@@ -22,12 +22,17 @@ ENV_FILE = "env.sh"
 
 def env_sh(stack: LocalStack) -> str:
     """Shell lines that point AWS/MLflow/Ray clients at the stack."""
+    return export_lines(stack.env(), "imagenet-ray local services")
+
+
+def export_lines(env: dict[str, str], what: str) -> str:
+    """`export` lines for `env`, to be `source`d (they hold credentials: write them 0600)."""
     lines = [
-        "# imagenet-ray local services: `source` this file (it holds credentials; keep it private).",
+        f"# {what}: `source` this file (it holds credentials; keep it private).",
         # A session token from the user's own AWS login would be sent with our keys and refused.
         "unset AWS_SESSION_TOKEN AWS_SECURITY_TOKEN",
     ]
-    lines += [f"export {key}={shlex.quote(value)}" for key, value in stack.env().items()]
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
     return "\n".join(lines) + "\n"
 
 
