@@ -227,13 +227,19 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 
     root = Path(args.root)
     if args.action == "up":
-        return commands.up(root, Path(args.manifest), args.replicas, args.cpus, args.object_store_mb, args.loopback)
+        return commands.up(
+            root, Path(args.manifest), args.replicas, args.cpus, args.object_store_mb, args.loopback, args.cpu_limit
+        )
     if args.action == "status":
         return commands.status(root, args.json)
     if args.action == "kill-node":
         if not args.host:
             raise UserError("cluster kill-node needs --host (e.g. decode-0)")
         return commands.kill_node(root, args.host, args.restart)
+    if args.action == "limit-cpu":
+        if not args.host or args.cores is None:
+            raise UserError("cluster limit-cpu needs --host and --cores (e.g. --host decode-0 --cores 0.5, or none)")
+        return commands.limit_cpu(root, args.host, args.cores)
     return commands.down(root)
 
 
@@ -329,17 +335,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_services)
 
     p = sub.add_parser("cluster", help="a multi-host Ray cluster of a RayCluster manifest's shape, on this machine")
-    p.add_argument("action", choices=["up", "down", "status", "kill-node"])
+    p.add_argument("action", choices=["up", "down", "status", "kill-node", "limit-cpu"])
     p.add_argument("--root", default=DEFAULT_CLUSTER_DIR, help="state, logs and service data")
     p.add_argument("--manifest", default="infra/k8s/base/raycluster.yaml", help="RayCluster (or built RayJob) YAML")
     p.add_argument("--replicas", action="append", default=[], metavar="GROUP=N", help="pods of a worker group")
     p.add_argument(
         "--cpus", action="append", default=[], metavar="GROUP=N", help="CPUs per node (default: min(manifest, cores))"
     )
+    p.add_argument(
+        "--cpu-limit",
+        action="append",
+        default=[],
+        metavar="GROUP=CORES",
+        help="a CPU quota per host of the group, as a pod's limits.cpu (e.g. decode=0.5; needs cgroups)",
+    )
     p.add_argument("--object-store-mb", type=int, default=512, help="object store per node (the manifest's is capped)")
     p.add_argument("--loopback", action="store_true", help="127.0.0.x hosts instead of network namespaces")
     p.add_argument("--host", help="kill-node: the host to kill (e.g. decode-0)")
     p.add_argument("--restart", action="store_true", help="kill-node: start it again, like a restarted pod")
+    p.add_argument("--cores", help="limit-cpu: the host's new CPU quota in cores, or none")
     p.add_argument("--json", action="store_true", help="status as JSON")
     p.set_defaults(func=_cmd_cluster)
     return parser

@@ -146,6 +146,11 @@ class TrainSection(_Strict):
         description="pace each training step so that a worker consumes at most this many images/s: stands in "
         "for a GPU of that speed on CPU-only test clusters, for capacity checks (imagenet-ray plan)",
     )
+    skip_step: bool = Field(
+        False,
+        description="consume each batch without training on it (Ray's train benchmark's skip_train_step): "
+        "measures ingest alone; with throttle_images_per_s, a stand-in for a GPU of that speed",
+    )
 
     @field_validator("num_workers")
     @classmethod

@@ -1,4 +1,4 @@
-"""`imagenet-ray cluster up | down | status | kill-node`: the local multi-host cluster from the command line."""
+"""`imagenet-ray cluster up | down | status | kill-node | limit-cpu`: the local multi-host cluster, from the CLI."""
 
 from __future__ import annotations
 
@@ -33,12 +33,21 @@ def _print_status(state: local.ClusterState) -> bool:
         shown = {k: v for k, v in row["resources"].items() if ":" not in k and "memory" not in k}
         resources = ",".join(f"{k}={v:g}" for k, v in sorted(shown.items()))
         where = row["netns"] or "this machine's network"
-        print(f"{row['host']:<10} {row['address']:<12} {row['ray']:<6} {labels}  {resources}  ({where})")
+        limit = "" if row["cpu_limit"] is None else f"  cpu-limit={row['cpu_limit']:g}"
+        print(f"{row['host']:<10} {row['address']:<12} {row['ray']:<6} {labels}  {resources}{limit}  ({where})")
     print(f"job API   {state.dashboard_url}   (source {state.root_dir / local.ENV_FILE})")
     return all(r["ray"] == "ALIVE" and r["running"] for r in rows)
 
 
-def up(root: Path, manifest: Path, replicas: list[str], cpus: list[str], object_store_mb: int, loopback: bool) -> int:
+def up(
+    root: Path,
+    manifest: Path,
+    replicas: list[str],
+    cpus: list[str],
+    object_store_mb: int,
+    loopback: bool,
+    cpu_limit: list[str] | None = None,
+) -> int:
     counts = {k: int(v) for k, v in parse_assignments(replicas, "--replicas").items()}
     state = local.up(
         root,
@@ -47,6 +56,7 @@ def up(root: Path, manifest: Path, replicas: list[str], cpus: list[str], object_
         cpus=parse_assignments(cpus, "--cpus"),
         object_store_bytes=object_store_mb * 2**20,
         use_namespaces=not loopback,
+        cpu_limits_by_group=parse_assignments(cpu_limit or [], "--cpu-limit"),
     )
     _print_status(state)
     return 0
@@ -80,4 +90,14 @@ def kill_node(root: Path, host: str, restart: bool) -> int:
         local.start_node(state, state.stack(), host)
         log.info("%s restarted and joined the cluster", host)
     state.save()
+    return 0
+
+
+def limit_cpu(root: Path, host: str, cores: str) -> int:
+    try:
+        limit = None if cores.strip().lower() == "none" else float(cores)
+    except ValueError:
+        raise UserError(f"--cores {cores!r}: expected a number of cores (e.g. 0.5) or none") from None
+    local.set_cpu_limit(local.ClusterState.load(root), host, limit)
+    log.info("%s: CPU limit %s", host, "removed" if limit is None else f"{limit:g} cores")
     return 0

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from imagenet_ray.cluster import cpu_limits
 from imagenet_ray.cluster import hosts as hostlib
+from imagenet_ray.cluster.cpu_limits import CpuCgroup
 from imagenet_ray.cluster.hosts import Host
 from imagenet_ray.cluster.manifest import HEAD, read_cluster_shape
 from imagenet_ray.cluster.nodes import (
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "cluster.json"
 STACK_STATE_FILE = "state.json"  # the services' own (services/state.json)
 ENV_FILE = "env.sh"
-STATE_VERSION = 1
+STATE_VERSION = 2
 # Where the services listen on the services host: the ports of the Kubernetes Services they stand for.
 SERVICE_PORTS = {"s3": 8333, "mlflow": 5000, "postgres": 5432}
 SERVICE_ALIASES = ["s3", "mlflow", "postgres"]
@@ -70,6 +72,7 @@ class ClusterState:
     node_ports: dict[str, dict[str, int]] = field(default_factory=dict)  # 127.0.0.x mode only
     node_processes: dict[str, ProcessRef] = field(default_factory=dict)
     gateway: ProcessRef | None = None
+    cpu_cgroups: dict[str, CpuCgroup] = field(default_factory=dict)  # per node host, where cgroups work
 
     # -- where things are -----------------------------------------------------------------------
     @property
@@ -175,6 +178,7 @@ class ClusterState:
             "node_ports": self.node_ports,
             "node_processes": {k: v.to_dict() for k, v in self.node_processes.items()},
             "gateway": self.gateway.to_dict() if self.gateway else None,
+            "cpu_cgroups": {k: v.to_dict() for k, v in self.cpu_cgroups.items()},
         }
 
     @classmethod
@@ -193,6 +197,7 @@ class ClusterState:
             node_ports={k: dict(v) for k, v in data["node_ports"].items()},
             node_processes={k: ProcessRef.from_dict(v) for k, v in data["node_processes"].items()},
             gateway=ProcessRef.from_dict(data["gateway"]) if data.get("gateway") else None,
+            cpu_cgroups={k: CpuCgroup(v["path"], int(v["version"])) for k, v in data["cpu_cgroups"].items()},
         )
 
     def save(self) -> None:
@@ -284,8 +289,9 @@ def start_node(state: ClusterState, stack: LocalStack, host_name: str) -> None:
     temp.mkdir(parents=True, exist_ok=True)
     ports = state.node_ports.get(host_name) if not state.namespaced else None
     cmd = ray_start_command(_ray_cli(), node, host.address, state.gcs_address, str(temp), ports)
+    cgroup = state.cpu_cgroups.get(host_name)
     popen, state.node_processes[host_name] = process.spawn(
-        [*host.exec_prefix(), *cmd],
+        [*(cgroup.join_prefix() if cgroup else []), *host.exec_prefix(), *cmd],
         env=state.node_env(stack),
         cwd=state.root_dir,
         log_path=state.logs_dir / f"ray-{host_name}.log",
@@ -300,6 +306,21 @@ def start_node(state: ClusterState, stack: LocalStack, host_name: str) -> None:
         if time.monotonic() > deadline:
             raise UserError(f"Ray node {host_name} did not join within {NODE_START_TIMEOUT_S:.0f} s")
         time.sleep(0.5)
+
+
+def set_cpu_limit(state: ClusterState, host_name: str, cores: float | None) -> None:
+    """Change a running host's CPU quota (`cores`, None: unlimited), like an in-place pod resize."""
+    state.node(host_name)  # a one-line error for an unknown host
+    cgroup = state.cpu_cgroups.get(host_name)
+    if cgroup is None:
+        why = cpu_limits.cgroups_unavailable() or "the cluster was started without them"
+        raise UserError(f"host {host_name} has no CPU cgroup: {why}")
+    cgroup.set_limit(cores)
+
+
+def cpu_limit(state: ClusterState, host_name: str) -> float | None:
+    cgroup = state.cpu_cgroups.get(host_name)
+    return cgroup.limit() if cgroup and Path(cgroup.path).exists() else None
 
 
 def stop_node(state: ClusterState, host_name: str, grace_s: float = 0.0) -> list[int]:
@@ -347,8 +368,12 @@ def up(
     cpus: dict[str, float] | None = None,
     object_store_bytes: int = DEFAULT_OBJECT_STORE_BYTES,
     use_namespaces: bool = True,
+    cpu_limits_by_group: dict[str, float] | None = None,
 ) -> ClusterState:
-    """Start the services host and one host per Ray node of the manifest; all nodes alive on return."""
+    """Start the services host and one host per Ray node of the manifest; all nodes alive on return.
+
+    Each node host gets a CPU cgroup where cgroups work (limits can then change live); a group in
+    `cpu_limits_by_group` starts with that quota, and needs them."""
     root_dir = Path(root_dir).resolve()
     if (root_dir / STATE_FILE).exists():
         raise UserError(
@@ -356,7 +381,12 @@ def up(
             f"`imagenet-ray cluster down --root {root_dir}` first"
         )
     shape = read_cluster_shape(manifest)
-    nodes = plan_nodes(shape, replicas or {}, cpus or {}, float(os.cpu_count() or 1), object_store_bytes)
+    nodes = plan_nodes(
+        shape, replicas or {}, cpus or {}, float(os.cpu_count() or 1), object_store_bytes, cpu_limits_by_group
+    )
+    no_cgroups = cpu_limits.cgroups_unavailable()
+    if no_cgroups and cpu_limits_by_group:
+        raise UserError(f"--cpu-limit needs a cgroup cpu controller: {no_cgroups}")
     cluster_id = secrets.token_hex(3)
     why_not = hostlib.namespaces_unavailable() if use_namespaces else "asked for 127.0.0.x hosts"
     if why_not:
@@ -381,6 +411,12 @@ def up(
     )
     state.logs_dir.mkdir(parents=True, exist_ok=True)
     try:
+        if no_cgroups:
+            log.info("hosts without CPU limits (%s)", no_cgroups)
+        else:
+            for node in nodes:
+                state.cpu_cgroups[node.host] = cgroup = cpu_limits.create(cluster_id, node.host)
+                cgroup.set_limit(node.cpu_limit)
         _bring_up(state)
     except BaseException:
         with contextlib.suppress(UserError):
@@ -433,6 +469,7 @@ def down(state: ClusterState) -> None:
         left += [f"gateway: pid {p}" for p in process.stop_trees([(state.gateway, 2.0)])]
     _keep_ray_logs(state)
     left += hostlib.delete_hosts(state.hosts)
+    left += [e for e in (cpu_limits.delete(g) for g in state.cpu_cgroups.values()) if e]
     shutil.rmtree(Path("/tmp") / f"irc-{state.cluster_id}", ignore_errors=True)
     (state.root_dir / STATE_FILE).unlink(missing_ok=True)
     (state.root_dir / ENV_FILE).unlink(missing_ok=True)
@@ -461,6 +498,7 @@ def status(state: ClusterState) -> list[dict[str, Any]]:
                 "node_id": ray_node.get("node_id"),
                 "labels": ray_node.get("labels", {}),
                 "resources": ray_node.get("resources_total", {}),
+                "cpu_limit": cpu_limit(state, node.host),
             }
         )
     return rows

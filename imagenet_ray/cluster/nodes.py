@@ -8,6 +8,7 @@ count a custom resource (`stand_in_gpu`) so that scheduling still sees the GPUs 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Self
 
@@ -43,6 +44,7 @@ class NodePlan:
     labels: dict[str, str] = field(default_factory=dict)
     object_store_bytes: int | None = None
     start_params: dict[str, str] = field(default_factory=dict)  # the group's other rayStartParams
+    cpu_limit: float | None = None  # cores of CFS quota on the host (a pod's limits.cpu); None: unlimited
 
     @property
     def is_head(self) -> bool:
@@ -56,7 +58,7 @@ class NodePlan:
         return cls(**data)
 
 
-def _node(group: NodeGroup, host: str, cpus: float, object_store_cap: int) -> NodePlan:
+def _node(group: NodeGroup, host: str, cpus: float, object_store_cap: int, cpu_limit: float | None) -> NodePlan:
     wanted = group.ray_start_params.get("object-store-memory")
     object_store = min(int(wanted), object_store_cap) if wanted else object_store_cap
     return NodePlan(
@@ -67,6 +69,7 @@ def _node(group: NodeGroup, host: str, cpus: float, object_store_cap: int) -> No
         labels=dict(group.labels),
         object_store_bytes=object_store,
         start_params={k: v for k, v in group.ray_start_params.items() if k not in _OWN_FLAGS},
+        cpu_limit=cpu_limit,
     )
 
 
@@ -76,11 +79,15 @@ def plan_nodes(
     cpus: dict[str, float],
     max_cpus: float,
     object_store_cap: int,
+    cpu_limits: dict[str, float] | None = None,
 ) -> list[NodePlan]:
     """Head first, then each worker group's replicas (`replicas` overrides the manifest's count; a
     group the manifest starts at 0 gets 1, so every group is present). CPUs: `cpus[group]`, else the
-    manifest's, capped to `max_cpus` (logical CPUs beyond the machine's cores would only oversubscribe it)."""
-    unknown = (set(replicas) | set(cpus)) - {g.name for g in (shape.head, *shape.workers)}
+    manifest's, capped to `max_cpus` (logical CPUs beyond the machine's cores would only oversubscribe it).
+    `cpu_limits[group]`: a CPU quota in cores on each of its hosts, as a pod's `limits.cpu`; without
+    `cpus[group]` Ray then counts the limit rounded up, as KubeRay does."""
+    cpu_limits = cpu_limits or {}
+    unknown = (set(replicas) | set(cpus) | set(cpu_limits)) - {g.name for g in (shape.head, *shape.workers)}
     if unknown:
         raise UserError(
             f"no group {', '.join(sorted(unknown))} in RayCluster {shape.name!r} "
@@ -88,13 +95,25 @@ def plan_nodes(
         )
     if replicas.get(HEAD, 1) != 1:
         raise UserError("a Ray cluster has exactly one head")
-    nodes = [_node(shape.head, HEAD, cpus.get(HEAD, min(shape.head.ray_num_cpus, max_cpus)), object_store_cap)]
+    bad = {g: c for g, c in cpu_limits.items() if not c > 0}
+    if bad:
+        raise UserError(f"--cpu-limit {', '.join(f'{g}={c:g}' for g, c in bad.items())}: a limit must be > 0 cores")
+
+    def ray_cpus(group: NodeGroup) -> float:
+        if group.name in cpus:
+            return cpus[group.name]
+        if group.name in cpu_limits:
+            return min(math.ceil(cpu_limits[group.name]), max_cpus)
+        return min(group.ray_num_cpus, max_cpus)
+
+    head = shape.head
+    nodes = [_node(head, HEAD, ray_cpus(head), object_store_cap, cpu_limits.get(HEAD))]
     for group in shape.workers:
         count = replicas.get(group.name, max(group.replicas, 1))
         if not 0 <= count <= group.max_replicas:
             raise UserError(f"--replicas {group.name}={count}: the manifest allows 0..{group.max_replicas}")
-        group_cpus = cpus.get(group.name, min(group.ray_num_cpus, max_cpus))
-        nodes += [_node(group, f"{group.name}-{i}", group_cpus, object_store_cap) for i in range(count)]
+        limit = cpu_limits.get(group.name)
+        nodes += [_node(group, f"{group.name}-{i}", ray_cpus(group), object_store_cap, limit) for i in range(count)]
     return nodes
 
 

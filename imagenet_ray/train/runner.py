@@ -35,16 +35,21 @@ log = logging.getLogger(__name__)
 
 
 class DataWaitTimer:
-    """Wall time blocked on the data iterator (the numerator of perf/data_wait_frac)."""
+    """Wall time blocked on the data iterator (the numerator of perf/data_wait_frac), and how much of it
+    was the wait for the first batch (the pipeline's start-up)."""
 
     def __init__(self, iterable: Iterable[dict[str, torch.Tensor]]) -> None:
-        self.iterator, self.wait_s = iter(iterable), 0.0
+        self.iterator, self.wait_s, self.first_wait_s = iter(iterable), 0.0, 0.0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        first = True
         while True:
             t0 = time.perf_counter()
             item = next(self.iterator, None)
-            self.wait_s += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            self.wait_s += waited
+            if first:
+                self.first_wait_s, first = waited, False
             if item is None:
                 return
             yield item
@@ -195,13 +200,16 @@ class Runner:
             train_batches(self.train_shard, self.cfg.data, crop, self.device, self.aug_rng, shuffle_seed)
         )
         pacer = StepPacer(self.cfg.train.throttle_images_per_s)  # sleeps inside the loop body: not data wait
+        skip_step = self.cfg.train.skip_step
         for batch in timed:
             with pacer.pace(int(batch["label"].shape[0])):
                 if "decode_errors" in batch:  # rows replaced by another image of the batch (transforms.py)
                     decode_errors += int(batch["decode_errors"].sum())
+                samples += batch["label"].shape[0]
+                if skip_step:
+                    continue
                 x, target = self.model_input(batch, crop)
                 loss_sum += self.step(x, target)
-                samples += batch["label"].shape[0]
         self.step.flush()
         train_s = time.perf_counter() - start
         local = torch.tensor(
@@ -211,20 +219,30 @@ class Runner:
                 timed.wait_s / max(train_s, 1e-9),
                 decode_errors,
                 pacer.slept_s / max(train_s, 1e-9),
+                timed.first_wait_s,
+                (timed.wait_s - timed.first_wait_s) / max(train_s - timed.first_wait_s, 1e-9),
             ],
             dtype=torch.float64,
             device=self.device,
         )
-        g_loss, g_samples, g_wait, g_errors, g_slept = all_reduce_sum(local).tolist()
+        g_loss, g_samples, g_wait, g_errors, g_slept, g_first, g_steady = all_reduce_sum(local).tolist()
         throttle = {} if pacer.images_per_s is None else {"perf/throttle_sleep_frac": g_slept / self.world}
+        # Nothing was trained with skip_step: no loss or learning rate to report.
+        trained = (
+            {}
+            if skip_step
+            else {"train/loss": g_loss / max(1, g_samples), "train/lr": self.schedule(max(0, self.step.step - 1))}
+        )
         return {
-            "train/loss": g_loss / max(1, g_samples),
+            **trained,
             "train/images": g_samples,
-            "train/lr": self.schedule(max(0, self.step.step - 1)),
             "train/crop_size": crop,
             "perf/images_per_s": g_samples / train_s,
             "perf/images_per_s_per_worker": g_samples / train_s / self.world,
             "perf/data_wait_frac": g_wait / self.world,
+            # The start-up (first batch) apart from the steady state, which is what `plan` predicts.
+            "perf/first_batch_s": g_first / self.world,
+            "perf/steady_data_wait_frac": g_steady / self.world,
             "data/decode_errors": g_errors,
             **throttle,
         }
@@ -298,7 +316,7 @@ class Runner:
             if per_class is not None:
                 self.sink.log_dict(per_class, "per_class_top1.json")
             log.info(
-                f"[epoch {epochs_done}/{total}] train/loss={metrics['train/loss']:.4f} "
+                f"[epoch {epochs_done}/{total}] train/loss={metrics.get('train/loss', float('nan')):.4f} "
                 f"val/top1={metrics['val/top1']:.4f} val/top5={metrics['val/top5']:.4f} "
                 f"images/s={metrics['perf/images_per_s']:.1f} data_wait={metrics['perf/data_wait_frac']:.2f}"
             )

@@ -42,6 +42,7 @@ def local_cluster(tmp_path_factory):
     from pathlib import Path
 
     from imagenet_ray.cluster import local
+    from imagenet_ray.cluster.cpu_limits import our_cgroups
     from imagenet_ray.cluster.hosts import our_namespaces
 
     manifest = Path(__file__).resolve().parents[2] / "infra/k8s/base/raycluster.yaml"
@@ -58,7 +59,7 @@ def local_cluster(tmp_path_factory):
         t0 = time.monotonic()
         try:
             local.down(cluster)  # raises if any process, namespace or link is left
-            assert our_namespaces(cluster.cluster_id) == []
+            assert our_namespaces(cluster.cluster_id) == [] and our_cgroups(cluster.cluster_id) == []
             print(f"\nlocal_cluster: stopped in {time.monotonic() - t0:.1f} s")
         finally:
             shutil.rmtree(root, ignore_errors=True)

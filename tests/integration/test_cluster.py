@@ -30,7 +30,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from imagenet_ray.cluster import local
+from imagenet_ray.capacity import decode_capacity, predict_data_wait
+from imagenet_ray.capacity.rates import measure_kernel
+from imagenet_ray.cluster import cpu_limits, local
 from imagenet_ray.cluster.hosts import our_namespaces
 from imagenet_ray.services import process
 
@@ -64,6 +66,17 @@ TEST_SCALE = [
     "eval.batch_size=50",
     f"mlflow.experiment={EXPERIMENT}",
 ]
+
+
+# The planner's check: a stand-in GPU (train.skip_step + throttle) consuming PLAN_RATIOS x the decode capacity
+# predicted for the decode host limited to PLAN_CPU_LIMIT cores (a pod's limits.cpu): a wait of 0, then 0.67.
+# The limit starts once epoch 1 is logged (Ray workers starting under a 0.15-core quota would take minutes);
+# epoch 2 straddles the change, so epochs 3.. are measured.
+PLAN_CPU_LIMIT = 0.15
+PLAN_RATIOS = (0.5, 3.0)
+PLAN_TOLERANCE = 0.15
+PLAN_EPOCHS = 4
+PLAN_MEASURED_FROM = 3
 
 
 def manifest_entrypoint(job_file: str) -> str:
@@ -334,10 +347,19 @@ def test_cli_up_status_kill_down_leaves_nothing(cli_root):
         status = cli("status", "--json")
         assert status.returncode == 0 and {r["host"] for r in json.loads(status.stdout)} == {"head", "train-0"}
         old_id = {r["host"]: r["node_id"] for r in json.loads(status.stdout)}["train-0"]
+        limit = cli("limit-cpu", "--host", "train-0", "--cores", "0.5")
+        no_cgroups = cpu_limits.cgroups_unavailable()
+        if no_cgroups:  # e.g. not root: a one-line refusal that says why
+            assert limit.returncode != 0 and "no CPU cgroup" in limit.stderr and len(limit.stderr.splitlines()) == 1
+        else:
+            assert limit.returncode == 0, limit.stderr
         kill = cli("kill-node", "--host", "train-0", "--restart")
         assert kill.returncode == 0, kill.stderr
         rows = {r["host"]: r for r in json.loads(cli("status", "--json").stdout)}
         assert rows["train-0"]["ray"] == "ALIVE" and rows["train-0"]["node_id"] != old_id
+        if not no_cgroups:
+            assert rows["train-0"]["cpu_limit"] == 0.5 and rows["head"]["cpu_limit"] is None  # kept across restart
+            assert len(cpu_limits.our_cgroups(state.cluster_id)) == 2  # one per node host
         bad = cli("kill-node", "--host", "nope")
         assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "nope" in bad.stderr
         secret = state.stack().secret_key
@@ -345,8 +367,65 @@ def test_cli_up_status_kill_down_leaves_nothing(cli_root):
     finally:
         down = cli("down")
     assert down.returncode == 0, down.stderr
-    assert our_namespaces(state.cluster_id) == []
+    assert our_namespaces(state.cluster_id) == [] and cpu_limits.our_cgroups(state.cluster_id) == []
     assert not any(Path("/etc/netns").glob(f"irc-{state.cluster_id}-*"))
     assert not Path(f"/tmp/irc-{state.cluster_id}").exists()
     refs = [*state.node_processes.values(), *([state.gateway] if state.gateway else [])]
     assert [r.pid for r in refs if process.is_alive(r)] == []  # zombies and reused pids do not count
+
+
+def test_planner_predicts_the_data_wait_of_a_throttled_stand_in_gpu(local_cluster, client_env, mlflow, prepared):
+    """`plan`'s arithmetic (kernel images per core-second x cores x efficiency, then max(0, 1 - decode /
+    consume)) against the steady data wait measured on the cluster, below and above the decode capacity."""
+    if cpu_limits.cgroups_unavailable():
+        pytest.skip(f"the decode host's CPU limit needs cgroups: {cpu_limits.cgroups_unavailable()}")
+    crop = 64
+    with mock.patch.dict(os.environ, client_env):
+        per_core = measure_kernel("s3://imagenet/prepared", crop).images_per_core_s
+    capacity = decode_capacity(per_core, PLAN_CPU_LIMIT)
+    results = []
+    try:
+        for ratio in PLAN_RATIOS:
+            consume = ratio * capacity
+            name = f"cluster-plan-{ratio:g}-{uuid.uuid4().hex[:6]}"
+            overrides = [f"train.epochs={PLAN_EPOCHS}", "train.skip_step=true", f"data.train_crop={crop}"]
+            overrides += [f"train.throttle_images_per_s={consume:.1f}", f"name={name}"]
+            argv = [*shlex.split(manifest_entrypoint("rayjob-train.yaml")), *TEST_SCALE, *overrides]
+            submission_id = submit(local_cluster, client_env, argv)
+            limited: dict[str, Any] = {}
+
+            def limit_after_epoch_1() -> None:
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline and not _epochs_logged(mlflow, name):  # noqa: B023
+                    time.sleep(0.2)
+                local.set_cpu_limit(local_cluster, "decode-0", PLAN_CPU_LIMIT)
+                limited["epochs_logged"] = _epochs_logged(mlflow, name)  # noqa: B023
+
+            limiter = threading.Thread(target=limit_after_epoch_1, daemon=True)
+            limiter.start()
+            info, logs = wait_job(local_cluster, submission_id)
+            limiter.join(timeout=30)
+            local.set_cpu_limit(local_cluster, "decode-0", None)
+            assert info["status"] == "SUCCEEDED", logs[-6000:]
+            assert limited.get("epochs_logged") == [1], f"the limit came too late: {limited}"
+            (run,) = _runs(mlflow, name)
+            history = mlflow.get_metric_history(run.info.run_id, "perf/steady_data_wait_frac")
+            by_epoch = {m.step: m.value for m in history}
+            steady = [by_epoch[e] for e in range(PLAN_MEASURED_FROM, PLAN_EPOCHS + 1)]
+            rates = {m.step: round(m.value) for m in mlflow.get_metric_history(run.info.run_id, "perf/images_per_s")}
+            starts = {
+                m.step: round(m.value, 1) for m in mlflow.get_metric_history(run.info.run_id, "perf/first_batch_s")
+            }
+            print(f"\nplan check {name}: first batch s by epoch {starts}")
+            results.append(
+                (ratio, consume, predict_data_wait(capacity, consume), sum(steady) / len(steady), by_epoch, rates)
+            )
+    finally:
+        local.set_cpu_limit(local_cluster, "decode-0", None)
+    table = "; ".join(
+        f"consume {c:.0f} img/s ({r:g}x): predicted {p:.2f}, measured {m:.2f} (steady wait by epoch "
+        f"{ {e: round(v, 2) for e, v in w.items()} }, images/s {i})"
+        for r, c, p, m, w, i in results
+    )
+    print(f"\nplan check: {per_core:.0f} img/core-s x {PLAN_CPU_LIMIT} cores -> {capacity:.0f} img/s; {table}")
+    assert all(abs(m - p) <= PLAN_TOLERANCE for _, _, p, m, _, _ in results), table

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagenet_ray.cluster import commands, local
+from imagenet_ray.cluster import commands, cpu_limits, local
+from imagenet_ray.cluster.cpu_limits import CpuCgroup
 from imagenet_ray.cluster.hosts import Host
 from imagenet_ray.cluster.manifest import parse_quantity, read_cluster_shape
 from imagenet_ray.cluster.nodes import STAND_IN_GPU, plan_nodes, ray_start_command
@@ -72,6 +73,58 @@ def test_node_plan_scales_to_this_machine():
         plan_nodes(read_cluster_shape(BASE), {"train": 3}, {}, 4, GiB)
 
 
+def test_cpu_limits_are_quotas_and_ray_counts_them_rounded_up():
+    shape = read_cluster_shape(BASE)
+    head, train, decode = plan_nodes(shape, {}, {"train": 1}, 4, GiB, cpu_limits={"decode": 0.25, "train": 0.5})
+    assert decode.cpu_limit == 0.25 and decode.num_cpus == 1  # a pod's 250m: Ray counts ceil, as KubeRay
+    assert train.cpu_limit == 0.5 and train.num_cpus == 1  # --cpus still wins
+    assert head.cpu_limit is None and head.num_cpus == 0
+    assert plan_nodes(shape, {}, {}, 4, GiB, cpu_limits={"decode": 3.5})[2].num_cpus == 4
+    with pytest.raises(UserError, match="no group gpu"):
+        plan_nodes(shape, {}, {}, 4, GiB, cpu_limits={"gpu": 1})
+    with pytest.raises(UserError, match=r"--cpu-limit decode=0: a limit must be > 0"):
+        plan_nodes(shape, {}, {}, 4, GiB, cpu_limits={"decode": 0})
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_cgroup_quota_files(tmp_path, version):
+    """The files a kubelet writes for limits.cpu (period 100 ms), on a directory standing in for the cgroup."""
+    group = CpuCgroup(str(tmp_path), version)
+    group.set_limit(0.25)
+    assert group.limit() == 0.25
+    if version == 2:
+        assert (tmp_path / "cpu.max").read_text() == "25000 100000\n"
+    else:
+        assert (tmp_path / "cpu.cfs_quota_us").read_text() == "25000\n"
+        assert (tmp_path / "cpu.cfs_period_us").read_text() == "100000\n"
+    group.set_limit(None)
+    assert group.limit() is None
+    group.set_limit(0.001)  # below the kernel's 1 ms minimum quota: raised to it
+    assert group.limit() == 0.01
+    with pytest.raises(UserError, match="must be > 0 cores"):
+        group.set_limit(0)
+    assert group.join_prefix()[-1] == str(tmp_path / "cgroup.procs")
+    (tmp_path / "cgroup.procs").write_text("12\n34\n")
+    assert group.pids() == [12, 34]
+
+
+def test_cgroup_hierarchy_is_found_from_the_mounts(tmp_path, monkeypatch):
+    v2, v1 = tmp_path / "unified", tmp_path / "cpu"
+    v2.mkdir(), v1.mkdir()
+    (v2 / "cgroup.controllers").write_text("memory pids\n")  # a hybrid host: cpu is on v1
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"cgroup2 {v2} cgroup2 rw 0 0\ncgroup {v1} cgroup rw,relatime,cpu 0 0\n")
+    monkeypatch.setattr(cpu_limits, "MOUNTS", mounts)
+    monkeypatch.setattr(cpu_limits.os, "geteuid", lambda: 0)
+    assert cpu_limits._cpu_hierarchy() == (v1, 1)
+    (v2 / "cgroup.controllers").write_text("cpu memory pids\n")
+    assert cpu_limits._cpu_hierarchy() == (v2, 2)
+    mounts.write_text("proc /proc proc rw 0 0\n")
+    assert "no cgroup hierarchy" in str(cpu_limits.cgroups_unavailable())
+    monkeypatch.setattr(cpu_limits.os, "geteuid", lambda: 1000)
+    assert cpu_limits.cgroups_unavailable() == "not running as root"
+
+
 def test_ray_start_lines():
     head, train, _ = plan_nodes(read_cluster_shape(BASE), {}, {}, max_cpus=2, object_store_cap=GiB)
     cmd = ray_start_command(["ray"], head, "10.100.0.2", "x", "/tmp/t")
@@ -106,6 +159,7 @@ def test_state_round_trip(tmp_path):
         nodes=nodes,
         ray_auth_token="t" * 64,
         client_ports={"dashboard": 40001},
+        cpu_cgroups={"head": CpuCgroup("/sys/fs/cgroup/cpu/irc-abc123-head", 1)},
     )
     state.save()
     assert oct((tmp_path / local.STATE_FILE).stat().st_mode & 0o777) == "0o600"
@@ -161,3 +215,26 @@ def test_default_manifest_loads_as_yaml():
     args = build_parser().parse_args(["cluster", "up"])
     assert yaml.safe_load((REPO / args.manifest).read_text())["kind"] == "RayCluster"
     assert os.path.basename(args.root) == ".cluster"
+
+
+def test_live_cpu_limit_errors_are_one_line(tmp_path):
+    nodes = plan_nodes(read_cluster_shape(BASE), {}, {}, 2, GiB)
+    state = local.ClusterState(
+        root_dir=tmp_path,
+        cluster_id="abc123",
+        name="imagenet-ray",
+        manifest=str(BASE),
+        hosts=[
+            Host("services", None, "127.0.0.1"),
+            *(Host(n.host, None, f"127.0.0.{i + 2}") for i, n in enumerate(nodes)),
+        ],
+        nodes=nodes,
+        ray_auth_token="t" * 64,
+    )
+    state.save()
+    with pytest.raises(UserError, match="host decode-0 has no CPU cgroup"):
+        local.set_cpu_limit(state, "decode-0", 0.5)
+    with pytest.raises(UserError, match="no Ray node on 'nope'"):
+        local.set_cpu_limit(state, "nope", 0.5)
+    with pytest.raises(UserError, match="--cores 'lots': expected a number of cores"):
+        commands.limit_cpu(tmp_path, "decode-0", "lots")

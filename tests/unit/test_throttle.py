@@ -1,5 +1,6 @@
-"""train.throttle_images_per_s: the step pacer on a fake clock, and a whole epoch of the Runner without Ray
-(sleeps count as step time, never as data wait; no pacing and no new metric when the knob is unset)."""
+"""train.throttle_images_per_s and train.skip_step: the step pacer on a fake clock, and a whole epoch of the Runner
+without Ray (sleeps count as step time, never as data wait; no pacing and no new metric when the knob is unset;
+the first batch's wait reported apart from the steady state)."""
 
 from __future__ import annotations
 
@@ -65,11 +66,12 @@ def test_config_knob_is_optional_and_positive():
 class _Shard:
     """A worker's dataset shard: `batches` batches of 4 tiny images, each `delay_s` late (slow data)."""
 
-    def __init__(self, batches: int, delay_s: float = 0.0) -> None:
-        self.batches, self.delay_s = batches, delay_s
+    def __init__(self, batches: int, delay_s: float = 0.0, first_delay_s: float = 0.0) -> None:
+        self.batches, self.delay_s, self.first_delay_s = batches, delay_s, first_delay_s
 
     def iter_torch_batches(self, **kwargs):
         g = torch.Generator().manual_seed(0)
+        time.sleep(self.first_delay_s)  # a pipeline's start-up
         for _ in range(self.batches):
             time.sleep(self.delay_s)
             yield {
@@ -78,9 +80,12 @@ class _Shard:
             }
 
 
-def _runner(throttle: float | None, shard: _Shard) -> Runner:
+def _runner(throttle: float | None, shard: _Shard, skip_step: bool = False) -> Runner:
     cfg = ExperimentConfig.model_validate(
-        {"data": {"train_crop": 16, "batch_size": 4}, "train": {"throttle_images_per_s": throttle}}
+        {
+            "data": {"train_crop": 16, "batch_size": 4},
+            "train": {"throttle_images_per_s": throttle, "skip_step": skip_step},
+        }
     )
     runner = Runner.__new__(Runner)  # the epoch loop needs no Ray context
     runner.cfg, runner.device, runner.world, runner.rank = cfg, CPU, 1, 0
@@ -121,3 +126,23 @@ def test_unthrottled_epoch_is_unchanged():
     metrics = _second_epoch(_runner(None, _Shard(batches=6)))
     assert "perf/throttle_sleep_frac" not in metrics
     assert metrics["train/images"] == 24 and metrics["perf/images_per_s"] > 40  # a few ms per step
+
+
+def test_first_batch_wait_is_reported_apart_from_the_steady_state():
+    # 0.3 s of start-up, then a batch every 50 ms for steps paced to 100 ms (each late batch arrives while
+    # the step sleeps: no steady wait beyond the iterator's own few ms)
+    metrics = _second_epoch(_runner(40.0, _Shard(batches=5, delay_s=0.05, first_delay_s=0.3)))
+    assert 0.3 <= metrics["perf/first_batch_s"] < 0.45
+    assert metrics["perf/data_wait_frac"] > 0.3  # 0.3 + 4 x 0.05 of ~0.8 s in all
+    assert metrics["perf/steady_data_wait_frac"] < metrics["perf/data_wait_frac"] - 0.2
+
+
+def test_skip_step_consumes_batches_without_training():
+    runner = _runner(40.0, _Shard(batches=6), skip_step=True)
+    before = [p.detach().clone() for p in runner.step.model.parameters()]
+    metrics = _second_epoch(runner)
+    assert metrics["train/images"] == 24 and 10 < metrics["perf/images_per_s"] <= 40  # still paced
+    assert "train/loss" not in metrics and "train/lr" not in metrics  # nothing trained: nothing to report
+    assert runner.step.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, runner.step.model.parameters(), strict=True))
+    assert load_config(None, ["train.skip_step=true"]).train.skip_step is True
