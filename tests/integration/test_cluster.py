@@ -43,9 +43,10 @@ CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 40, 10
 EXPERIMENT = "imagenet-ray-cluster"
 KILL_DELAY_S = 4.0
 # The manifest's train entrypoint is kept whole; these overrides, appended, only scale it to a CPU
-# machine (later overrides win): a tiny ResNet-18 run on one worker holding one stand-in GPU.
+# machine (later overrides win): a tiny ResNet-18 run on one worker holding one stand-in GPU, 2 epochs (a node
+# is lost in the second).
 TEST_SCALE = [
-    "train.epochs=3",
+    "train.epochs=2",
     "train.num_workers=1",
     "train.use_gpu=false",
     "train.precision=fp32",
@@ -71,11 +72,12 @@ TEST_SCALE = [
 # The planner's check: a stand-in GPU (train.skip_step + throttle) consuming PLAN_RATIOS x the decode capacity
 # predicted for the decode host limited to PLAN_CPU_LIMIT cores (a pod's limits.cpu): a wait of 0, then 0.67.
 # The limit starts once epoch 1 is logged (Ray workers starting under a 0.15-core quota would take minutes);
-# epoch 2 straddles the change, so epochs 3.. are measured.
+# epoch 2 straddles the change, so epoch 3 is measured. One run per side: a stand-in GPU fast enough to be
+# above the unlimited host's capacity pays for its own iterator at 16-image batches (docs/cluster.md).
 PLAN_CPU_LIMIT = 0.15
 PLAN_RATIOS = (0.5, 3.0)
 PLAN_TOLERANCE = 0.15
-PLAN_EPOCHS = 4
+PLAN_EPOCHS = 3
 PLAN_MEASURED_FROM = 3
 
 
@@ -227,7 +229,7 @@ def train_with_node_loss(cluster, stack, client_env, mlflow, s3, host: str, name
                 logged = _epochs_logged(mlflow, name)
                 prefix = f"runs/{name}/checkpoint_"
                 checkpointed = s3.list_objects_v2(Bucket="checkpoints", Prefix=prefix).get("KeyCount", 0)
-                if logged and len(logged) < 3 and checkpointed and working_on(cluster, host):
+                if logged == [1] and checkpointed and working_on(cluster, host):
                     # Ray Train's controller registers a written checkpoint a moment later (it polls its workers).
                     time.sleep(KILL_DELAY_S)
                     killed["epochs_logged"] = _epochs_logged(mlflow, name)
@@ -272,15 +274,15 @@ def test_decode_node_lost_mid_epoch(local_cluster, stack, client_env, mlflow, s3
     result = train_with_node_loss(local_cluster, stack, client_env, mlflow, s3, "decode-0", name)
     killed, logs = result["killed"], result["logs"]
     assert "error" not in killed, killed
-    assert killed.get("epochs_logged") in ([1], [1, 2]), f"the decode node was not killed mid-run: {killed}"
+    assert killed.get("epochs_logged") == [1], f"the decode node was not killed mid-run: {killed}"
     assert killed["survivors"] == []
     assert result["info"]["status"] == "SUCCEEDED", logs[-6000:]
     (run,) = result["runs"]
     assert run.info.status == "FINISHED"
     val = CLASSES * VAL_PER_CLASS
     for key in ("val/top1", "val/images", "perf/data_wait_frac"):
-        assert [m.step for m in mlflow.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
-    assert [m.value for m in mlflow.get_metric_history(run.info.run_id, "val/images")] == [val, val, val]
+        assert [m.step for m in mlflow.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    assert [m.value for m in mlflow.get_metric_history(run.info.run_id, "val/images")] == [val, val]
     assert run.data.metrics["val/top1"] > 1.5 / CLASSES, "training did not learn (chance is 0.1)"
 
     # Placement, from Ray's task events: decoding only on decode-group hosts, training only on train.
@@ -312,15 +314,15 @@ def test_train_node_lost_recovers_from_checkpoint_in_the_same_run(
     result = train_with_node_loss(local_cluster, stack, client_env, mlflow, s3, "train-0", name)
     killed, logs = result["killed"], result["logs"]
     assert "error" not in killed, killed
-    assert killed.get("epochs_logged") in ([1], [1, 2]), f"the train node was not killed mid-run: {killed}"
+    assert killed.get("epochs_logged") == [1], f"the train node was not killed mid-run: {killed}"
     assert result["info"]["status"] == "SUCCEEDED", logs[-6000:]
     last_checkpoint = killed["epochs_logged"][-1]
     assert killed["node_id"] != killed["new_node_id"], killed
     assert f"restored from the checkpoint of epoch {last_checkpoint}" in logs, logs[-6000:]
     (run,) = result["runs"]  # the restarted worker group continued the same MLflow run
     assert run.info.status == "FINISHED"
-    assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "val/top1")] == [1, 2, 3]
-    assert [m.value for m in mlflow.get_metric_history(run.info.run_id, "val/images")] == [CLASSES * VAL_PER_CLASS] * 3
+    assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "val/top1")] == [1, 2]
+    assert [m.value for m in mlflow.get_metric_history(run.info.run_id, "val/images")] == [CLASSES * VAL_PER_CLASS] * 2
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 100, 10
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 60, 10
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:

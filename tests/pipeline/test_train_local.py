@@ -112,7 +112,7 @@ def test_evaluate_reproduces_the_training_val_numbers(trained, prepared, tmp_pat
     """evaluate (checkpoint URL, runs:/ reference, plain weights file) = the last epoch's val metrics."""
     import torch
 
-    from imagenet_ray.evaluate import EvalRequest, run_evaluation
+    from imagenet_ray.evaluate import EvalRequest, resolve_checkpoint_url, run_evaluation
 
     metrics, db, _ = trained
     root, _ = prepared
@@ -134,7 +134,5 @@ def test_evaluate_reproduces_the_training_val_numbers(trained, prepared, tmp_pat
     version = client.create_model_version(
         "smoke-resnet18", source=metrics["checkpoint_path"], run_id=metrics["mlflow_run_id"]
     ).version
-    by_model = run_evaluation(
-        EvalRequest(checkpoint=f"models:/smoke-resnet18/{version}", **{**common, "num_workers": 1})
-    )
-    assert by_model["eval/top1"] == metrics["val/top1"] and by_model["eval/images"] == 21
+    # it names the same checkpoint that runs:/ evaluated above (the evaluation itself is the same code)
+    assert resolve_checkpoint_url(f"models:/smoke-resnet18/{version}", uri) == metrics["checkpoint_path"]

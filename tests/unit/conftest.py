@@ -65,3 +65,14 @@ def png_bytes():
         return encode(img, "PNG")
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """The Dockerfile's install step starts now, in the background; its test runs last (test_docker_image.py)."""
+    import test_docker_image
+
+    chosen = [item for item in items if item.name == test_docker_image.INSTALL_TEST]
+    if not chosen or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item.name != test_docker_image.INSTALL_TEST] + chosen
+    test_docker_image.start_install_in_background()
