@@ -99,7 +99,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     )
     source, out = absolute_url(args.source), absolute_url(args.out)
     listing = detect_and_list(source, layout=args.layout)  # fail on a bad source before starting Ray
-    ensure_ray(1)
+    ensure_ray(1, job="jobs/prepare.py")
     result = prepare(source, out, opts, listing=listing)
     log.info("%s", format_report(result.report))
     mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -173,8 +173,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         int(metrics.get("val/images", 0)),
     )
     log.info("mlflow run: %s in %s", metrics.get("mlflow_run_id"), metrics["tracking_uri"])
-    if metrics.get("checkpoint_path"):
-        log.info("checkpoint: %s", metrics["checkpoint_path"])
+    if metrics.get("checkpoint_url"):
+        log.info("checkpoint: %s", metrics["checkpoint_url"])
     if metrics["tracking_uri"].startswith("sqlite:///"):
         log.info("open the MLflow UI: mlflow ui --backend-store-uri %s", metrics["tracking_uri"])
     return 0

@@ -201,7 +201,7 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
     real = real_label_table(req.real_labels_url) if req.real_labels_url else None
     if real is not None and num_classes != 1000:
         raise UserError(f"ReaL labels index the 1,000 ImageNet classes; {req.data_url} has {num_classes}")
-    ensure_ray(req.num_workers)
+    ensure_ray(req.num_workers, job="jobs/evaluate.py")
     use_gpu = req.use_gpu if req.use_gpu is not None else cluster_has_gpu()
     plan = EvalWorkerPlan(
         model=model_name,

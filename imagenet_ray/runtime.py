@@ -15,8 +15,10 @@ def absolute_url(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
 
 
-def ensure_ray(min_cpus: float) -> None:
-    """Connect to the cluster this runs in (a Ray job or RAY_ADDRESS), else start a local Ray."""
+def ensure_ray(min_cpus: float, job: str = "jobs/train.py") -> None:
+    """Connect to the cluster this runs in (a Ray job or RAY_ADDRESS), else start a local Ray.
+
+    `job`: the jobs/ script that runs this command as a Ray job (named in the hint for a job-API address)."""
     import ray
 
     if ray.is_initialized():
@@ -25,7 +27,7 @@ def ensure_ray(min_cpus: float) -> None:
     if address.startswith(("http://", "https://")):
         raise UserError(
             f"RAY_ADDRESS={address} is a job-API URL: submit with `ray job submit --address {address} "
-            "--working-dir . -- python jobs/train.py ...`, or unset RAY_ADDRESS to run on a local Ray"
+            f"--working-dir . -- python {job} ...`, or unset RAY_ADDRESS to run on a local Ray"
         )
     if address:
         ray.init(address=address, log_to_driver=True)

@@ -7,6 +7,7 @@ With decode_on="gpu" the JPEG bytes pass through and the worker decodes on its d
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -200,7 +201,11 @@ def exact_val_data_config(
             return output
 
     if preserve_order or node_labels:
-        options = DataConfig.default_ingest_options()
+        from ray.data.context import DataContext
+
+        # DataConfig.default_ingest_options() would pass the deprecated exclude_resources (a warning in
+        # every job log); a copy of the driver's options carries the same settings without it.
+        options = copy.deepcopy(DataContext.get_current().execution_options)
         options.preserve_order = preserve_order
         if node_labels:
             options.label_selector = dict(node_labels)

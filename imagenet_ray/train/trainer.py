@@ -89,8 +89,36 @@ def decide_use_gpu(cfg: ExperimentConfig) -> bool:
     return bool(cfg.train.use_gpu)
 
 
+def finished_run(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The final metrics of the run this config would resume when that run already trained every epoch
+    asked for and ended FINISHED (resuming it would train nothing), else None."""
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    sink = RunSink.find(tracking_uri, cfg.mlflow.experiment, cfg.name, absolute_url(cfg.train.storage_path))
+    if sink is None:
+        return None
+    status, metrics, tags = sink.read()
+    epochs = max(sink.logged_steps("val/top1"), default=0)
+    if status != "FINISHED" or epochs < cfg.train.epochs:
+        return None
+    return {
+        **metrics,
+        "epoch": epochs,
+        "mlflow_run_id": sink.run_id,
+        "tracking_uri": tracking_uri,
+        "checkpoint_url": tags.get(CHECKPOINT_TAG),
+    }
+
+
 def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
     """Train per `cfg`; returns the final reported metrics (including `mlflow_run_id`)."""
+    done = finished_run(cfg)
+    if done is not None:
+        log.info(
+            f"run {cfg.name!r} already trained its {done['epoch']} epochs (MLflow run {done['mlflow_run_id']}, "
+            f"FINISHED): nothing to train. Start another with a new name=..., or continue this one with "
+            f"train.epochs=N (N > {done['epoch']})"
+        )
+        return done
     data_url = absolute_url(cfg.data.url)
     prepared = open_source(data_url, cfg.data.source)  # fails early, naming the URL, if the data is missing
     ensure_ray(cfg.train.max_workers * cfg.train.cpus_per_worker)
@@ -144,9 +172,10 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
-    metrics["checkpoint_path"] = result.checkpoint.path if result.checkpoint else None
+    metrics["checkpoint_path"] = result.checkpoint.path if result.checkpoint else None  # inside storage's fs
+    metrics["checkpoint_url"] = checkpoint_url(storage_loc, result.checkpoint.path) if result.checkpoint else None
     if result.checkpoint is not None:
         # After fit() the driver writes again: `evaluate --checkpoint runs:/<id>` finds the weights by this tag.
-        sink.set_tags({CHECKPOINT_TAG: checkpoint_url(storage_loc, result.checkpoint.path)})
+        sink.set_tags({CHECKPOINT_TAG: metrics["checkpoint_url"]})
     metrics["tracking_uri"] = plan.tracking_uri
     return metrics

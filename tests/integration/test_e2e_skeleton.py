@@ -115,9 +115,11 @@ def test_prepare_and_train_through_ray_jobs(local_stack, raw_url):
     )
     assert train.returncode == 0, train.stdout[-5000:] + train.stderr[-3000:]
     assert "final: val/top1=" in train.stdout
+    assert f"checkpoint: s3://checkpoints/runs/{run_name}/checkpoint_" in train.stdout  # a URL to paste
 
     client = MlflowClient(local_stack.mlflow_uri)
     exp = client.get_experiment_by_name("integration")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`imagenet_ray.run_name` = '{run_name}'")
     assert len(runs) == 1, "exactly one MLflow run per training run"
     run = runs[0]

@@ -405,6 +405,20 @@ def test_node_labels_reach_ray_data_execution_options():
     assert exact_val_data_config()._resolve_execution_options("train").label_selector in (None, {})
 
 
+def test_ingest_options_raise_no_deprecation_warning():
+    """Ray's DataConfig.default_ingest_options() passes the deprecated exclude_resources: not used."""
+    import warnings
+
+    from imagenet_ray.data.pipeline import exact_val_data_config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dc = exact_val_data_config(preserve_order=True, node_labels={"imagenet-ray/node-group": "decode"})
+        options = dc._resolve_execution_options("val")
+    assert options.preserve_order and options.label_selector == {"imagenet-ray/node-group": "decode"}
+    assert [str(w.message) for w in caught if "exclude_resources" in str(w.message)] == []
+
+
 def test_node_labels_pin_dataset_construction_tasks_too():
     from ray.data import DataContext
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import ray
@@ -24,8 +25,21 @@ def test_ensure_ray_refuses_a_job_api_address(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("must not start Ray"))
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
-    with pytest.raises(UserError, match="job-API URL"):
+    with pytest.raises(UserError, match=r"job-API URL.*python jobs/train\.py"):
         ensure_ray(1)
+    with pytest.raises(UserError, match=r"python jobs/evaluate\.py"):  # each command names its own job
+        ensure_ray(1, job="jobs/evaluate.py")
+
+
+def test_every_command_names_a_job_that_exists():
+    import re
+
+    repo = Path(__file__).resolve().parents[2]
+    named = set()
+    for path in (repo / "imagenet_ray").rglob("*.py"):
+        named |= set(re.findall(r'ensure_ray\([^)]*job="([^"]+)"', path.read_text()))
+    assert named == {"jobs/prepare.py", "jobs/evaluate.py"}
+    assert all((repo / job).is_file() for job in named | {"jobs/train.py"})
 
 
 def test_ensure_ray_starts_a_loopback_ray_with_a_cpu_to_spare(monkeypatch):

@@ -231,3 +231,53 @@ def test_log_prepared_dataset_is_one_finished_run_with_its_input(tmp_path):
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == [out]
     failed = log_prepared_dataset(uri, report, None)
     assert client.get_run(failed).info.status == "FAILED"
+
+
+def test_experiments_open_in_the_model_training_view(tmp_path):
+    """Tagged as the MLflow UI's custom_model_development kind (else it opens the GenAI view); an existing
+    experiment gets the tag once, and a kind someone chose is kept."""
+    from mlflow.tracking import MlflowClient
+
+    from imagenet_ray.tracking import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    new = ensure_experiment(uri, "fresh")
+    assert client.get_experiment(new).tags[EXPERIMENT_KIND_TAG] == MODEL_DEVELOPMENT
+    untagged = client.create_experiment("made-elsewhere")
+    assert ensure_experiment(uri, "made-elsewhere") == untagged
+    assert client.get_experiment(untagged).tags[EXPERIMENT_KIND_TAG] == MODEL_DEVELOPMENT
+    chosen = client.create_experiment("genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    ensure_experiment(uri, "genai")
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_a_finished_run_is_not_resumed_to_train_nothing(tmp_path, monkeypatch, caplog):
+    """The same train command a second time: one line saying so and the run's final metrics, no Ray."""
+    import logging
+
+    from imagenet_ray.train import trainer
+    from imagenet_ray.train.checkpoint import CHECKPOINT_TAG
+
+    overrides = [f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"train.storage_path={tmp_path / 'runs'}"]
+    cfg = load_config(None, [*overrides, "name=twice", "train.epochs=2"])
+    assert trainer.finished_run(cfg) is None  # no store yet: nothing is created either
+    assert not (tmp_path / "mlflow.db").exists()
+    sink, _ = RunSink.find_or_create(
+        cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.name, str(tmp_path / "runs"), flatten(cfg), to_yaml(cfg)
+    )
+    for epoch, top1 in ((1, 0.5), (2, 0.75)):
+        sink.log_metrics({"val/top1": top1}, step=epoch)
+    sink.set_tags({CHECKPOINT_TAG: "s3://checkpoints/runs/twice/checkpoint_000001"})
+    assert trainer.finished_run(cfg) is None  # still RUNNING (a crashed or live job): resume as before
+    sink.finish("FINISHED")
+    assert trainer.finished_run(load_config(None, [*overrides, "name=twice", "train.epochs=3"])) is None  # more
+    assert trainer.finished_run(load_config(None, [*overrides, "name=other", "train.epochs=2"])) is None
+
+    monkeypatch.setattr(trainer, "ensure_ray", lambda *a, **k: pytest.fail("must not start Ray"))
+    with caplog.at_level(logging.INFO, logger="imagenet_ray"):
+        done = trainer.run_training(cfg)
+    assert done["val/top1"] == 0.75 and done["epoch"] == 2 and done["mlflow_run_id"] == sink.run_id
+    assert done["checkpoint_url"] == "s3://checkpoints/runs/twice/checkpoint_000001"
+    (line,) = [r.getMessage() for r in caplog.records if "already trained" in r.getMessage()]
+    assert "'twice' already trained its 2 epochs" in line and "name=" in line and "train.epochs=N (N > 2)" in line
