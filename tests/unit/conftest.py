@@ -67,6 +67,7 @@ def png_bytes():
     return make
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: a deselected test starts no install
 def pytest_collection_modifyitems(config, items):
     """The Dockerfile's install step starts now, in the background; its test runs last (test_docker_image.py)."""
     import test_docker_image

@@ -9,6 +9,7 @@ fresh venv on the files the image would get.
 
 from __future__ import annotations
 
+import atexit
 import importlib.metadata
 import os
 import posixpath
@@ -430,6 +431,7 @@ class BackgroundInstall:
             instructions = parse_dockerfile(DOCKERFILE.read_text())
             index, _ = install_step(instructions)
             root = Path(tempfile.mkdtemp(prefix="irray-docker-install-"))
+            atexit.register(shutil.rmtree, root, True)  # ~7 GB: gone even if the session is interrupted
             lay_out(instructions, index, root / "image")
             workdir = root / "image" / workdir_at(instructions, index).lstrip("/")
             venv = root / "venv"
