@@ -148,16 +148,25 @@ def test_assignments_parse_or_fail_in_one_line():
             commands.parse_assignments([bad], "--replicas")
 
 
-def test_state_round_trip(tmp_path):
+def _state(root: Path, hosts: list[Host], **extra) -> local.ClusterState:
+    """A cluster state of the base manifest's nodes (nothing started)."""
     nodes = plan_nodes(read_cluster_shape(BASE), {}, {}, 2, GiB)
-    state = local.ClusterState(
-        root_dir=tmp_path,
+    return local.ClusterState(
+        root_dir=root,
         cluster_id="abc123",
         name="imagenet-ray",
         manifest=str(BASE),
-        hosts=[Host("services", "irc-abc123-services", "10.100.0.1"), Host("head", "irc-abc123-head", "10.100.0.2")],
+        hosts=hosts,
         nodes=nodes,
         ray_auth_token="t" * 64,
+        **extra,
+    )
+
+
+def test_state_round_trip(tmp_path):
+    state = _state(
+        tmp_path,
+        [Host("services", "irc-abc123-services", "10.100.0.1"), Host("head", "irc-abc123-head", "10.100.0.2")],
         client_ports={"dashboard": 40001},
         cpu_cgroups={"head": CpuCgroup("/sys/fs/cgroup/cpu/irc-abc123-head", 1)},
     )
@@ -218,19 +227,8 @@ def test_default_manifest_loads_as_yaml():
 
 
 def test_live_cpu_limit_errors_are_one_line(tmp_path):
-    nodes = plan_nodes(read_cluster_shape(BASE), {}, {}, 2, GiB)
-    state = local.ClusterState(
-        root_dir=tmp_path,
-        cluster_id="abc123",
-        name="imagenet-ray",
-        manifest=str(BASE),
-        hosts=[
-            Host("services", None, "127.0.0.1"),
-            *(Host(n.host, None, f"127.0.0.{i + 2}") for i, n in enumerate(nodes)),
-        ],
-        nodes=nodes,
-        ray_auth_token="t" * 64,
-    )
+    names = ["services", "head", "train-0", "decode-0"]
+    state = _state(tmp_path, [Host(n, None, f"127.0.0.{i + 1}") for i, n in enumerate(names)])
     state.save()
     with pytest.raises(UserError, match="host decode-0 has no CPU cgroup"):
         local.set_cpu_limit(state, "decode-0", 0.5)
