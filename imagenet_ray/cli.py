@@ -1,4 +1,4 @@
-"""`imagenet-ray` command line: synth | prepare | verify | train | evaluate | bench | services | cluster | plan.
+"""`imagenet-ray` commands: synth | prepare | verify | train | evaluate | predict | bench | services | cluster | plan.
 
 Argument parsing and dispatch only. Messages go through `logging` (plain lines: INFO on stdout, warnings on
 stderr); a user error ends as one line on stderr and exit 2 (bad config or arguments) or 1.
@@ -175,6 +175,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     log.info("mlflow run: %s in %s", metrics.get("mlflow_run_id"), metrics["tracking_uri"])
     if metrics.get("checkpoint_url"):
         log.info("checkpoint: %s", metrics["checkpoint_url"])
+    if metrics.get("model_uri"):
+        log.info(
+            "model: %s%s", metrics["model_uri"], f" ({metrics['model_version']})" if "model_version" in metrics else ""
+        )
     if metrics["tracking_uri"].startswith("sqlite:///"):
         log.info("open the MLflow UI: mlflow ui --backend-store-uri %s", metrics["tracking_uri"])
     return 0
@@ -212,6 +216,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     log.info("%s", line)
     if metrics.get("mlflow_run_id"):
         log.info("mlflow run: %s", metrics["mlflow_run_id"])
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from imagenet_ray.predict import PredictRequest, run_predict
+
+    if args.batch_size < 1:
+        raise ConfigError("predict: --batch-size must be ≥ 1")
+    req = PredictRequest(
+        model=args.model,
+        images=args.images,
+        out=args.out,
+        split=args.split,
+        source=args.source,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        gpu=args.gpu,
+        tracking_uri=args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+    )
+    log.info("%s", run_predict(req).line())
     return 0
 
 
@@ -303,7 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="Top-1/Top-5 (+ per-class, ReaL) of a checkpoint or weights file")
     p.add_argument("--data", required=True, help="prepared dataset URL (its val split is used)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint dir URL, runs:/RUN_ID or models:/NAME/VERSION")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint dir URL, runs:/RUN_ID[/best], models:/NAME@ALIAS or models:/NAME/VERSION",
+    )
     p.add_argument("--weights", default=None, help="a torchvision state dict file (with --model)")
     p.add_argument("--model", default=None, help="torchvision model name (default: from the checkpoint)")
     p.add_argument("--resize", type=int, default=256)
@@ -317,6 +345,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default=None, help="Ray Train result storage (a shared URL on a cluster)")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser(
+        "predict",
+        help="top-5 classes of every image (folder, ILSVRC layout or prepared dataset) → Parquet, on Ray Data",
+        description="Batch inference on Ray Data. Writes Parquet under --out: one row per input image with key, "
+        "top5_index, top5_wnid, top5_name, top5_prob; a file that does not decode is a row with its `error` and null "
+        "predictions (rows = inputs, exactly). _SUCCESS (JSON: counts, files, model) is written last; the output "
+        "is complete only when it exists.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a logged model (models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID, runs:/ID/PATH, or a local "
+        "directory with meta.json + weights.pt) or a training checkpoint (directory URL, or runs:/ID of a train run)",
+    )
+    p.add_argument(
+        "--images",
+        required=True,
+        help="a prepared dataset (_manifest.json), a raw ILSVRC layout, or a folder of *.jpg/*.jpeg/*.png files "
+        "(URL or path)",
+    )
+    p.add_argument("--out", required=True, help="where the Parquet goes (URL or path; new or empty)")
+    p.add_argument(
+        "--split",
+        choices=["train", "val"],
+        default=None,
+        help="the split of a prepared dataset or ILSVRC layout (default: val); a plain folder has none",
+    )
+    p.add_argument(
+        "--source",
+        choices=["auto", "prepared", "raw", "folder"],
+        default="auto",
+        help="what --images is (default: detected; folder = every image file below it, even in an ILSVRC layout)",
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="images per model call")
+    p.add_argument(
+        "--workers",
+        "--concurrency",
+        dest="workers",
+        default=None,
+        metavar="N|MIN:MAX",
+        help="model actors, or a pool Ray Data grows from MIN to MAX (default: one per GPU; on CPU, the CPUs but one)",
+    )
+    p.add_argument(
+        "--gpu",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="one GPU per actor (auto: when the cluster has GPUs; true: also while GPU nodes autoscale from 0)",
+    )
+    p.add_argument("--mlflow-uri", default=None, help="resolves runs:/ and models:/ (default: MLFLOW_TRACKING_URI)")
+    p.set_defaults(func=_cmd_predict)
+
     p = sub.add_parser("bench", help="benchmarks (results go to docs/benchmarks.md)")
     bench = p.add_subparsers(dest="bench", required=True, parser_class=_ArgParser)
     b = bench.add_parser("data", help="decode kernel per core and end-to-end ingest vs torch DataLoader")
@@ -325,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench("imagenet_ray.bench.prepare_bench", "add_bench_prepare_args", "run_bench_prepare", b))
     b = bench.add_parser("train", help="Ray Train overhead vs a plain PyTorch loop (CPU)")
     b.set_defaults(func=_bench("imagenet_ray.bench.train_overhead", "add_bench_train_args", "run_bench_train", b))
+    b = bench.add_parser("predict", help="predict on Ray Data vs a plain single-process loop (same model, cores)")
+    b.set_defaults(func=_bench("imagenet_ray.bench.predict_bench", "add_bench_predict_args", "run_bench_predict", b))
 
     p = sub.add_parser("plan", help="decode cores and decode-group pods for N GPUs, from measured rates")
     p.set_defaults(func=_bench("imagenet_ray.capacity.command", "add_plan_args", "run_plan", p))

@@ -191,6 +191,17 @@ class EvalSection(_Strict):
 class MlflowSection(_Strict):
     tracking_uri: str = Field("sqlite:///.demo/mlflow.db", description="sqlite:///path, http://host:port or a path")
     experiment: str = Field("imagenet-ray", min_length=1)
+    # 1,251 steps per ImageNet epoch at a global batch of 1,024: every 5 steps gives ~250 points an epoch.
+    log_every_steps: int = Field(5, ge=1, description="rank 0 logs step curves every this many optimizer steps")
+    progress_every_s: float = Field(30.0, gt=0, description="a progress line in the job log at most this often")
+    system_metrics: bool = Field(
+        True, description="CPU/memory/network/disk(/GPU) of every node, and Ray's object store"
+    )
+    system_metrics_every_s: float = Field(10.0, gt=0, description="system metrics sampling interval")
+    log_model: bool = Field(True, description="log the final and the best model (pyfunc with the eval preset)")
+    register_model_name: str | None = Field(
+        None, min_length=1, description="register the logged model under this name; `champion` moves on improvement"
+    )
 
 
 class ExperimentConfig(_Strict):

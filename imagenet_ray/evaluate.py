@@ -1,7 +1,7 @@
 """`imagenet-ray evaluate`: Top-1/Top-5 (+ per-class, + ImageNet-ReaL) of a checkpoint (URL, `runs:/<id>`,
-`models:/<name>/<version>`) or a torchvision weights file (`--weights FILE --model NAME`) on a prepared
-val set, as a Ray Train job with training's evaluation engine, logged to MLflow. Every val image is
-counted exactly once across workers (same split and all-reduce as training).
+`models:/<name>@<alias>`, `models:/<name>/<version>`) or a torchvision weights file on a prepared val set,
+as a Ray Train job with training's evaluation engine, logged to MLflow (as a child of the training run).
+Every val image is counted exactly once across workers (same split and all-reduce as training).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray.train
 import ray.train.torch
@@ -25,8 +25,9 @@ from imagenet_ray.config import classification_model_names
 from imagenet_ray.data.format import PreparedDataset, open_prepared
 from imagenet_ray.data.pipeline import build_val_dataset, exact_val_data_config
 from imagenet_ray.errors import UserError, describe_error
+from imagenet_ray.lifecycle import checkpoint_url_for
 from imagenet_ray.runtime import absolute_url, cluster_has_gpu, configure_worker_logging, ensure_ray
-from imagenet_ray.tracking import RunSink
+from imagenet_ray.tracking import RunSink, training_run_experiment, val_dataset
 from imagenet_ray.train.checkpoint import CHECKPOINT_TAG, read_checkpoint_url
 from imagenet_ray.train.device import DEVICE_DEFAULT
 from imagenet_ray.train.evaluation import PerClassCounts, evaluate, val_batches
@@ -35,6 +36,7 @@ from imagenet_ray.train.models import build_model
 from imagenet_ray.train.report import report_with_marker
 
 PREFETCH_BATCHES = 2
+EVALUATED_RUN_TAG = "imagenet_ray.evaluated_run"  # on an evaluation run: the training run it evaluated
 
 
 @dataclass(frozen=True)
@@ -70,35 +72,37 @@ class EvalWorkerPlan:
 
 
 def resolve_checkpoint_url(ref: str, tracking_uri: str | None) -> str:
-    """runs:/ and models:/ references → the checkpoint directory URL they point at."""
+    """runs:/ and models:/ references → the checkpoint directory URL they point at: `runs:/ID` (the
+    run's latest checkpoint), `runs:/ID/best|final` (its logged models), `models:/NAME@ALIAS`,
+    `models:/NAME/VERSION`, `models:/m-<id>`."""
     if not ref.startswith(("runs:/", "models:/")):
         return ref
     if not tracking_uri:
         raise UserError(f"{ref}: an MLflow reference needs --mlflow-uri (or MLFLOW_TRACKING_URI)")
+    run_path = ref[len("runs:/") :].strip("/") if ref.startswith("runs:/") else ""
+    if ref.startswith("models:/") or "/" in run_path:
+        return checkpoint_url_for(ref, tracking_uri)
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
     try:
-        if ref.startswith("runs:/"):
-            run_id = ref[len("runs:/") :].strip("/").split("/")[0]
-            url = client.get_run(run_id).data.tags.get(CHECKPOINT_TAG)
-            if not url:
-                raise UserError(
-                    f"{ref}: the run has no {CHECKPOINT_TAG} tag (not a finished imagenet-ray training run)"
-                )
-            return str(url)
-        name, _, version = ref[len("models:/") :].strip("/").partition("/")
-        if not version:
-            raise UserError(f"{ref}: expected models:/<name>/<version>")
-        return str(client.get_model_version(name, version).source)
-    except UserError:
-        raise
+        url = MlflowClient(tracking_uri).get_run(run_path).data.tags.get(CHECKPOINT_TAG)
     except Exception as exc:
         raise UserError(f"{ref}: {describe_error(exc, 200)}") from None
+    if not url:
+        raise UserError(f"{ref}: the run has no {CHECKPOINT_TAG} tag (not a finished imagenet-ray training run)")
+    return str(url)
 
 
-def load_weights(req: EvalRequest) -> tuple[str, dict[str, Any], int | None, bool]:
-    """(model name, state dict, num_classes from the checkpoint or None, BlurPool used) for the request."""
+class Weights(NamedTuple):
+    model: str
+    state: dict[str, Any]
+    num_classes: int | None  # from the checkpoint; None for a bare weights file
+    blurpool: bool
+    training_run_id: str | None = None  # the MLflow run that wrote the checkpoint
+
+
+def load_weights(req: EvalRequest) -> Weights:
+    """The model name, state dict, class count and BlurPool flag (and training run) for the request."""
     if req.weights:
         if not req.model:
             raise UserError("--weights needs --model (the torchvision architecture name)")
@@ -107,16 +111,24 @@ def load_weights(req: EvalRequest) -> tuple[str, dict[str, Any], int | None, boo
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise UserError(f"{req.weights}: not a PyTorch state dict ({exc})") from None
-        return req.model, state, None, False
+        return Weights(req.model, state, None, False)
     if not req.checkpoint:
-        raise UserError("give --checkpoint URL|runs:/ID|models:/NAME/VERSION or --weights FILE --model NAME")
+        raise UserError(
+            "give --checkpoint URL|runs:/ID|models:/NAME@ALIAS|models:/NAME/VERSION or --weights FILE --model NAME"
+        )
     state = read_checkpoint_url(resolve_checkpoint_url(req.checkpoint, req.tracking_uri))
     cfg = yaml.safe_load(state["config_yaml"])
     model_state = state["model"]
     fc = [v for k, v in model_state.items() if k.endswith(("fc.weight", "classifier.weight", "head.weight"))]
     # A BlurPool model has other module names: rebuild the architecture the checkpoint was trained with.
     blurpool = bool(cfg["model"].get("blurpool", False))
-    return req.model or cfg["model"]["name"], model_state, int(fc[-1].shape[0]) if fc else None, blurpool
+    return Weights(
+        req.model or cfg["model"]["name"],
+        model_state,
+        int(fc[-1].shape[0]) if fc else None,
+        blurpool,
+        state.get("mlflow_run_id") or None,
+    )
 
 
 def check_weights_fit(model_name: str, state: dict[str, Any], num_classes: int, blurpool: bool = False) -> None:
@@ -193,7 +205,8 @@ def eval_loop_per_worker(config: dict[str, EvalWorkerPlan]) -> None:
 
 def run_evaluation(req: EvalRequest) -> dict[str, Any]:
     data = open_prepared(absolute_url(req.data_url))
-    model_name, state, ckpt_classes, blurpool = load_weights(req)
+    weights = load_weights(req)
+    model_name, state, ckpt_classes, blurpool = weights.model, weights.state, weights.num_classes, weights.blurpool
     num_classes = data.num_classes
     if ckpt_classes is not None and ckpt_classes != num_classes:
         raise UserError(f"the model has {ckpt_classes} outputs but {req.data_url} has {num_classes} classes")
@@ -219,19 +232,29 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
         scaling_config=ray.train.ScalingConfig(num_workers=req.num_workers, use_gpu=use_gpu),
         datasets={"val": build_val_dataset(data, req.resize, req.crop, decode_on="cpu", with_val_index=True)},
         dataset_config=exact_val_data_config(equal_split=()),
-        run_config=ray.train.RunConfig(
+        run_config=ray.train.RunConfig(  # type: ignore[call-arg]  # Train V2's (the stubs name V1's)
             name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             storage_path=req.storage_path or tempfile.mkdtemp(prefix="imagenet-ray-eval-"),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # as training: no report dumps
         ),
     )
     metrics = dict(trainer.fit().metrics or {})
     if req.tracking_uri:
-        metrics["mlflow_run_id"] = _log(req.tracking_uri, req, model_name, metrics, data)
+        metrics["mlflow_run_id"] = _log(req.tracking_uri, req, model_name, metrics, data, weights.training_run_id)
     return metrics
 
 
-def _log(tracking_uri: str, req: EvalRequest, model_name: str, metrics: dict[str, Any], data: PreparedDataset) -> str:
-    """One MLflow run per evaluation: the request as params, the metrics, the per-class artifact."""
+def _log(
+    tracking_uri: str,
+    req: EvalRequest,
+    model_name: str,
+    metrics: dict[str, Any],
+    data: PreparedDataset,
+    training_run_id: str | None = None,
+) -> str:
+    """One MLflow run per evaluation: the request as params, the metrics, the per-class artifact, the val
+    set as its input. The evaluation of a checkpoint whose training run is in this store is that run's
+    child, in its experiment (the UI nests it under the run and compares them side by side)."""
     params = {
         "checkpoint": req.checkpoint or "",
         "weights": req.weights or "",
@@ -242,7 +265,19 @@ def _log(tracking_uri: str, req: EvalRequest, model_name: str, metrics: dict[str
         "hflip": req.hflip,
         "real_labels": req.real_labels_url or "",
     }
-    sink = RunSink.create(tracking_uri, req.experiment, f"evaluate {model_name}", params=params)
+    parent = training_run_experiment(tracking_uri, training_run_id)
+    if parent is not None:
+        sink = RunSink.create_in_experiment(
+            tracking_uri,
+            parent,
+            f"evaluate {model_name}",
+            params=params,
+            tags={"mlflow.parentRunId": str(training_run_id), EVALUATED_RUN_TAG: str(training_run_id)},
+        )
+    else:
+        sink = RunSink.create(tracking_uri, req.experiment, f"evaluate {model_name}", params=params)
+    name, digest, profile = val_dataset(data.url, data.manifest)
+    sink.log_dataset_input(name, digest, "eval", profile)  # the val set training logged
     sink.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
     sink.log_dict({"classes": data.class_wnids, "top1": json.loads(metrics["per_class_top1"])}, "per_class_top1.json")
     sink.finish()

@@ -64,3 +64,15 @@ def configure_worker_logging() -> None:
     package.addHandler(handler)
     package.setLevel(logging.INFO)
     package.propagate = False  # printed once, here, even where Ray gave the root logger a handler
+    quiet_train_report_dumps()
+
+
+def quiet_train_report_dumps() -> None:
+    """Ray Train V2 logs every `report` (a ~700-character dump, per worker per epoch) through a logger
+    named by its file path: a child of the root logger, outside `ray.train`, so RunConfig's
+    LoggingConfig does not reach it. Raise that one logger to WARNING in this process."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)

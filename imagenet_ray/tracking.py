@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 from imagenet_ray.errors import UserError, describe_error
@@ -31,10 +32,16 @@ __all__ = [
     "describe_error",
     "ensure_experiment",
     "find_or_start_run",
+    "find_prepare_run",
     "local_artifact_root",
     "log_prepared_dataset",
+    "manifest_digest",
+    "manifest_profile",
     "resolve_tracking_uri",
     "set_tag",
+    "training_run_experiment",
+    "val_dataset",
+    "when_reachable",
 ]
 
 RUN_NAME_TAG = "imagenet_ray.run_name"
@@ -45,6 +52,8 @@ DATASETS_EXPERIMENT = "imagenet-ray-datasets"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_DEVELOPMENT = "custom_model_development"
 _PARAMS_PER_BATCH = 100  # MLflow's cap on params in one log_batch
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -142,6 +151,19 @@ class RunSink:
         )
 
     @classmethod
+    def create_in_experiment(
+        cls,
+        uri: str,
+        experiment_id: str,
+        run_name: str,
+        *,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> RunSink:
+        """A new run in an existing experiment (e.g. a child run beside its parent)."""
+        return cls._create_in(resolve_tracking_uri(uri), experiment_id, run_name, params=params, tags=tags)
+
+    @classmethod
     def _create_in(
         cls,
         uri: str,
@@ -233,6 +255,17 @@ class RunSink:
         with _mlflow_errors(self.tracking_uri):
             self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def log_metric_values(self, points: list[tuple[str, float, int, int]]) -> None:
+        """(key, value, timestamp ms, step) values in one batch: a resend stores nothing twice."""
+        from mlflow.entities import Metric
+
+        with _mlflow_errors(self.tracking_uri):
+            self._client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in points])
+
+    def log_image(self, png: bytes, artifact_file: str) -> None:
+        with _mlflow_errors(self.tracking_uri):
+            self._client.log_image(self.run_id, _png_image(png), artifact_file=artifact_file)
+
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         with _mlflow_errors(self.tracking_uri):
             self._client.log_dict(self.run_id, data, artifact_file)
@@ -246,25 +279,31 @@ class RunSink:
             for key, value in tags.items():
                 self._client.set_tag(self.run_id, key, value)
 
-    def log_dataset_input(self, url: str, digest: str, context: str) -> bool:
-        """Record the dataset at `url` as an input of this run; False where MLflow knows no source for
-        the URL's scheme (e.g. gs:// without extras)."""
+    def log_dataset_input(self, url: str, digest: str, context: str, profile: dict[str, Any] | None = None) -> bool:
+        """Record the dataset `url` (a URL, or URL#split) as an input of this run with `context`; False
+        where MLflow knows no source for the URL's scheme. The same (name, digest, source, profile) from
+        every run, so the UI shows one dataset across prepare, train and evaluate."""
+        import json
+
         from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
             try:
-                source = resolve_dataset_source(url)
+                source = resolve_dataset_source(url.split("#", 1)[0])
             except Exception:  # no dataset source registered for this URL scheme
                 return False
-        # MetaDataset is concrete at runtime; mlflow's annotations leave `profile` abstract.
-        dataset = MetaDataset(source, name=url, digest=digest)  # type: ignore[abstract]
+        entity = Dataset(
+            name=url,
+            digest=digest,
+            source_type=source._get_source_type(),
+            source=source.to_json(),
+            profile=json.dumps(profile) if profile else None,
+        )
         with _mlflow_errors(self.tracking_uri):
             self._client.log_inputs(
-                self.run_id,
-                datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],
+                self.run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
             )
         return True
 
@@ -285,10 +324,33 @@ class RunSink:
             run = self._client.get_run(self.run_id)
         return run.info.status, dict(run.data.metrics), dict(run.data.tags)
 
+    def logged_values(self, key: str) -> set[int]:
+        """Integer values logged for metric `key` (the `epoch` metric: which epochs are in the run)."""
+        with _mlflow_errors(self.tracking_uri):
+            return {int(m.value) for m in self._client.get_metric_history(self.run_id, key)}
+
+    def epoch_history(self, key: str) -> list[tuple[int, float]]:
+        """(epoch, value) of epoch metric `key` in logged order. Epoch metrics are logged at the global
+        step with the `epoch` metric, which maps a step to its epoch."""
+        with _mlflow_errors(self.tracking_uri):
+            epoch_at = {m.step: int(m.value) for m in self._client.get_metric_history(self.run_id, "epoch")}
+            history = self._client.get_metric_history(self.run_id, key)
+        # A logged model's val metrics repeat the run's point (same step, same value): one point.
+        points = dict.fromkeys((m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp)))
+        return [(epoch_at.get(step, -1), value) for step, value in points]
+
     def logged_steps(self, key: str) -> set[int]:
         """Steps already logged for metric `key` (a restarted worker never logs an epoch twice)."""
         with _mlflow_errors(self.tracking_uri):
             return {m.step for m in self._client.get_metric_history(self.run_id, key)}
+
+
+def _png_image(png: bytes) -> Any:
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png))
 
 
 RunTracker = RunSink  # transition alias: the old name
@@ -305,6 +367,75 @@ def find_or_start_run(
 def set_tag(tracking_uri: str, run_id: str, key: str, value: str) -> None:
     """Transition wrapper of `RunSink.set_tags`."""
     RunSink(tracking_uri, run_id).set_tags({key: value})
+
+
+def manifest_digest(manifest: dict[str, Any], splits: tuple[str, ...] | None = None) -> str:
+    """A prepared dataset's identity in MLflow, from its shards' checksums (prepare, train, evaluate
+    agree); `splits` narrows it (("val",): the val set a model's val/top1 was measured on)."""
+    shards = "".join(
+        s["sha256"] for name, sp in manifest["splits"].items() if splits is None or name in splits for s in sp["shards"]
+    )
+    return hashlib.sha256(shards.encode()).hexdigest()[:16]
+
+
+def manifest_profile(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The counts MLflow shows with the dataset."""
+    return {
+        "classes": len(manifest.get("classes", [])),
+        **{f"{split}_images": int(s.get("num_images", 0)) for split, s in manifest["splits"].items()},
+    }
+
+
+def when_reachable(call: Callable[[], T], what: str, wait_s: float = 120.0, every_s: float = 5.0) -> T | None:
+    """`call()`, retried while MLflow is unreachable for up to `wait_s`; None (and a warning naming
+    `what`) if it stays away: for writes that must not fail a finished training run."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return call()
+        except UserError as exc:
+            if time.monotonic() >= deadline:
+                log.warning("%s not written: %s", what, exc)
+                return None
+            time.sleep(every_s)
+
+
+def training_run_experiment(tracking_uri: str, run_id: str | None) -> str | None:
+    """The experiment of run `run_id` when this store has that run, else None."""
+    if not run_id:
+        return None
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        return str(_client(uri).get_run(run_id).info.experiment_id)
+    except Exception:  # another store's run (or none): the evaluation stands on its own
+        return None
+
+
+def val_dataset(url: str, manifest: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """(name, digest, profile) of a prepared dataset's val split as an MLflow dataset: what training
+    validates on, evaluate measures and the registry compares champions by."""
+    return (
+        f"{url}#val",
+        manifest_digest(manifest, splits=("val",)),
+        {"classes": len(manifest.get("classes", [])), "val_images": int(manifest["splits"]["val"]["num_images"])},
+    )
+
+
+def find_prepare_run(tracking_uri: str, dataset_url: str) -> str | None:
+    """The latest finished prepare run that wrote `dataset_url`, if this store has one."""
+    uri = resolve_tracking_uri(tracking_uri)
+    with _mlflow_errors(uri):
+        client = _client(uri)
+        exp = client.get_experiment_by_name(DATASETS_EXPERIMENT)
+        if exp is None:
+            return None
+        runs = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"params.out = '{dataset_url}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+    return runs[0].info.run_id if runs else None
 
 
 def log_prepared_dataset(tracking_uri: str, report: dict[str, Any], manifest: dict[str, Any] | None) -> str:
@@ -325,9 +456,8 @@ def log_prepared_dataset(tracking_uri: str, report: dict[str, Any], manifest: di
     sink.log_dict(report, "_report.json")
     if manifest is not None:
         sink.log_dict(manifest, "_manifest.json")
-        digest = hashlib.sha256(
-            "".join(s["sha256"] for sp in manifest["splits"].values() for s in sp["shards"]).encode()
-        ).hexdigest()[:16]
-        sink.log_dataset_input(report["out"], digest, context="prepared")
+        sink.log_dataset_input(
+            report["out"], manifest_digest(manifest), context="prepared", profile=manifest_profile(manifest)
+        )
     sink.finish("FINISHED" if manifest is not None else "FAILED")
     return sink.run_id

@@ -200,14 +200,21 @@ def exact_val_data_config(
                     output[i][name] = split
             return output
 
-    if preserve_order or node_labels:
-        from ray.data.context import DataContext
+    from ray.data.context import DataContext
 
-        # DataConfig.default_ingest_options() would pass the deprecated exclude_resources (a warning in
-        # every job log); a copy of the driver's options carries the same settings without it.
-        options = copy.deepcopy(DataContext.get_current().execution_options)
-        options.preserve_order = preserve_order
-        if node_labels:
-            options.label_selector = dict(node_labels)
-        return ExactValDataConfig(execution_options=options)
-    return ExactValDataConfig()
+    # DataConfig.default_ingest_options() would pass the deprecated exclude_resources (a warning in every
+    # job log); a copy of the driver's options carries the same settings without it.
+    options = copy.deepcopy(DataContext.get_current().execution_options)
+    options.preserve_order = preserve_order
+    if node_labels:
+        options.label_selector = dict(node_labels)
+    return ExactValDataConfig(execution_options=options)
+
+
+def plain_progress_logs() -> None:
+    """Ray Data's progress as plain log lines in a job's log: its default in a Ray worker is Ray's tqdm
+    bars, which a job log (a file, not a terminal) shows as cursor-movement escapes, with a notice about
+    another progress UI. Without tqdm in a worker it logs progress lines instead."""
+    from ray.data.context import DataContext
+
+    DataContext.get_current().use_ray_tqdm = False

@@ -75,6 +75,19 @@ class LocalStack(StackState):
         if left:
             raise UserError(f"services did not stop: pids {', '.join(map(str, left))} still running")
 
+    def stop_service(self, name: str) -> None:
+        """Stop one service (an outage, in the reliability tests); `start_service` brings it back on
+        the same ports with the same data."""
+        svc, ref = _BY_NAME[name], self.processes.pop(name)
+        first = {ref: svc.STOP_SIGNAL} if svc.STOP_SIGNAL is not None else {}
+        left = process.stop_trees([(ref, svc.STOP_GRACE_S)], leader_signals=first)
+        if left:
+            raise UserError(f"{svc.TITLE} did not stop: pids {', '.join(map(str, left))} still running")
+
+    def start_service(self, name: str) -> None:
+        """Start a service stopped with `stop_service` again and wait until it is healthy."""
+        _start_once(self, (_BY_NAME[name],))
+
 
 def _pick_ports(given: Mapping[str, int]) -> dict[str, int]:
     """Every service's ports: the caller's where given, the rest freshly picked."""

@@ -17,21 +17,35 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imagenet_ray.config import DataSection
+from imagenet_ray.dashboard import with_overview
 from imagenet_ray.data.device_decode import train_batch_on_device
+from imagenet_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from imagenet_ray.runtime import configure_worker_logging
 from imagenet_ray.tracking import RunSink
 from imagenet_ray.train.batch_aug import mix_batch, random_erase, trivial_augment
 from imagenet_ray.train.checkpoint import load_checkpoint, restore_rng, write_checkpoint_dir
 from imagenet_ray.train.device import amp_dtype, resize_on_device, to_model_input, train_size_for_epoch
-from imagenet_ray.train.evaluation import PerClassCounts, evaluate, val_batches
+from imagenet_ray.train.evaluation import ConfusionPairs, PerClassCounts, evaluate, val_batches
+from imagenet_ray.train.metric_queue import MetricQueue, epochs_logged
 from imagenet_ray.train.metrics import all_reduce_sum
 from imagenet_ray.train.models import build_model
 from imagenet_ray.train.norm_stats import average_batchnorm_stats
 from imagenet_ray.train.optim import build_sgd, scale_for_world, schedule_from_config
+from imagenet_ray.train.pictures import (
+    augmented_grid_png,
+    confused_pairs_dict,
+    confused_pairs_png,
+    per_class_top1_png,
+    top_confused_pairs,
+)
 from imagenet_ray.train.plan import WorkerPlan
+from imagenet_ray.train.progress import Interval, IntervalMeter, ProgressLine
 from imagenet_ray.train.step import StepPacer, TrainStep
+from imagenet_ray.train.system_metrics import start_worker_gpu_monitor
 
 log = logging.getLogger(__name__)
+
+FINAL_FLUSH_S = 180.0  # at the run's end, how long rank 0 waits for an unreachable MLflow to come back
 
 
 class DataWaitTimer:
@@ -40,6 +54,7 @@ class DataWaitTimer:
 
     def __init__(self, iterable: Iterable[dict[str, torch.Tensor]]) -> None:
         self.iterator, self.wait_s, self.first_wait_s = iter(iterable), 0.0, 0.0
+        self.last_wait_s = 0.0  # the wait for the batch just yielded
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         first = True
@@ -48,6 +63,7 @@ class DataWaitTimer:
             item = next(self.iterator, None)
             waited = time.perf_counter() - t0
             self.wait_s += waited
+            self.last_wait_s = waited
             if first:
                 self.first_wait_s, first = waited, False
             if item is None:
@@ -123,6 +139,7 @@ class Runner:
             else None
         )
         self.schedule = schedule_from_config(o, scale.peak_lr, scale.steps_per_epoch, cfg.train.epochs)
+        self.progress = ProgressLine(cfg.train.epochs, scale.steps_per_epoch, cfg.mlflow.progress_every_s)
         self.start_epoch, self.start_step, self.run_id = 0, 0, plan.mlflow_run_id
 
     def restore(self, checkpoint: ray.train.Checkpoint | None) -> None:
@@ -171,23 +188,44 @@ class Runner:
             self.ema.update_parameters(self.model)
 
     def open_tracking(self) -> None:
-        """Rank 0 reattaches to the driver's MLflow run; after a restart it never logs an epoch twice."""
-        self.sink, self.logged_epochs = None, set()
+        """Rank 0 writes the driver's MLflow run through a queue (an MLflow outage costs no training);
+        after a restart it never logs an epoch twice."""
+        self.queue: MetricQueue | None = None
+        self.logged_epochs: set[int] = set()
+        self.grid_logged = False
         if self.rank == 0:
-            self.sink = RunSink.attach(self.plan.tracking_uri, self.run_id, reopen=True)
-            self.logged_epochs = self.sink.logged_steps("val/top1")
+            sink = RunSink.attach(self.plan.tracking_uri, self.run_id)
+            self.queue = MetricQueue(sink)
+            self.queue.call("reopen the run", RunSink.reopen)
+            self.logged_epochs = epochs_logged(sink)
+        # Every worker's GPU memory (a num_cpus=0 node monitor cannot see the GPUs); None without CUDA.
+        m = self.cfg.mlflow
+        self.gpu_monitor = (
+            start_worker_gpu_monitor(self.run_id, self.plan.tracking_uri, m.system_metrics_every_s, self.device)
+            if m.system_metrics
+            else None
+        )
+
+    def close_tracking(self) -> None:
+        """Send what is still queued (waiting a while for MLflow if it is away)."""
+        if self.gpu_monitor is not None:
+            self.gpu_monitor.stop(10)
+        if self.queue is not None:
+            self.queue.close(timeout_s=FINAL_FLUSH_S)
 
     # -- the recipe -------------------------------------------------------------------------------
     def run(self) -> None:
         for epoch in range(self.start_epoch, self.cfg.train.epochs):
             start = time.perf_counter()
             metrics = {"epoch": epoch + 1, **self.train_one_epoch(epoch, train_size_for_epoch(self.cfg.data, epoch))}
-            val_metrics, per_class = self.validate(last=epoch + 1 == self.cfg.train.epochs)
+            val_metrics, artifacts = self.validate(last=epoch + 1 == self.cfg.train.epochs)
             metrics.update(val_metrics)
             metrics["perf/epoch_s"] = time.perf_counter() - start
-            self.save_and_report(epoch + 1, metrics, per_class)
+            self.progress.epoch_s = metrics["perf/epoch_s"]
+            self.save_and_report(epoch + 1, metrics, artifacts)
             if self.time_box_reached(epoch + 1):
                 break
+        self.close_tracking()
 
     def train_one_epoch(self, epoch: int, crop: int) -> dict[str, float]:
         """One pass over this worker's shard at train crop `crop`; metrics summed over all workers."""
@@ -201,16 +239,28 @@ class Runner:
         )
         pacer = StepPacer(self.cfg.train.throttle_images_per_s)  # sleeps inside the loop body: not data wait
         skip_step = self.cfg.train.skip_step
+        meter, first_step = IntervalMeter(self.cfg.mlflow.log_every_steps, self.device), self.step.step
         for batch in timed:
-            with pacer.pace(int(batch["label"].shape[0])):
+            images = int(batch["label"].shape[0])
+            with pacer.pace(images):
                 if "decode_errors" in batch:  # rows replaced by another image of the batch (transforms.py)
                     decode_errors += int(batch["decode_errors"].sum())
-                samples += batch["label"].shape[0]
+                samples += images
                 if skip_step:
-                    continue
-                x, target = self.model_input(batch, crop)
-                loss_sum += self.step(x, target)
-        self.step.flush()
+                    self.step.skip()
+                    meter.add(images, timed.last_wait_s)
+                else:
+                    x, target = self.model_input(batch, crop)
+                    if not self.grid_logged:
+                        self.log_input_grid(x, batch["label"])
+                    batch_loss = self.step(x, target)
+                    loss_sum += batch_loss
+                    meter.add(images, timed.last_wait_s, batch_loss)
+            if meter.due(self.step.step):
+                self.log_interval(meter.cut(self.step.step), epoch, first_step, start)
+        if not skip_step:
+            self.step.flush()
+        self.log_interval(meter.finish(), epoch, first_step, start)
         train_s = time.perf_counter() - start
         local = torch.tensor(
             [
@@ -227,25 +277,44 @@ class Runner:
         )
         g_loss, g_samples, g_wait, g_errors, g_slept, g_first, g_steady = all_reduce_sum(local).tolist()
         throttle = {} if pacer.images_per_s is None else {"perf/throttle_sleep_frac": g_slept / self.world}
-        # Nothing was trained with skip_step: no loss or learning rate to report.
-        trained = (
-            {}
-            if skip_step
-            else {"train/loss": g_loss / max(1, g_samples), "train/lr": self.schedule(max(0, self.step.step - 1))}
-        )
+        # Nothing was trained with skip_step: no loss to report. The step curves own train/loss,
+        # perf/images_per_s and perf/data_wait_frac; the epoch's figures have names of their own.
+        trained = {} if skip_step else {"train/epoch_loss": g_loss / max(1, g_samples)}
         return {
             **trained,
             "train/images": g_samples,
             "train/crop_size": crop,
-            "perf/images_per_s": g_samples / train_s,
+            "perf/epoch_images_per_s": g_samples / train_s,
             "perf/images_per_s_per_worker": g_samples / train_s / self.world,
-            "perf/data_wait_frac": g_wait / self.world,
+            "perf/epoch_data_wait_frac": g_wait / self.world,
             # The start-up (first batch) apart from the steady state, which is what `plan` predicts.
             "perf/first_batch_s": g_first / self.world,
             "perf/steady_data_wait_frac": g_steady / self.world,
             "data/decode_errors": g_errors,
             **throttle,
         }
+
+    def log_input_grid(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """Rank 0, once per run: a grid of the first batch's inputs as the model saw them (de-normalised)."""
+        self.grid_logged = True
+        if self.queue is None:
+            return
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
+        images = (x[:16].detach().float() * std + mean).clamp(0, 255).to(torch.uint8).cpu()
+        png = augmented_grid_png(images, labels[:16].cpu(), self.plan.classes)
+        self.queue.call("artifact augmented_inputs.png", lambda s: s.log_image(png, "augmented_inputs.png"))
+
+    def log_interval(self, interval: Interval | None, epoch: int, first_step: int, epoch_start: float) -> None:
+        """Rank 0: an interval's step-curve points (MLflow step = global optimizer step) and, when due, a
+        progress line."""
+        if interval is None or self.queue is None:
+            return
+        lr = None if self.cfg.train.skip_step else self.schedule(max(0, interval.step - 1))
+        self.queue.log_step_metrics(with_overview(interval.metrics(lr)), interval.step)
+        line = self.progress.line(epoch, interval.step - first_step, interval, time.perf_counter() - epoch_start)
+        if line is not None:
+            log.info(line)
 
     def seed_epoch(self, epoch: int) -> int:
         """Deterministic runs: everything random in this epoch is a function of (seed, rank, epoch)."""
@@ -274,10 +343,12 @@ class Runner:
             )
         return x, labels
 
-    def validate(self, last: bool) -> tuple[dict[str, float], dict[str, Any] | None]:
-        """(val metrics over every val image, per-class artifact after the last epoch if asked for)."""
+    def validate(self, last: bool) -> tuple[dict[str, float], dict[str, dict[str, Any] | bytes]]:
+        """(val metrics over every val image, artifacts: after the last epoch, if asked for, per-class
+        top-1 and the most-confused class pairs, as JSON and as pictures)."""
         e = self.cfg.eval
         per_class = PerClassCounts(self.plan.num_classes, self.device) if (last and e.per_class) else None
+        confusion = ConfusionPairs(self.plan.num_classes, self.device) if per_class is not None else None
         # Every rank evaluates (and rank 0 checkpoints) one model: see norm_stats.py.
         average_batchnorm_stats(self.model)
         if self.ema is not None:
@@ -288,7 +359,7 @@ class Runner:
             self.device,
             self.amp,
             e.hflip,
-            hooks=[per_class] if per_class is not None else (),
+            hooks=[per_class, confusion] if per_class is not None and confusion is not None else (),
         ).reduced(self.device)
         if val.samples != self.plan.num_val:
             raise RuntimeError(
@@ -299,7 +370,18 @@ class Runner:
         if self.ema is not None:
             ema_val = evaluate(self.ema.module, self.val_batches(), self.device, self.amp, e.hflip)
             metrics.update(ema_val.reduced(self.device).as_metrics("val_ema"))
-        return metrics, per_class.as_artifact(self.plan.classes) if per_class is not None else None
+        if per_class is None or confusion is None:
+            return metrics, {}
+        per_class_artifact, counts = per_class.as_artifact(self.plan.classes), confusion.reduced()  # every rank
+        if self.rank != 0:
+            return metrics, {}
+        pairs = top_confused_pairs(counts, 20)
+        return metrics, {
+            "per_class_top1.json": per_class_artifact,
+            "per_class_top1.png": per_class_top1_png(per_class_artifact),
+            "confused_pairs.json": confused_pairs_dict(pairs, self.plan.classes),
+            "confused_pairs.png": confused_pairs_png(pairs, self.plan.classes),
+        }
 
     def val_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         e, data = self.cfg.eval, self.cfg.data
@@ -307,23 +389,28 @@ class Runner:
             self.val_shard, e.batch_size, data.prefetch_batches, self.device, data.decode_on, e.resize, e.crop
         )
 
-    def save_and_report(self, epochs_done: int, metrics: dict[str, float], per_class: dict[str, Any] | None) -> None:
+    def save_and_report(
+        self, epochs_done: int, metrics: dict[str, float], artifacts: dict[str, dict[str, Any] | bytes]
+    ) -> None:
         """Rank 0 logs the epoch to MLflow and writes the checkpoint; every rank reports to Ray Train."""
         total = self.cfg.train.epochs
-        if self.sink is not None:
+        if self.queue is not None:
+            # Epoch metrics share the step curves' x-axis: the global optimizer step at the epoch's end
+            # (the `epoch` metric, logged with them, gives the epoch axis).
             if epochs_done not in self.logged_epochs:
-                self.sink.log_metrics(metrics, step=epochs_done)
-            if per_class is not None:
-                self.sink.log_dict(per_class, "per_class_top1.json")
+                self.queue.log_metrics(with_overview(metrics), step=self.step.step)
+            for artifact_file, content in artifacts.items():
+                self.queue.log_artifact(content, artifact_file)
             log.info(
-                f"[epoch {epochs_done}/{total}] train/loss={metrics.get('train/loss', float('nan')):.4f} "
+                f"[epoch {epochs_done}/{total}] train/loss={metrics.get('train/epoch_loss', float('nan')):.4f} "
                 f"val/top1={metrics['val/top1']:.4f} val/top5={metrics['val/top5']:.4f} "
-                f"images/s={metrics['perf/images_per_s']:.1f} data_wait={metrics['perf/data_wait_frac']:.2f}"
+                f"images/s={metrics['perf/epoch_images_per_s']:.1f} "
+                f"data_wait={metrics['perf/epoch_data_wait_frac']:.2f} epoch_s={metrics['perf/epoch_s']:.0f}"
             )
             if epochs_done == total:
-                self.sink.finish("FINISHED")
+                self.queue.finish("FINISHED")
             elif self.time_box_reached(epochs_done):
-                self.sink.finish("KILLED")  # time box reached; a resubmission reopens this run
+                self.queue.finish("KILLED")  # time box reached; a resubmission reopens this run
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if self.rank == 0:

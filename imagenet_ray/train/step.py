@@ -65,6 +65,14 @@ class TrainStep:
             self._optimizer_step()
         return loss.detach().double() * target.shape[0]
 
+    def skip(self) -> None:
+        """A micro-batch consumed without training (train.skip_step): counted like one, so the step axis
+        of the curves and checkpoints still moves."""
+        self.pending += 1
+        if self.pending == self.accum_steps:
+            self.step += 1
+            self.pending = 0
+
     def flush(self) -> None:
         """Step on a last partial accumulation (every rank has as many micro-batches, so all call this)."""
         if self.pending == 0:

@@ -22,13 +22,25 @@ from imagenet_ray.data.pipeline import (
     exact_val_data_config,
     open_source,
     pin_reads_to,
+    plain_progress_logs,
 )
 from imagenet_ray.errors import UserError
 from imagenet_ray.runtime import absolute_url, cluster_has_gpu, ensure_ray
-from imagenet_ray.tracking import RunSink, resolve_tracking_uri
+from imagenet_ray.tracking import (
+    RunSink,
+    find_prepare_run,
+    manifest_digest,
+    manifest_profile,
+    resolve_tracking_uri,
+    val_dataset,
+    when_reachable,
+)
 from imagenet_ray.train.checkpoint import CHECKPOINT_TAG
+from imagenet_ray.train.model_logging import choose_checkpoints, log_models
 from imagenet_ray.train.plan import WorkerPlan
+from imagenet_ray.train.provenance import reproducibility_tags
 from imagenet_ray.train.runner import train_loop_per_worker
+from imagenet_ray.train.system_metrics import system_metrics
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +109,7 @@ def finished_run(cfg: ExperimentConfig) -> dict[str, Any] | None:
     if sink is None:
         return None
     status, metrics, tags = sink.read()
-    epochs = max(sink.logged_steps("val/top1"), default=0)
+    epochs = max(sink.logged_values("epoch"), default=0)
     if status != "FINISHED" or epochs < cfg.train.epochs:
         return None
     return {
@@ -107,6 +119,24 @@ def finished_run(cfg: ExperimentConfig) -> dict[str, Any] | None:
         "tracking_uri": tracking_uri,
         "checkpoint_url": tags.get(CHECKPOINT_TAG),
     }
+
+
+PREPARE_RUN_TAG = "imagenet_ray.prepare_run"  # on a training run: the prepare run that wrote its dataset
+
+
+def log_lineage(sink: RunSink, prepared: Any) -> None:
+    """The prepared dataset as the run's input (train and val), the same name, digest and counts the
+    prepare run logged, and a tag naming that run when this store has it."""
+    manifest = getattr(prepared, "manifest", None)
+    if manifest is None:  # a raw layout read directly: no manifest, no digest to share
+        return
+    sink.log_dataset_input(prepared.url, manifest_digest(manifest), "train", manifest_profile(manifest))
+    # MLflow keeps one context per dataset in a run: the val split is its own dataset (evaluate logs it too).
+    name, digest, profile = val_dataset(prepared.url, manifest)
+    sink.log_dataset_input(name, digest, "val", profile)
+    prepare_run = find_prepare_run(sink.tracking_uri, prepared.url)
+    if prepare_run is not None:
+        sink.set_tags({PREPARE_RUN_TAG: prepare_run})
 
 
 def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -130,12 +160,15 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
     log.info(f"{'resuming' if resumed else 'started'} MLflow run {sink.run_id} ({cfg.mlflow.experiment}/{cfg.name})")
     # Which CPU train decoder this environment has (the job's workers import the same): without the
     # compiled crop decoder the pipeline still works, decoding whole images, only slower.
-    sink.set_tags({CROP_DECODER_TAG: crop_decoder_description()})
+    sink.set_tags({CROP_DECODER_TAG: crop_decoder_description(), **reproducibility_tags(cfg, plan.use_gpu)})
+    if not resumed:
+        log_lineage(sink, prepared)
     storage_loc = storage.resolve(plan.storage_url)
     if not storage.is_remote(storage_loc.url):
         storage.ensure_dir(storage_loc)
 
     pin_reads_to(cfg.data.node_labels)
+    plain_progress_logs()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan.for_workers(cfg, sink.run_id).to_loop_config(),
@@ -151,7 +184,7 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
             },
             label_selector=dict(cfg.train.node_labels) or None,
         ),
-        run_config=ray.train.RunConfig(
+        run_config=ray.train.RunConfig(  # type: ignore[call-arg]  # Train V2's (the stubs name V1's)
             name=cfg.name,
             storage_path=storage_loc.path,
             storage_filesystem=storage_loc.fs,
@@ -161,6 +194,9 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            # Ray Train's INFO lines (a ~700-character dump of every report, per worker per epoch) bury the
+            # job's own progress lines; its warnings and errors still show.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets={
             "train": build_train_dataset(
@@ -170,12 +206,30 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
         },
         dataset_config=exact_val_data_config(preserve_order=cfg.data.deterministic, node_labels=cfg.data.node_labels),
     )
-    result = trainer.fit()
+    with system_metrics(
+        sink.run_id, plan.tracking_uri, cfg.mlflow.system_metrics_every_s, enabled=cfg.mlflow.system_metrics
+    ):
+        result = trainer.fit()
     metrics = dict(result.metrics or {})
     metrics["checkpoint_path"] = result.checkpoint.path if result.checkpoint else None  # inside storage's fs
     metrics["checkpoint_url"] = checkpoint_url(storage_loc, result.checkpoint.path) if result.checkpoint else None
     if result.checkpoint is not None:
         # After fit() the driver writes again: `evaluate --checkpoint runs:/<id>` finds the weights by this tag.
-        sink.set_tags({CHECKPOINT_TAG: metrics["checkpoint_url"]})
+        # MLflow may be briefly away as the run ends (its queued metrics waited for it too): retry.
+        tags = {CHECKPOINT_TAG: metrics["checkpoint_url"]}
+        when_reachable(lambda: sink.set_tags(tags), f"tag {CHECKPOINT_TAG}={metrics['checkpoint_url']}")
+    if cfg.mlflow.log_model and result.checkpoint is not None:
+        best = [(checkpoint_url(storage_loc, c.path), m) for c, m in (result.best_checkpoints or [])]
+        choices = choose_checkpoints((metrics["checkpoint_url"], metrics), best)
+        metrics.update(
+            log_models(
+                sink,
+                choices,
+                wnids=list(plan.classes),
+                data_url=plan.data_url,
+                manifest=getattr(prepared, "manifest", None),
+                register_name=cfg.mlflow.register_model_name,
+            )
+        )
     metrics["tracking_uri"] = plan.tracking_uri
     return metrics

@@ -35,6 +35,7 @@ from imagenet_ray.capacity.rates import measure_kernel
 from imagenet_ray.cluster import cpu_limits, local
 from imagenet_ray.cluster.hosts import our_namespaces
 from imagenet_ray.services import process
+from imagenet_ray.tracking import RunSink
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -206,7 +207,7 @@ def _runs(mlflow: MlflowClient, name: str) -> list[Any]:
 
 def _epochs_logged(mlflow: MlflowClient, name: str) -> list[int]:
     runs = _runs(mlflow, name)
-    return [m.step for m in mlflow.get_metric_history(runs[0].info.run_id, "val/top1")] if runs else []
+    return [int(m.value) for m in mlflow.get_metric_history(runs[0].info.run_id, "epoch")] if runs else []
 
 
 def host_node_id(cluster: local.ClusterState, host: str) -> str:
@@ -280,10 +281,17 @@ def test_decode_node_lost_mid_epoch(local_cluster, stack, client_env, mlflow, s3
     (run,) = result["runs"]
     assert run.info.status == "FINISHED"
     val = CLASSES * VAL_PER_CLASS
-    for key in ("val/top1", "val/images", "perf/data_wait_frac"):
-        assert [m.step for m in mlflow.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    for key in ("val/top1", "val/images", "perf/epoch_data_wait_frac"):
+        assert [e for e, _ in RunSink(mlflow.tracking_uri, run.info.run_id).epoch_history(key)] == [1, 2], key
     assert [m.value for m in mlflow.get_metric_history(run.info.run_id, "val/images")] == [val, val]
     assert run.data.metrics["val/top1"] > 1.5 / CLASSES, "training did not learn (chance is 0.1)"
+    # System metrics from every host of the cluster, each under its own node name (group-address).
+    nodes = {
+        k.split("/")[1]
+        for k in run.data.metrics
+        if k.startswith("system/") and k.endswith("/cpu_utilization_percentage")
+    }
+    assert len(nodes) >= 3 and any(n.startswith("decode-") for n in nodes), sorted(nodes)
 
     # Placement, from Ray's task events: decoding only on decode-group hosts, training only on train.
     hosts = node_hosts(local_cluster)
@@ -321,7 +329,7 @@ def test_train_node_lost_recovers_from_checkpoint_in_the_same_run(
     assert f"restored from the checkpoint of epoch {last_checkpoint}" in logs, logs[-6000:]
     (run,) = result["runs"]  # the restarted worker group continued the same MLflow run
     assert run.info.status == "FINISHED"
-    assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "val/top1")] == [1, 2]
+    assert [e for e, _ in RunSink(mlflow.tracking_uri, run.info.run_id).epoch_history("val/top1")] == [1, 2]
     assert [m.value for m in mlflow.get_metric_history(run.info.run_id, "val/images")] == [CLASSES * VAL_PER_CLASS] * 2
 
 
@@ -411,13 +419,11 @@ def test_planner_predicts_the_data_wait_of_a_throttled_stand_in_gpu(local_cluste
             assert info["status"] == "SUCCEEDED", logs[-6000:]
             assert limited.get("epochs_logged") == [1], f"the limit came too late: {limited}"
             (run,) = _runs(mlflow, name)
-            history = mlflow.get_metric_history(run.info.run_id, "perf/steady_data_wait_frac")
-            by_epoch = {m.step: m.value for m in history}
+            logged = RunSink(mlflow.tracking_uri, run.info.run_id)
+            by_epoch = dict(logged.epoch_history("perf/steady_data_wait_frac"))
             steady = [by_epoch[e] for e in range(PLAN_MEASURED_FROM, PLAN_EPOCHS + 1)]
-            rates = {m.step: round(m.value) for m in mlflow.get_metric_history(run.info.run_id, "perf/images_per_s")}
-            starts = {
-                m.step: round(m.value, 1) for m in mlflow.get_metric_history(run.info.run_id, "perf/first_batch_s")
-            }
+            rates = {e: round(v) for e, v in logged.epoch_history("perf/epoch_images_per_s")}
+            starts = {e: round(v, 1) for e, v in logged.epoch_history("perf/first_batch_s")}
             print(f"\nplan check {name}: first batch s by epoch {starts}")
             results.append(
                 (ratio, consume, predict_data_wait(capacity, consume), sum(steady) / len(steady), by_epoch, rates)

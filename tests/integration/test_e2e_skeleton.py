@@ -17,10 +17,110 @@ import boto3
 import pytest
 from mlflow.tracking import MlflowClient
 
+from imagenet_ray.tracking import RunSink
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 60, 10
+MODEL_NAME = "smoke-resnet18"
+
+
+def check_dashboard(stack, client: MlflowClient, experiment_id: str, run) -> None:
+    """What the UI reads: step curves through its REST API, the overview charts, pictures, system metrics."""
+    import requests
+
+    history = requests.get(
+        f"{stack.mlflow_uri}/api/2.0/mlflow/metrics/get-history",
+        params={"run_id": run.info.run_id, "metric_key": "train/loss"},
+        timeout=30,
+    ).json()["metrics"]
+    steps = [int(m["step"]) for m in history]
+    assert len(steps) >= 4 and steps == sorted(set(steps)), steps
+    # The charts a user looks at first: copies under the section the UI sorts first (dashboard.py).
+    assert run.data.metrics["0 overview/1 val top1"] == run.data.metrics["val/top1"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"per_class_top1.png", "confused_pairs.png", "augmented_inputs.png", "confused_pairs.json"} <= artifacts
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert any(k.endswith("/cpu_utilization_percentage") for k in system), sorted(system)
+    assert "system/ray/object_store_used_mb" in system, sorted(system)
+
+
+def check_model_life(stack, client: MlflowClient, run, s3, prepared_url: str, job_log: str) -> None:
+    """The logged model: registered as champion, loads as a pyfunc that predicts the val set with the
+    run's val/top1, and the predict job writes one row per val image."""
+    import io
+
+    import mlflow.pyfunc
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from imagenet_ray.lifecycle import promote_if_better, register, resolve_model_reference
+
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert champion.tags["imagenet_ray.training_run"] == run.info.run_id
+    assert float(champion.tags["val/top1"]) == pytest.approx(run.data.metrics["val/top1"])
+    assert "model: models:/m-" in job_log and f"models:/{MODEL_NAME}/{champion.version}" in job_log
+    # The same model registered again is not better: the alias stays where it is.
+    ref = resolve_model_reference(f"models:/{MODEL_NAME}@champion", stack.mlflow_uri)
+    again = register(
+        ref.model_uri,
+        MODEL_NAME,
+        tracking_uri=stack.mlflow_uri,
+        run_id=run.info.run_id,
+        val_top1=ref.val_top1 or 0.0,
+        val_top5=ref.val_top5 or 0.0,
+        dataset_digest=ref.dataset_digest,
+    )
+    decision = promote_if_better(MODEL_NAME, again, tracking_uri=stack.mlflow_uri)
+    assert not decision.moved and decision.previous_version == champion.version, decision
+
+    # The val set, as bytes and labels, from the prepared shards.
+    bucket, prefix = prepared_url[len("s3://") :].split("/", 1)
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/_manifest.json")["Body"].read())
+    rows = []
+    for shard in manifest["splits"]["val"]["shards"]:
+        body = s3.get_object(Bucket=bucket, Key=f"{prefix}/{shard['path']}")["Body"].read()
+        rows += pq.read_table(io.BytesIO(body), columns=["key", "image", "label"]).to_pylist()
+    assert len(rows) == CLASSES * VAL_PER_CLASS
+    os.environ.setdefault("MLFLOW_TRACKING_URI", stack.mlflow_uri)
+    model = mlflow.pyfunc.load_model(ref.model_uri)
+    out = model.predict(pd.DataFrame({"image": [r["image"] for r in rows]}))
+    hits = sum(int(p) == r["label"] for p, r in zip(out["top1_index"], rows, strict=True))
+    # Run's final val/top1 is the champion's here (2 epochs, the last is best or equal): same preset, same count.
+    assert abs(hits - round(float(champion.tags["val/top1"]) * len(rows))) <= 1, (hits, champion.tags)
+
+    # Batch inference as a Ray job: one row per val image, top-1 as the pyfunc's.
+    out_url = f"s3://checkpoints/predictions-{uuid.uuid4().hex[:6]}"
+    predict = _submit(
+        stack,
+        [
+            "jobs/predict.py",
+            "--model",
+            f"models:/{MODEL_NAME}@champion",
+            "--images",
+            prepared_url,
+            "--out",
+            out_url,
+            "--mlflow-uri",
+            stack.mlflow_uri,
+        ],
+    )
+    assert predict.returncode == 0, predict.stdout[-4000:] + predict.stderr[-3000:]
+    assert f"predicted {len(rows)} of {len(rows)} images, 0 broken" in predict.stdout + predict.stderr
+    out_bucket, out_prefix = out_url[len("s3://") :].split("/", 1)
+    listed = s3.list_objects_v2(Bucket=out_bucket, Prefix=f"{out_prefix}/")
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    assert f"{out_prefix}/_SUCCESS" in keys, keys
+    predicted = []
+    for key in keys:
+        if key.endswith(".parquet"):
+            body = s3.get_object(Bucket=out_bucket, Key=key)["Body"].read()
+            predicted += pq.read_table(io.BytesIO(body), columns=["key", "top5_index"]).to_pylist()
+    assert sorted(p["key"] for p in predicted) == sorted(r["key"] for r in rows)  # every image once
+    by_key = {r["key"]: r["label"] for r in rows}
+    job_hits = sum(p["top5_index"][0] == by_key[p["key"]] for p in predicted)
+    assert abs(job_hits - hits) <= 1, (job_hits, hits)
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -111,10 +211,16 @@ def test_prepare_and_train_through_ray_jobs(local_stack, raw_url):
             "train.storage_path=s3://checkpoints/runs",
             f"mlflow.tracking_uri={local_stack.mlflow_uri}",
             "mlflow.experiment=integration",
+            f"mlflow.register_model_name={MODEL_NAME}",
         ],
     )
     assert train.returncode == 0, train.stdout[-5000:] + train.stderr[-3000:]
     assert "final: val/top1=" in train.stdout
+    log_text = train.stdout + train.stderr
+    for epoch in (1, 2):  # once each in the job's log (Ray Train's print patch would double a print)
+        assert log_text.count(f"[epoch {epoch}/2] train/loss=") == 1, log_text[-5000:]
+    assert "[epoch 1/2] step " in log_text, log_text[-5000:]  # a progress line during the epoch
+    assert "Reporting training result" not in log_text  # Ray Train's per-report dumps are quieted
     assert f"checkpoint: s3://checkpoints/runs/{run_name}/checkpoint_" in train.stdout  # a URL to paste
 
     client = MlflowClient(local_stack.mlflow_uri)
@@ -128,14 +234,46 @@ def test_prepare_and_train_through_ray_jobs(local_stack, raw_url):
     # The job ran from an uploaded copy of the sources (`--working-dir`), which leaves built files out:
     # the compiled crop decoder must still be found (it is a top-level module for that reason).
     assert run.data.tags["imagenet_ray.crop_decoder"].endswith("(crop decode)"), run.data.tags
-    for key in ("val/top1", "val/top5", "val/images", "train/loss", "perf/images_per_s"):
-        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    logged = RunSink(local_stack.mlflow_uri, run.info.run_id)
+    for key in ("val/top1", "val/top5", "val/images", "train/epoch_loss", "perf/epoch_images_per_s"):
+        assert [e for e, _ in logged.epoch_history(key)] == [1, 2], key
+    # Step curves: a point every mlflow.log_every_steps optimizer steps, on the global step axis.
+    epoch_steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch")]
+    for key in ("train/loss", "train/lr", "perf/images_per_s", "perf/data_wait_frac"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) >= 4 and steps == sorted(set(steps)), (key, steps)
+        assert steps[-1] <= epoch_steps[-1] and all(s % 5 == 0 for s in steps), (key, steps, epoch_steps)
     top1 = run.data.metrics["val/top1"]
     assert top1 >= 0.3, f"val/top1 {top1} is not well above chance (0.1)"
     assert run.data.metrics["val/top5"] >= top1
     assert run.data.metrics["val/images"] == CLASSES * VAL_PER_CLASS
+    # Lineage: the prepared dataset is the run's input for train and val, the same dataset (name, digest)
+    # the prepare run logged, and the run names that prepare run.
+    (prepare_run,) = client.search_runs(
+        [client.get_experiment_by_name("imagenet-ray-datasets").experiment_id],
+        filter_string=f"params.out = '{prepared_url}'",
+    )
+    prepared_input = {(d.dataset.name, d.dataset.digest) for d in prepare_run.inputs.dataset_inputs}
+    train_inputs = {
+        t.value: d.dataset
+        for d in client.get_run(run.info.run_id).inputs.dataset_inputs
+        for t in d.tags
+        if t.key == "mlflow.data.context"
+    }
+    assert sorted(train_inputs) == ["train", "val"]
+    assert {(train_inputs["train"].name, train_inputs["train"].digest)} == prepared_input
+    assert train_inputs["val"].name == f"{prepared_url}#val"
+    assert json.loads(train_inputs["val"].profile)["val_images"] == CLASSES * VAL_PER_CLASS
+    assert run.data.tags["imagenet_ray.prepare_run"] == prepare_run.info.run_id
+    # Reproducibility: versions and the cluster's shape.
+    assert run.data.tags["imagenet_ray.versions.torch"].startswith("2.14.1")
+    assert run.data.tags["imagenet_ray.train.workers"] == "2"
+    assert int(run.data.tags["imagenet_ray.cluster.nodes"]) >= 1
     # The resolved config travels with the run, as an artifact in the S3-backed artifact store.
     assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+    check_dashboard(local_stack, client, exp.experiment_id, run)
+    check_model_life(local_stack, client, run, s3, prepared_url, train.stdout)
 
     listed = s3.list_objects_v2(Bucket="checkpoints", Prefix=f"runs/{run_name}/")
     keys = [o["Key"] for o in listed.get("Contents", [])]
@@ -160,3 +298,70 @@ def test_missing_source_prefix_is_named(local_stack, stack_env):
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "s3://imagenet/no-such-prefix" in lines[0] and "nothing found" in lines[0], done.stderr
+
+
+def test_mlflow_outage_mid_run_costs_no_training(local_stack, raw_url):
+    """MLflow stopped after epoch 1 and started again ~20 s later: the job trains on, and every epoch's
+    metrics are in the run exactly once at the end (rank 0's queue held them)."""
+    import threading
+    import time
+
+    client = MlflowClient(local_stack.mlflow_uri)
+    name = f"outage-{uuid.uuid4().hex[:8]}"
+    outage: dict[str, float] = {}
+
+    def epochs_logged() -> list[int]:
+        exp = client.get_experiment_by_name("integration-outage")
+        runs = (
+            client.search_runs([exp.experiment_id], filter_string=f"tags.`imagenet_ray.run_name` = '{name}'")
+            if exp
+            else []
+        )
+        return [int(m.value) for m in client.get_metric_history(runs[0].info.run_id, "epoch")] if runs else []
+
+    def stop_after_epoch_1() -> None:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not epochs_logged():
+            time.sleep(0.5)
+        local_stack.stop_service("mlflow")
+        outage["stopped"] = time.time()
+        time.sleep(20)
+        local_stack.start_service("mlflow")
+        outage["started"] = time.time()
+
+    breaker = threading.Thread(target=stop_after_epoch_1, daemon=True)
+    breaker.start()
+    train = _submit(
+        local_stack,
+        [
+            "jobs/train.py",
+            "--config",
+            "configs/smoke.yaml",
+            f"name={name}",
+            f"data.url={raw_url}",
+            "data.source=raw",
+            "train.num_workers=1",
+            "train.epochs=3",
+            "train.throttle_images_per_s=60",  # ~10 s per epoch: epochs 2 and 3 end while MLflow is away
+            "train.storage_path=s3://checkpoints/runs",
+            f"mlflow.tracking_uri={local_stack.mlflow_uri}",
+            "mlflow.experiment=integration-outage",
+        ],
+    )
+    breaker.join(timeout=120)
+    assert {"stopped", "started"} <= set(outage), outage
+    assert train.returncode == 0, train.stdout[-5000:] + train.stderr[-3000:]
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("integration-outage").experiment_id],
+        filter_string=f"tags.`imagenet_ray.run_name` = '{name}'",
+    )
+    assert run.info.status == "FINISHED"
+    logged = RunSink(local_stack.mlflow_uri, run.info.run_id)
+    assert [e for e, _ in logged.epoch_history("val/top1")] == [1, 2, 3]  # each epoch once
+    assert [e for e, _ in logged.epoch_history("val/images")] == [1, 2, 3]
+    # Training went on while MLflow was away: an epoch ended (its metrics were queued) during the outage.
+    queued_at = [m.timestamp / 1000 for m in client.get_metric_history(run.info.run_id, "epoch")]
+    assert any(outage["stopped"] < t < outage["started"] for t in queued_at), (queued_at, outage)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == sorted(set(steps)) and len(steps) >= 6, steps  # step curves kept through the outage
+    assert run.data.tags["imagenet_ray.checkpoint"].startswith("s3://checkpoints/runs/")

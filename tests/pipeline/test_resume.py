@@ -15,6 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from imagenet_ray.config import load_config
+from imagenet_ray.tracking import RunSink
 from imagenet_ray.train.checkpoint import read_checkpoint_dir
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -60,7 +61,9 @@ def test_resume_is_exact_at_epoch_boundaries(local_ray, prepared, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(resumed["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [1, 2]
+    assert [
+        e for e, _ in RunSink(f"sqlite:///{tmp_path / 'mlflow.db'}", run.info.run_id).epoch_history("val/top1")
+    ] == [1, 2]
 
 
 def _descendants(root_pid: int) -> list[int]:
@@ -128,6 +131,8 @@ def test_killed_worker_restarts_from_checkpoint_same_mlflow_run(local_ray, prepa
         filter_string="tags.`imagenet_ray.run_name` = 'killed'",
     )
     assert len(runs) == 1, "the restart must continue the same MLflow run"
-    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/top1")]
-    assert steps == [1, 2], f"each epoch logged exactly once, got {steps}"
+    epochs = [
+        e for e, _ in RunSink(f"sqlite:///{tmp_path / 'mlflow.db'}", runs[0].info.run_id).epoch_history("val/top1")
+    ]
+    assert epochs == [1, 2], f"each epoch logged exactly once, got {epochs}"
     assert runs[0].info.status == "FINISHED"

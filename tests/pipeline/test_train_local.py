@@ -4,6 +4,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from imagenet_ray.config import load_config
+from imagenet_ray.tracking import RunSink
 from imagenet_ray.train.checkpoint import read_checkpoint_dir
 
 pytestmark = pytest.mark.ray
@@ -47,7 +48,7 @@ def test_two_workers_count_every_val_image_once(trained):
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "resnet18"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [1]
+    assert [e for e, _ in RunSink(f"sqlite:///{db}", run.info.run_id).epoch_history("val/top1")] == [1]
     state = read_checkpoint_dir(metrics["checkpoint_path"])
     assert state["epoch"] == 1 and state["mlflow_run_id"] == run.info.run_id
 

@@ -345,7 +345,7 @@ def test_overlay_sizes_the_decode_group_of_the_cluster_and_every_job(tmp_path, r
     assert written == tmp_path / "overlay" / "kustomization.yaml"
     docs = render(tmp_path / "overlay")
     groups = _decode_groups(docs)
-    assert len(groups) == 4  # the RayCluster and the 3 RayJobs' embedded clusters
+    assert len(groups) == 5  # the RayCluster and the 4 RayJobs' embedded clusters
     for g in groups:
         assert (g["replicas"], g["minReplicas"], g["maxReplicas"]) == (replicas, replicas, max_replicas)
     for doc in docs:

@@ -232,6 +232,13 @@ def entrypoint(job: Doc) -> tuple[str, list[str]]:
     return Path(argv[1]).stem, argv[2:]
 
 
+def gpu_capacity(cluster_spec: Doc) -> int:
+    """GPUs of the train group at its largest."""
+    (train,) = [g for g in cluster_spec["workerGroupSpecs"] if g["groupName"] == "train"]
+    per_pod = int(train["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    return per_pod * int(train["maxReplicas"])
+
+
 def env_of(container: Doc) -> dict[str, Doc]:
     return {e["name"]: e for e in container.get("env", [])}
 
@@ -381,19 +388,19 @@ def test_irsa_overlay_uses_the_default_credential_chain():
     assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
     containers = _containers(list(rendered("overlays/irsa")))
     base_env = [env_of(c) for c in _containers(list(rendered("base")))]
-    # head, train and decode in the RayCluster and in each of the 3 RayJobs, and MLflow
-    assert sum("AWS_ACCESS_KEY_ID" in e for e in base_env) == 3 * 4 + 1
+    # head, train and decode in the RayCluster and in each of the 4 RayJobs, and MLflow
+    assert sum("AWS_ACCESS_KEY_ID" in e for e in base_env) == 3 * 5 + 1
     for container in containers:
         env = env_of(container)
         assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env), container["name"]
     kept = [env_of(c) for c in containers if "MLFLOW_TRACKING_URI" in env_of(c) or c["name"] == "mlflow"]
-    assert len(kept) == 3 * 4 + 1 and all("AWS_REGION" in e for e in kept)
+    assert len(kept) == 3 * 5 + 1 and all("AWS_REGION" in e for e in kept)
 
 
 @pytest.mark.parametrize("root", ROOTS)
 def test_jobs(root):
     jobs = {d["metadata"]["name"]: d for d in by_kind(root, "RayJob")}
-    assert set(jobs) == {"imagenet-prepare", "imagenet-train", "imagenet-evaluate"}
+    assert set(jobs) == {"imagenet-prepare", "imagenet-train", "imagenet-evaluate", "imagenet-predict"}
     for job in jobs.values():
         spec = job["spec"]
         assert spec["submissionMode"] == "K8sJobMode" and spec["shutdownAfterJobFinishes"] is True
@@ -404,6 +411,25 @@ def test_jobs(root):
         command, argv = entrypoint(job)
         assert job["metadata"]["labels"]["imagenet-ray/stage"] == command
         build_parser().parse_args([command, *argv])  # the CLI accepts the arguments
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_predict_job_runs_on_the_gpu_group_and_reads_and_writes_s3(root):
+    (job,) = [j for j in by_kind(root, "RayJob") if j["metadata"]["name"] == "imagenet-predict"]
+    _, argv = entrypoint(job)
+    args = build_parser().parse_args(["predict", *argv])
+    assert args.images.startswith("s3://") and args.out.startswith("s3://") and args.out != args.images
+    assert args.model.startswith(("runs:/", "models:/")), "the model comes from MLflow"
+    # The GPU group autoscales from 0: --gpu true (auto would see no GPU yet); the actor pool starts at what
+    # the group can give on every overlay (an actor waits for its GPU) and grows to at most one per GPU.
+    assert args.gpu == "true"
+    low, _, high = args.workers.partition(":")  # N or MIN:MAX (predict.parse_workers)
+    low, high = int(low), int(high or low)
+    assert low <= gpu_capacity(job["spec"]["rayClusterSpec"])
+    (base_cluster,) = by_kind("base", "RayCluster")
+    assert low <= high <= gpu_capacity(base_cluster["spec"])
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert env_of(head)["MLFLOW_TRACKING_URI"]["value"] == mlflow_url(root), "runs:/ and models:/ resolve there"
 
 
 @pytest.mark.parametrize("root", ROOTS)

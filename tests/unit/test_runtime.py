@@ -38,7 +38,7 @@ def test_every_command_names_a_job_that_exists():
     named = set()
     for path in (repo / "imagenet_ray").rglob("*.py"):
         named |= set(re.findall(r'ensure_ray\([^)]*job="([^"]+)"', path.read_text()))
-    assert named == {"jobs/prepare.py", "jobs/evaluate.py"}
+    assert named == {"jobs/prepare.py", "jobs/evaluate.py", "jobs/predict.py"}
     assert all((repo / job).is_file() for job in named | {"jobs/train.py"})
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 from imagenet_ray.config import ExperimentConfig, load_config
 from imagenet_ray.errors import ConfigError
 from imagenet_ray.train.plan import WorkerPlan
+from imagenet_ray.train.progress import ProgressLine
 from imagenet_ray.train.runner import Runner
 from imagenet_ray.train.step import StepPacer, TrainStep
 
@@ -93,6 +94,8 @@ def _runner(throttle: float | None, shard: _Shard, skip_step: bool = False) -> R
     runner.aug_rng = np.random.default_rng(0)
     runner.train_shard = shard
     runner.schedule = lambda step: 0.01
+    runner.queue, runner.grid_logged = None, True  # rank 0's MLflow writes: not under test here
+    runner.progress = ProgressLine(cfg.train.epochs, shard.batches, cfg.mlflow.progress_every_s)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     runner.step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.01), runner.schedule)
@@ -108,24 +111,24 @@ def test_throttled_epoch_consumes_at_most_the_rate_and_sleep_is_not_data_wait():
     # 4 images per batch at ≤ 40 images/s: ≥ 100 ms per step, where the real step takes a few ms
     metrics = _second_epoch(_runner(40.0, _Shard(batches=6)))
     assert metrics["train/images"] == 24
-    assert 10 < metrics["perf/images_per_s"] <= 40
+    assert 10 < metrics["perf/epoch_images_per_s"] <= 40
     assert metrics["perf/throttle_sleep_frac"] > 0.25  # most of each 100 ms (less on a loaded machine)
-    assert metrics["perf/data_wait_frac"] < 0.2
+    assert metrics["perf/epoch_data_wait_frac"] < 0.2
 
 
 def test_throttled_epoch_with_slow_data_counts_the_wait():
     # a batch every 200 ms, steps paced to 100 ms. This shard does not prefetch, so data and step alternate:
     # 200 / (200 + 100) = 0.67 of the epoch is data wait (Ray Data prefetches: there, 1 - 20/40 = 0.5).
     metrics = _second_epoch(_runner(40.0, _Shard(batches=4, delay_s=0.2)))
-    assert 0.5 < metrics["perf/data_wait_frac"] < 0.8
+    assert 0.5 < metrics["perf/epoch_data_wait_frac"] < 0.8
     assert 0.15 < metrics["perf/throttle_sleep_frac"] < 0.4
-    assert metrics["perf/images_per_s"] < 15  # 4 images per 300 ms
+    assert metrics["perf/epoch_images_per_s"] < 15  # 4 images per 300 ms
 
 
 def test_unthrottled_epoch_is_unchanged():
     metrics = _second_epoch(_runner(None, _Shard(batches=6)))
     assert "perf/throttle_sleep_frac" not in metrics
-    assert metrics["train/images"] == 24 and metrics["perf/images_per_s"] > 40  # a few ms per step
+    assert metrics["train/images"] == 24 and metrics["perf/epoch_images_per_s"] > 40  # a few ms per step
 
 
 def test_first_batch_wait_is_reported_apart_from_the_steady_state():
@@ -133,16 +136,16 @@ def test_first_batch_wait_is_reported_apart_from_the_steady_state():
     # the step sleeps: no steady wait beyond the iterator's own few ms)
     metrics = _second_epoch(_runner(40.0, _Shard(batches=5, delay_s=0.05, first_delay_s=0.3)))
     assert 0.3 <= metrics["perf/first_batch_s"] < 0.45
-    assert metrics["perf/data_wait_frac"] > 0.3  # 0.3 + 4 x 0.05 of ~0.8 s in all
-    assert metrics["perf/steady_data_wait_frac"] < metrics["perf/data_wait_frac"] - 0.2
+    assert metrics["perf/epoch_data_wait_frac"] > 0.3  # 0.3 + 4 x 0.05 of ~0.8 s in all
+    assert metrics["perf/steady_data_wait_frac"] < metrics["perf/epoch_data_wait_frac"] - 0.2
 
 
 def test_skip_step_consumes_batches_without_training():
     runner = _runner(40.0, _Shard(batches=6), skip_step=True)
     before = [p.detach().clone() for p in runner.step.model.parameters()]
     metrics = _second_epoch(runner)
-    assert metrics["train/images"] == 24 and 10 < metrics["perf/images_per_s"] <= 40  # still paced
-    assert "train/loss" not in metrics and "train/lr" not in metrics  # nothing trained: nothing to report
-    assert runner.step.step == 0
+    assert metrics["train/images"] == 24 and 10 < metrics["perf/epoch_images_per_s"] <= 40  # still paced
+    assert "train/epoch_loss" not in metrics and "train/lr" not in metrics  # nothing trained: nothing to report
+    assert runner.step.step == 12  # 2 epochs of 6 batches: the step axis moves without an optimizer step
     assert all(torch.equal(a, b) for a, b in zip(before, runner.step.model.parameters(), strict=True))
     assert load_config(None, ["train.skip_step=true"]).train.skip_step is True

@@ -267,7 +267,7 @@ def test_a_finished_run_is_not_resumed_to_train_nothing(tmp_path, monkeypatch, c
         cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.name, str(tmp_path / "runs"), flatten(cfg), to_yaml(cfg)
     )
     for epoch, top1 in ((1, 0.5), (2, 0.75)):
-        sink.log_metrics({"val/top1": top1}, step=epoch)
+        sink.log_metrics({"val/top1": top1, "epoch": epoch}, step=10 * epoch)  # at the global step
     sink.set_tags({CHECKPOINT_TAG: "s3://checkpoints/runs/twice/checkpoint_000001"})
     assert trainer.finished_run(cfg) is None  # still RUNNING (a crashed or live job): resume as before
     sink.finish("FINISHED")

@@ -1,0 +1,153 @@
+"""The rank-0 MLflow writer: never blocks the step, keeps order, survives an outage, stays bounded."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from imagenet_ray.errors import UserError
+from imagenet_ray.tracking import RunSink
+from imagenet_ray.train.metric_queue import MetricQueue, epochs_logged
+from imagenet_ray.train.progress import Interval, IntervalMeter, ProgressLine, format_duration
+
+
+class FlakySink:
+    """Records writes; fails while `down` is set (an MLflow outage)."""
+
+    def __init__(self) -> None:
+        self.down = threading.Event()
+        self.points: list[tuple[str, float, int, int]] = []
+        self.calls: list[str] = []
+        self.attempts = 0
+
+    def log_metric_values(self, points: list[tuple[str, float, int, int]]) -> None:
+        self.attempts += 1
+        if self.down.is_set():
+            raise UserError("MLflow at http://127.0.0.1:1: connection refused")
+        self.points.extend(points)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.down.is_set():
+            raise UserError("down")
+        self.calls.append(f"tags {sorted(tags)}")
+
+    def finish(self, status: str) -> None:
+        if self.down.is_set():
+            raise UserError("down")
+        self.calls.append(f"finish {status}")
+
+
+def test_writes_arrive_in_order_after_an_outage():
+    sink = FlakySink()
+    sink.down.set()
+    queue = MetricQueue(sink)  # type: ignore[arg-type]
+    for step in range(1, 4):
+        queue.log_step_metrics({"train/loss": 1.0 / step}, step)
+    queue.log_metrics({"val/top1": 0.5, "epoch": 1}, step=3)
+    queue.finish("FINISHED")
+    assert not queue.flush(timeout_s=0.3)  # MLflow is down: nothing sent, the caller was not blocked
+    assert sink.points == [] and sink.attempts >= 1
+    sink.down.clear()
+    assert queue.close(timeout_s=20)
+    assert [(k, s) for k, _, _, s in sink.points] == [
+        ("train/loss", 1),
+        ("train/loss", 2),
+        ("train/loss", 3),
+        ("val/top1", 3),
+        ("epoch", 3),
+    ]
+    assert sink.calls == ["finish FINISHED"]  # after the metrics, as queued
+
+
+def test_a_resend_carries_the_original_timestamp():
+    sink = FlakySink()
+    clock = iter([100.0, 200.0])
+    queue = MetricQueue(sink, clock=lambda: next(clock))  # type: ignore[arg-type]
+    queue.log_metrics({"a": 1.0}, step=1)
+    queue.log_metrics({"a": 2.0}, step=2)
+    assert queue.close(timeout_s=10)
+    assert [ts for _, _, ts, _ in sink.points] == [100_000, 200_000]  # queued time, not sent time
+
+
+def test_the_bound_drops_step_curves_first_never_epoch_metrics():
+    sink = FlakySink()
+    sink.down.set()
+    queue = MetricQueue(sink, max_points=4)  # type: ignore[arg-type]
+    queue.log_metrics({"val/top1": 0.1, "epoch": 1}, step=10)
+    for step in range(1, 6):
+        queue.log_step_metrics({"train/loss": float(step)}, step)
+    queue.log_metrics({"val/top1": 0.2, "epoch": 2}, step=20)
+    assert queue.dropped >= 3
+    sink.down.clear()
+    assert queue.close(timeout_s=20)
+    keys = [(k, s) for k, _, _, s in sink.points]
+    assert ("val/top1", 10) in keys and ("val/top1", 20) in keys and ("epoch", 20) in keys
+    assert len(keys) <= 4 + 1  # the bound (+ the write the thread held when the bound hit)
+
+
+def test_close_gives_up_after_its_timeout_and_says_so(caplog):
+    sink = FlakySink()
+    sink.down.set()
+    queue = MetricQueue(sink)  # type: ignore[arg-type]
+    queue.log_metrics({"val/top1": 0.5}, step=1)
+    with caplog.at_level("WARNING"):
+        assert not queue.close(timeout_s=0.5)
+    assert "not sent" in caplog.text
+    with pytest.raises(RuntimeError):
+        queue.log_metrics({"x": 1.0}, step=2)
+
+
+def test_epochs_logged_reads_the_epoch_metric(tmp_path):
+    sink = RunSink.create(f"sqlite:///{tmp_path / 'm.db'}", "e", "r")
+    sink.log_metrics({"epoch": 1, "val/top1": 0.1}, step=7)
+    sink.log_metrics({"epoch": 2, "val/top1": 0.2}, step=14)
+    assert epochs_logged(sink) == {1, 2}
+    assert sink.epoch_history("val/top1") == [(1, 0.1), (2, 0.2)]
+
+
+def test_epochs_logged_gives_up_on_an_unreachable_store():
+    class Down:
+        def logged_values(self, key: str) -> set[int]:
+            raise UserError("down")
+
+    assert epochs_logged(Down(), wait_s=0.0, every_s=0.0) == set()  # type: ignore[arg-type]
+
+
+def test_interval_meter_reports_each_interval_one_cut_late():
+    now = [0.0]
+    meter = IntervalMeter(every_steps=2, device=__import__("torch").device("cpu"), clock=lambda: now[0])
+    import torch
+
+    results = []
+    for step in range(1, 7):
+        now[0] += 1.0
+        meter.add(images=8, wait_s=0.25, loss_sum=torch.tensor(8.0 * step, dtype=torch.float64))
+        if meter.due(step):
+            results.append(meter.cut(step))
+    results.append(meter.finish())
+    assert results[0] is None  # the first interval's reduction is read at the next cut
+    got = [r for r in results if r is not None]
+    assert [r.step for r in got] == [2, 4, 6]
+    first = got[0].metrics(lr=0.1)
+    assert first["train/loss"] == pytest.approx((8.0 + 16.0) / 16)
+    assert first["perf/images_per_s"] == pytest.approx(16 / 2.0)
+    assert first["perf/data_wait_frac"] == pytest.approx(0.5 / 2.0)
+    assert "train/loss" not in got[0].metrics(lr=None)  # skip_step: nothing trained
+    assert not meter.due(6) and not meter.due(0)
+
+
+def test_progress_line_has_step_rate_and_etas_and_is_rate_limited():
+    now = [0.0]
+    line = ProgressLine(epochs=3, steps_per_epoch=100, every_s=30, clock=lambda: now[0])
+    interval = Interval(step=50, loss_sum=32.0, images=64.0, wait_s=0.5, wall_s=2.0, world=2)
+    text = line.line(epoch=0, step_in_epoch=50, interval=interval, elapsed_s=50.0)
+    assert text is not None and text.startswith("[epoch 1/3] step 50/100 loss=0.5000 ")
+    assert "images/s=64.0 data_wait=0.25" in text
+    assert "eta epoch 50s, run 4m10s" in text  # 50 steps at 1/s, then 2 epochs of 100 s
+    now[0] = 10.0
+    assert line.line(epoch=0, step_in_epoch=60, interval=interval, elapsed_s=60.0) is None
+    now[0] = 45.0
+    line.epoch_s = 120.0  # a finished epoch (with validation) is the better estimate for the rest
+    assert "run 4m50s" in str(line.line(epoch=0, step_in_epoch=50, interval=interval, elapsed_s=50.0))
+    assert format_duration(3725) == "1h02m" and format_duration(5) == "5s"
