@@ -703,6 +703,19 @@ def default_workers(use_gpu: bool) -> int:
     return max(1, int(resources.get("CPU", 1)) - 1)
 
 
+def check_cpu_room(max_workers: int, use_gpu: bool) -> None:
+    """On a CPU-only cluster each model actor holds a CPU: as many actors as CPUs leave none for the read
+    tasks, and the pipeline stalls. Say so instead."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if not use_gpu and max_workers >= cpus:
+        raise UserError(
+            f"--workers {max_workers}: a CPU-only cluster of {cpus} CPUs needs at least one CPU for reading "
+            f"(use --workers {max(1, cpus - 1)} or fewer)"
+        )
+
+
 def run_predict(req: PredictRequest) -> PredictSummary:
     if req.batch_size < 1:
         raise UserError("--batch-size must be ≥ 1")
@@ -714,6 +727,7 @@ def run_predict(req: PredictRequest) -> PredictSummary:
     ensure_ray(1, job="jobs/predict.py")
     use_gpu = use_gpu_for(req.gpu)
     low, high = workers or (default_workers(use_gpu),) * 2
+    check_cpu_room(high, use_gpu)
     options = PipelineOptions(batch_size=req.batch_size, workers=low, max_workers=high, use_gpu=use_gpu)
     log.info(
         "predicting %s with %s (%s, %d classes, resize %d crop %d) on %s",

@@ -92,6 +92,8 @@ def run_predict_bench(
         raise ConfigError("bench predict: --cores must be ≥ 2 (the pipeline decodes and runs the model apart)")
     if rounds < 1 or batch_size < 1 or (workers is not None and workers < 1):
         raise ConfigError("bench predict: --rounds, --batch-size and --workers must be ≥ 1")
+    if workers is not None and workers >= cores:
+        raise ConfigError(f"bench predict: --workers {workers} on {cores} cores leaves no CPU for reading")
     inputs = open_inputs(absolute_url(images))
     if model:
         spec = load_model_spec(model, tracking_uri, inputs.classes)
