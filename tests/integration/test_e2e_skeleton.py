@@ -221,6 +221,8 @@ def test_prepare_and_train_through_ray_jobs(local_stack, raw_url):
         assert log_text.count(f"[epoch {epoch}/2] train/loss=") == 1, log_text[-5000:]
     assert "[epoch 1/2] step " in log_text, log_text[-5000:]  # a progress line during the epoch
     assert "Reporting training result" not in log_text  # Ray Train's per-report dumps are quieted
+    assert "exclude_resources" not in log_text  # no deprecation warning from our ingest options
+    assert "A new progress UI is available" not in log_text  # Ray Data logs plain progress lines instead
     assert f"checkpoint: s3://checkpoints/runs/{run_name}/checkpoint_" in train.stdout  # a URL to paste
 
     client = MlflowClient(local_stack.mlflow_uri)

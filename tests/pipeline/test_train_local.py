@@ -122,6 +122,12 @@ def test_evaluate_reproduces_the_training_val_numbers(trained, prepared, tmp_pat
     by_ref = run_evaluation(EvalRequest(checkpoint=f"runs:/{metrics['mlflow_run_id']}", **common))
     assert by_ref["eval/images"] == 21
     assert by_ref["eval/top1"] == metrics["val/top1"] and by_ref["eval/top5"] == metrics["val/top5"]
+    # The evaluation is a child of the training run, in its experiment, with the val set as its input.
+    eval_run = MlflowClient(uri).get_run(by_ref["mlflow_run_id"])
+    train_run = MlflowClient(uri).get_run(metrics["mlflow_run_id"])
+    assert eval_run.data.tags["mlflow.parentRunId"] == train_run.info.run_id
+    assert eval_run.info.experiment_id == train_run.info.experiment_id
+    assert [d.dataset.name for d in eval_run.inputs.dataset_inputs] == [f"{root}#val"]
 
     weights = tmp_path / "resnet18-3cls.pth"
     torch.save(read_checkpoint_dir(metrics["checkpoint_path"])["model"], weights)
