@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from imagenet_ray import storage
 from imagenet_ray.config import classification_model_names
 from imagenet_ray.data.format import PreparedDataset, open_prepared
-from imagenet_ray.data.pipeline import build_val_dataset, exact_val_data_config
+from imagenet_ray.data.pipeline import build_val_dataset, exact_val_data_config, plain_progress_logs
 from imagenet_ray.errors import UserError, describe_error
 from imagenet_ray.lifecycle import checkpoint_url_for
 from imagenet_ray.runtime import absolute_url, cluster_has_gpu, configure_worker_logging, ensure_ray
@@ -215,6 +215,7 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
     if real is not None and num_classes != 1000:
         raise UserError(f"ReaL labels index the 1,000 ImageNet classes; {req.data_url} has {num_classes}")
     ensure_ray(req.num_workers, job="jobs/evaluate.py")
+    plain_progress_logs()
     use_gpu = req.use_gpu if req.use_gpu is not None else cluster_has_gpu()
     plan = EvalWorkerPlan(
         model=model_name,

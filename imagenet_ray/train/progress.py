@@ -51,7 +51,8 @@ class IntervalMeter:
         self._images, self._wait_s = 0, 0.0
         self._start = clock()
         self._last_cut_step = -1
-        self._in_flight: tuple[int, torch.Tensor, Any] | None = None  # (step, tensor, async work)
+        # (step, totals, async work, CUDA event after the totals' copy to the host)
+        self._in_flight: tuple[int, torch.Tensor, Any, Any] | None = None
 
     def add(self, images: int, wait_s: float, loss_sum: torch.Tensor | None = None) -> None:
         self._images += images
@@ -75,7 +76,18 @@ class IntervalMeter:
         )
         work = dist.all_reduce(totals, op=dist.ReduceOp.SUM, async_op=True) if _distributed() else None
         previous = self._collect()
-        self._in_flight = (step, totals, work)
+        event = None
+        if totals.is_cuda:
+            # Reading a CUDA tensor later would wait for every kernel queued by then (the next steps' too):
+            # copy it to pinned host memory behind the collective now, and later wait for that copy alone.
+            if work is not None:
+                work.wait()  # NCCL: the stream waits for the collective; the host does not
+                work = None
+            host = torch.empty(totals.shape, dtype=totals.dtype, pin_memory=True)
+            host.copy_(totals, non_blocking=True)
+            totals, event = host, torch.cuda.Event()
+            event.record()
+        self._in_flight = (step, totals, work, event)
         self._last_cut_step = step
         self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._images, self._wait_s, self._start = 0, 0.0, now
@@ -88,10 +100,12 @@ class IntervalMeter:
     def _collect(self) -> Interval | None:
         if self._in_flight is None:
             return None
-        step, totals, work = self._in_flight
+        step, totals, work, event = self._in_flight
         self._in_flight = None
         if work is not None:
             work.wait()
+        if event is not None:
+            event.synchronize()
         loss_sum, images, wait_s, wall_s = totals.tolist()
         return Interval(step, loss_sum, images, wait_s, wall_s, self.world)
 
