@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from imagenet_ray.errors import ConfigError, UserError
+from imagenet_ray.redact import RedactingFilter
 
 DEFAULT_SERVICES_DIR = ".services"
 DEFAULT_CLUSTER_DIR = ".cluster"
@@ -50,6 +51,7 @@ def configure_logging(level: int = logging.INFO) -> None:
     err.setLevel(logging.WARNING)
     for handler in (out, err):
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(RedactingFilter())  # a credential inside a URL never reaches the terminal
         package.addHandler(handler)
     package.setLevel(level)
 
@@ -187,7 +189,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from imagenet_ray.evaluate import EvalRequest, run_evaluation
 
-    if args.crop > args.resize:
+    if args.resize is not None and args.crop is not None and args.crop > args.resize:
         raise ConfigError("evaluate: --crop must not exceed --resize")
     if args.num_workers < 1 or args.batch_size < 1:
         raise ConfigError("evaluate: --num-workers and --batch-size must be ≥ 1")
@@ -334,8 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", default=None, help="a torchvision state dict file (with --model)")
     p.add_argument("--model", default=None, help="torchvision model name (default: from the checkpoint)")
-    p.add_argument("--resize", type=int, default=256)
-    p.add_argument("--crop", type=int, default=224)
+    p.add_argument(
+        "--resize",
+        type=int,
+        default=None,
+        help="shorter side before the center crop (default: the checkpoint config's eval.resize, else 256)",
+    )
+    p.add_argument(
+        "--crop", type=int, default=None, help="center crop (default: the checkpoint config's eval.crop, else 224)"
+    )
     p.add_argument("--hflip", action="store_true", help="average over the image and its mirror")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=1)

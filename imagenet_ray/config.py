@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imagenet_ray.errors import ConfigError, describe_error
+from imagenet_ray.redact import redact_text, redact_values
 
 Tree = dict[str, Any]  # a raw config tree as read from YAML, before validation
 
@@ -328,14 +329,17 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | tupl
 
 
 def flatten(cfg: BaseModel, prefix: str = "") -> dict[str, Any]:
-    """{'optim.lr': 0.1, ...}: the config as flat params (for MLflow); sections recurse, values are leaves."""
+    """{'optim.lr': 0.1, ...}: the config as flat params (for MLflow); sections recurse, values are leaves.
+    A URL's password in any value is masked (`user:***@host`)."""
     out: dict[str, Any] = {}
     for key in type(cfg).model_fields:
         value = getattr(cfg, key)
         if isinstance(value, BaseModel):
             out.update(flatten(value, f"{prefix}{key}."))
         elif isinstance(value, (dict, tuple, list)):
-            out[f"{prefix}{key}"] = yaml.safe_dump(_plain(value), default_flow_style=True).strip()
+            out[f"{prefix}{key}"] = redact_text(yaml.safe_dump(_plain(value), default_flow_style=True).strip())
+        elif isinstance(value, str):
+            out[f"{prefix}{key}"] = redact_text(value)
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -350,4 +354,5 @@ def _plain(value: Any) -> Any:
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+    """The config as YAML (an MLflow artifact, each checkpoint's copy), URL passwords masked."""
+    return yaml.safe_dump(redact_values(cfg.model_dump()), sort_keys=False)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from imagenet_ray.redact import redact_text
+
 
 class UserError(Exception):
-    """A problem the user can fix (bad config, bad URL, missing data). Printed as one line."""
+    """A problem the user can fix (bad config, bad URL, missing data). Printed as one line.
+
+    A URL's password in a message is masked (`user:***@host`) as the error is made, and again by `str()`
+    for arguments that are not strings: the CLI's error line, logs and Ray's copies never show it."""
 
     exit_code = 1
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))
+
+    def __str__(self) -> str:
+        return redact_text(super().__str__())  # args that are not strings (an exception, a URL object)
 
 
 class ConfigError(UserError):
@@ -16,5 +27,6 @@ class ConfigError(UserError):
 
 
 def describe_error(exc: BaseException, limit: int = 300) -> str:
-    """`exc` as one line for a UserError message: whitespace folded, cut to `limit` characters."""
-    return " ".join(str(exc).split())[:limit]
+    """`exc` as one line for a UserError message: URL passwords masked, whitespace folded, cut to `limit`
+    characters (masked before the cut: a URL cut inside its password would no longer look like one)."""
+    return " ".join(redact_text(str(exc)).split())[:limit]

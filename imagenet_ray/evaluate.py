@@ -6,8 +6,10 @@ Every val image is counted exactly once across workers (same split and all-reduc
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -21,10 +23,10 @@ import yaml
 from ray.train.torch import TorchTrainer
 
 from imagenet_ray import storage
-from imagenet_ray.config import classification_model_names
+from imagenet_ray.config import EvalSection, classification_model_names
 from imagenet_ray.data.format import PreparedDataset, open_prepared
 from imagenet_ray.data.pipeline import build_val_dataset, exact_val_data_config, plain_progress_logs
-from imagenet_ray.errors import UserError, describe_error
+from imagenet_ray.errors import ConfigError, UserError, describe_error
 from imagenet_ray.lifecycle import checkpoint_url_for
 from imagenet_ray.runtime import absolute_url, cluster_has_gpu, configure_worker_logging, ensure_ray
 from imagenet_ray.tracking import RunSink, training_run_experiment, val_dataset
@@ -37,13 +39,15 @@ from imagenet_ray.train.report import report_with_marker
 
 PREFETCH_BATCHES = 2
 EVALUATED_RUN_TAG = "imagenet_ray.evaluated_run"  # on an evaluation run: the training run it evaluated
+FALLBACK_RESIZE, FALLBACK_CROP = 256, 224  # the torchvision preset, when no checkpoint config says otherwise
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EvalRequest:
     data_url: str
-    resize: int = 256
-    crop: int = 224
+    resize: int | None = None  # None = the checkpoint config's eval preset (256/224 without one)
+    crop: int | None = None
     hflip: bool = False
     batch_size: int = 64
     num_workers: int = 1
@@ -99,6 +103,7 @@ class Weights(NamedTuple):
     num_classes: int | None  # from the checkpoint; None for a bare weights file
     blurpool: bool
     training_run_id: str | None = None  # the MLflow run that wrote the checkpoint
+    config_yaml: str | None = None  # the training run's resolved config; None for a bare weights file
 
 
 def load_weights(req: EvalRequest) -> Weights:
@@ -117,18 +122,68 @@ def load_weights(req: EvalRequest) -> Weights:
             "give --checkpoint URL|runs:/ID|models:/NAME@ALIAS|models:/NAME/VERSION or --weights FILE --model NAME"
         )
     state = read_checkpoint_url(resolve_checkpoint_url(req.checkpoint, req.tracking_uri))
-    cfg = yaml.safe_load(state["config_yaml"])
+    config_yaml = state.get("config_yaml")
+    loaded = yaml.safe_load(config_yaml) if config_yaml else None
+    model_cfg = loaded.get("model") if isinstance(loaded, dict) else None
+    model_cfg = model_cfg if isinstance(model_cfg, dict) else {}
     model_state = state["model"]
     fc = [v for k, v in model_state.items() if k.endswith(("fc.weight", "classifier.weight", "head.weight"))]
     # A BlurPool model has other module names: rebuild the architecture the checkpoint was trained with.
-    blurpool = bool(cfg["model"].get("blurpool", False))
+    blurpool = bool(model_cfg.get("blurpool", False))
+    model_name = req.model or model_cfg.get("name")
+    if not model_name:
+        raise UserError(f"{req.checkpoint}: the checkpoint's config names no model; give --model")
     return Weights(
-        req.model or cfg["model"]["name"],
+        str(model_name),
         model_state,
         int(fc[-1].shape[0]) if fc else None,
         blurpool,
         state.get("mlflow_run_id") or None,
+        config_yaml or None,
     )
+
+
+def checkpoint_eval_preset(config_yaml: str | None) -> tuple[int, int] | None:
+    """(resize, crop) a checkpoint's config validated with: its `eval:` section (or, in configs from before
+    that section, `data.val_resize`/`data.val_crop`); a key left out is the EvalSection default the run
+    resolved it to. None when there is no config or it has no eval preset."""
+    if not config_yaml:
+        return None
+    try:
+        cfg = yaml.safe_load(config_yaml)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    default_resize, default_crop = EvalSection.model_fields["resize"].default, EvalSection.model_fields["crop"].default
+    for section, resize_key, crop_key in (("eval", "resize", "crop"), ("data", "val_resize", "val_crop")):
+        values = cfg.get(section)
+        if isinstance(values, dict) and (resize_key in values or crop_key in values):
+            resize, crop = values.get(resize_key, default_resize), values.get(crop_key, default_crop)
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in (resize, crop)):
+                return resize, crop
+    return None
+
+
+def eval_preset(checkpoint_config_yaml: str | None, resize: int | None, crop: int | None) -> tuple[int, int, str]:
+    """(resize, crop, where they came from): an explicit --resize/--crop wins, else the checkpoint config's
+    eval preset, else (a weights file, a checkpoint without a config) the 256/224 torchvision preset."""
+    from_ckpt = checkpoint_eval_preset(checkpoint_config_yaml)
+    fallback = from_ckpt or (FALLBACK_RESIZE, FALLBACK_CROP)
+    origin = "the checkpoint's config" if from_ckpt else "the 256/224 default: no checkpoint config with an eval preset"
+    r = resize if resize is not None else fallback[0]
+    c = crop if crop is not None else fallback[1]
+    if resize is not None and crop is not None:
+        source = "from --resize/--crop"
+    elif resize is None and crop is None:
+        source = f"from {origin}"
+    elif resize is not None:
+        source = f"resize from --resize, crop from {origin}"
+    else:
+        source = f"crop from --crop, resize from {origin}"
+    if c > r:
+        raise ConfigError(f"evaluate: crop {c} must not exceed resize {r} ({source})")
+    return r, c, source
 
 
 def check_weights_fit(model_name: str, state: dict[str, Any], num_classes: int, blurpool: bool = False) -> None:
@@ -206,6 +261,9 @@ def eval_loop_per_worker(config: dict[str, EvalWorkerPlan]) -> None:
 def run_evaluation(req: EvalRequest) -> dict[str, Any]:
     data = open_prepared(absolute_url(req.data_url))
     weights = load_weights(req)
+    resize, crop, preset_source = eval_preset(weights.config_yaml, req.resize, req.crop)
+    log.info("eval preset: resize %d, crop %d (%s)", resize, crop, preset_source)
+    req = dataclasses.replace(req, resize=resize, crop=crop)  # what the val set is decoded with, and logged
     model_name, state, ckpt_classes, blurpool = weights.model, weights.state, weights.num_classes, weights.blurpool
     num_classes = data.num_classes
     if ckpt_classes is not None and ckpt_classes != num_classes:
@@ -231,7 +289,7 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
         eval_loop_per_worker,
         train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(num_workers=req.num_workers, use_gpu=use_gpu),
-        datasets={"val": build_val_dataset(data, req.resize, req.crop, decode_on="cpu", with_val_index=True)},
+        datasets={"val": build_val_dataset(data, resize, crop, decode_on="cpu", with_val_index=True)},
         dataset_config=exact_val_data_config(equal_split=()),
         run_config=ray.train.RunConfig(  # type: ignore[call-arg]  # Train V2's (the stubs name V1's)
             name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
@@ -242,6 +300,7 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
     metrics = dict(trainer.fit().metrics or {})
     if req.tracking_uri:
         metrics["mlflow_run_id"] = _log(req.tracking_uri, req, model_name, metrics, data, weights.training_run_id)
+    metrics["eval_preset"] = {"resize": resize, "crop": crop, "source": preset_source}  # after _log: not a metric
     return metrics
 
 

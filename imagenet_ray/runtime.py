@@ -6,8 +6,10 @@ import logging
 import math
 import os
 import sys
+from typing import Any
 
 from imagenet_ray.errors import UserError
+from imagenet_ray.redact import RedactingFilter
 
 
 def absolute_url(url: str) -> str:
@@ -33,13 +35,36 @@ def ensure_ray(min_cpus: float, job: str = "jobs/train.py") -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # Training workers reserve their CPUs; Ray Data needs at least one more for decoding.
-        # A local Ray is private to this process tree: bind it to loopback.
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus) + 1),
-            include_dashboard=False,
-            log_to_driver=True,
-            _node_ip_address="127.0.0.1",
-        )
+        start_local_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus) + 1), log_to_driver=True)
+
+
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's switch for a loopback-only node
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """Start a Ray instance private to this process tree, every listener on loopback.
+
+    `_node_ip_address="127.0.0.1"` alone is not enough: `ray.init` swaps a loopback address for the machine's
+    (services.resolve_ip_for_localhost), and with it gcs_server, raylet, the agents, the driver and every
+    worker listen on all interfaces. With Ray's cluster mode off (the switch macOS and Windows use), the
+    node's address is 127.0.0.1 and every gRPC server binds it; the spawned processes inherit the switch.
+    The switch is read at import and at call time, so both are set. (docs/reliability.md, "Listeners")"""
+    import ray
+    import ray._private.ray_constants as ray_constants
+
+    before_env, before_flag = {k: os.environ.get(k) for k in LOOPBACK_ENV}, ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **init_kwargs)
+    finally:
+        # A later connection to a real cluster (after ray.shutdown) must advertise a reachable address.
+        for key, value in before_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        ray_constants.ENABLE_RAY_CLUSTER = before_flag
 
 
 def cluster_has_gpu() -> bool:
@@ -59,6 +84,7 @@ def configure_worker_logging() -> None:
     if any(h.get_name() == _WORKER_HANDLER for h in package.handlers):
         return
     handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(RedactingFilter())
     handler.set_name(_WORKER_HANDLER)
     handler.setFormatter(logging.Formatter("%(message)s"))
     package.addHandler(handler)

@@ -1,8 +1,8 @@
 """The one MLflow sink: `RunSink` creates, finds or reattaches a run and is the only thing that logs to one.
 
 `MlflowClient` with an explicit tracking URI (no global fluent state), so workers, drivers and tests
-each talk to their own store. Only config values and metrics are sent, never credentials. Every MLflow
-failure becomes one `UserError` line naming the store.
+each talk to their own store. Only config values and metrics are sent, never credentials (a URL's password
+is masked in every param, tag, name and text sent). Every MLflow failure becomes one `UserError` line.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 from imagenet_ray.errors import UserError, describe_error
+from imagenet_ray.redact import redact_text, redact_url, redact_values
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -91,7 +92,7 @@ def _mlflow_errors(uri: str) -> Iterator[None]:
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"MLflow at {uri}: {describe_error(exc)}") from None
+        raise UserError(f"MLflow at {redact_url(uri)}: {describe_error(exc)}") from None
 
 
 def _client(uri: str) -> MlflowClient:
@@ -175,7 +176,9 @@ class RunSink:
         texts: dict[str, str] | None = None,
     ) -> RunSink:
         with _mlflow_errors(uri):
-            run = _client(uri).create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+            run = _client(uri).create_run(
+                experiment_id, run_name=redact_text(run_name), tags={k: redact_text(v) for k, v in (tags or {}).items()}
+            )
         sink = cls(uri, run.info.run_id)
         sink.log_params(params or {})
         for artifact_file, text in (texts or {}).items():
@@ -208,7 +211,11 @@ class RunSink:
         with _mlflow_errors(uri):
             existing = _client(uri).search_runs(
                 [experiment_id],
-                filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage_url}'",
+                # as the tags were stored: masked
+                filter_string=(
+                    f"tags.`{RUN_NAME_TAG}` = '{redact_text(run_name)}' "
+                    f"and tags.`{STORAGE_TAG}` = '{redact_text(storage_url)}'"
+                ),
                 order_by=["attributes.start_time DESC"],
                 max_results=1,
             )
@@ -243,7 +250,7 @@ class RunSink:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)) for k, v in sorted(params.items())]
+        items = [Param(k, redact_text(str(v))) for k, v in sorted(params.items())]
         with _mlflow_errors(self.tracking_uri):
             for i in range(0, len(items), _PARAMS_PER_BATCH):
                 self._client.log_batch(self.run_id, params=items[i : i + _PARAMS_PER_BATCH])
@@ -268,16 +275,16 @@ class RunSink:
 
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         with _mlflow_errors(self.tracking_uri):
-            self._client.log_dict(self.run_id, data, artifact_file)
+            self._client.log_dict(self.run_id, redact_values(data), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         with _mlflow_errors(self.tracking_uri):
-            self._client.log_text(self.run_id, text, artifact_file)
+            self._client.log_text(self.run_id, redact_text(text), artifact_file)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         with _mlflow_errors(self.tracking_uri):
             for key, value in tags.items():
-                self._client.set_tag(self.run_id, key, value)
+                self._client.set_tag(self.run_id, key, redact_text(str(value)))
 
     def log_dataset_input(self, url: str, digest: str, context: str, profile: dict[str, Any] | None = None) -> bool:
         """Record the dataset `url` (a URL, or URL#split) as an input of this run with `context`; False
@@ -288,6 +295,7 @@ class RunSink:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
+        url = redact_url(url)  # the dataset's name and source, as every run records them
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
             try:
@@ -395,7 +403,7 @@ def when_reachable(call: Callable[[], T], what: str, wait_s: float = 120.0, ever
             return call()
         except UserError as exc:
             if time.monotonic() >= deadline:
-                log.warning("%s not written: %s", what, exc)
+                log.warning("%s not written: %s", redact_text(what), exc)
                 return None
             time.sleep(every_s)
 
@@ -431,7 +439,7 @@ def find_prepare_run(tracking_uri: str, dataset_url: str) -> str | None:
             return None
         runs = client.search_runs(
             [exp.experiment_id],
-            filter_string=f"params.out = '{dataset_url}' and attributes.status = 'FINISHED'",
+            filter_string=f"params.out = '{redact_url(dataset_url)}' and attributes.status = 'FINISHED'",  # as stored
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )

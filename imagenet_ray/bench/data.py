@@ -28,6 +28,7 @@ from typing import Any, cast
 import numpy as np
 
 from imagenet_ray.errors import UserError
+from imagenet_ray.runtime import start_local_ray
 
 log = logging.getLogger(__name__)
 
@@ -819,14 +820,7 @@ def run_e2e(
         if started_ray:
             # The training worker reserves 1 logical CPU and mostly waits; Ray Data gets len(cores), like
             # the DataLoader's workers. Every process (and the S3 server) is pinned to the same cores.
-            ray.init(
-                address="local",
-                num_cpus=len(cores) + 1,
-                _node_ip_address="127.0.0.1",
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+            start_local_ray(address="local", num_cpus=len(cores) + 1, log_to_driver=False, configure_logging=False)
         result["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         result["ray_started_by_bench"] = started_ray
         try:

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from imagenet_ray.errors import ConfigError
+from imagenet_ray.runtime import start_local_ray
 
 if TYPE_CHECKING:
     from imagenet_ray.predict import ModelSpec
@@ -51,7 +52,7 @@ def _start_ray_on(cores: int) -> bool:
         return False
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    start_local_ray(num_cpus=cores, log_to_driver=False)
     return True
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imagenet_ray.errors import ConfigError
+from imagenet_ray.runtime import start_local_ray
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -140,7 +141,7 @@ def run_prepare_bench(images_dir: Path, cpus: int, s3: bool, limit: int | None, 
             stack = start_stack(work / "services")
             # before ray.init: Ray's workers inherit the S3 endpoint and credentials from this process
             os.environ.update({k: v for k, v in stack.env().items() if not k.startswith("RAY_")})
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        start_local_ray(num_cpus=cpus, log_to_driver=False)
         sides = {"local": (str(layout), str(work))}
         if s3:
             plain_copy(str(layout), "s3://imagenet/bench-raw", threads=8)  # upload the input once

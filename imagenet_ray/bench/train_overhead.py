@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from imagenet_ray.runtime import start_local_ray
+
 if TYPE_CHECKING:
     import torch
 
@@ -96,9 +98,7 @@ def run_train_overhead(
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=max(2, threads + 1), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
-        )
+        start_local_ray(num_cpus=max(2, threads + 1), log_to_driver=False)
     batches = _make_batches(images, size, batch, 10)
     plain, in_ray = [], []
     storage = storage or tempfile.mkdtemp(prefix="bench-train-")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any, cast
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from imagenet_ray import storage
+from imagenet_ray.errors import UserError
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -20,13 +22,32 @@ CHECKPOINT_TAG = "imagenet_ray.checkpoint"  # on a training run: the URL of its 
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global RNGs' states in types `torch.load(weights_only=True)` accepts: tensors, ints, tuples."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    return {
+        "python": (version, torch.tensor(internal, dtype=torch.int64), gauss),
+        "numpy": (name, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+
+
+def _load_state(source: Any, where: str) -> dict[str, Any]:
+    """Checkpoints come from URLs an MLflow tag or the model registry names: never unpickle them.
+    weights_only=True admits tensors, numbers, strings and containers, which is all the state holds."""
+    try:
+        return cast(dict[str, Any], torch.load(source, map_location="cpu", weights_only=True))
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{where}: not a checkpoint this project can load safely ({first})") from exc
 
 
 def write_checkpoint_dir(
@@ -63,14 +84,14 @@ def write_checkpoint_dir(
 
 
 def read_checkpoint_dir(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    # weights_only=False: the state holds RNG states (numpy arrays, tuples) we wrote ourselves.
-    return cast(dict[str, Any], torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False))
+    path = Path(directory) / STATE_FILE
+    return _load_state(path, str(path))
 
 
 def read_checkpoint_url(url: str) -> dict[str, Any]:
     """State dict of the checkpoint directory at `url` (local path or remote URL), on the CPU."""
-    data = storage.read_bytes(storage.resolve(url).child(STATE_FILE))
-    return cast(dict[str, Any], torch.load(io.BytesIO(data), map_location="cpu", weights_only=False))
+    location = storage.resolve(url).child(STATE_FILE)
+    return _load_state(io.BytesIO(storage.read_bytes(location)), location.url)
 
 
 def load_checkpoint(checkpoint: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from mlflow.system_metrics.metrics.base_metrics_monitor import BaseMetricsMonitor
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+from imagenet_ray.redact import redact_url
 from imagenet_ray.runtime import configure_worker_logging
 from imagenet_ray.tracking import RunSink
 
@@ -125,7 +126,8 @@ class SupervisedMonitor:
         status = _run_status(self.tracking_uri, self.run_id)
         if status is None:
             if not self._outage:
-                log.warning(f"system metrics of {self.what}: MLflow at {self.tracking_uri} does not answer; retrying")
+                where = redact_url(self.tracking_uri)
+                log.warning(f"system metrics of {self.what}: MLflow at {where} does not answer; retrying")
             self._outage = True
             return
         if self._outage:

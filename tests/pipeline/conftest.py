@@ -8,9 +8,9 @@ def local_ray():
     import ray
 
     # Our own local instance (never an existing cluster): training workers + decode tasks on 2 cores.
-    ray.init(
-        num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False, _node_ip_address="127.0.0.1"
-    )
+    from imagenet_ray.runtime import start_local_ray
+
+    start_local_ray(num_cpus=4, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

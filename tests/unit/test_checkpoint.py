@@ -93,9 +93,7 @@ def test_rng_state_is_captured(tmp_path):
     write_checkpoint_dir(tmp_path, model=model, optimizer=opt, epoch=1, step=1, mlflow_run_id=None, config_yaml="")
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     state = read_checkpoint_dir(tmp_path)
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
+    restore_rng(state["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     assert state["mlflow_run_id"] is None
 
@@ -228,3 +226,16 @@ def test_read_checkpoint_url_reads_a_local_directory_by_path_and_file_url(tmp_pa
         assert (state["epoch"], state["step"], state["config_yaml"]) == (2, 9, "name: u\n")
         for k, v in model.state_dict().items():
             assert torch.equal(state["model"][k], v), k
+
+
+def test_a_checkpoint_that_needs_unpickling_is_refused(tmp_path):
+    """torch.load(weights_only=True): a state.pt carrying an arbitrary object is an error naming the file."""
+    import datetime
+
+    import pytest
+
+    from imagenet_ray.errors import UserError
+
+    torch.save({"model": {}, "payload": datetime.timedelta(days=1)}, tmp_path / "state.pt")
+    with pytest.raises(UserError, match=r"state\.pt: not a checkpoint this project can load safely"):
+        read_checkpoint_dir(tmp_path)

@@ -1,5 +1,5 @@
 """The evaluate job's pieces without Ray: ReaL counting (and its hook on the evaluation engine), weights
-that do not fit, the worker plan."""
+that do not fit, the worker plan, the eval preset (checkpoint config vs --resize/--crop)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,19 @@ import pytest
 import torch
 import torchvision
 
+from imagenet_ray.cli import build_parser
+from imagenet_ray.config import load_config, to_yaml
 from imagenet_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from imagenet_ray.errors import UserError
-from imagenet_ray.evaluate import EvalWorkerPlan, RealCounts, check_weights_fit, real_counts
+from imagenet_ray.errors import ConfigError, UserError
+from imagenet_ray.evaluate import (
+    EvalRequest,
+    EvalWorkerPlan,
+    RealCounts,
+    check_weights_fit,
+    checkpoint_eval_preset,
+    eval_preset,
+    real_counts,
+)
 from imagenet_ray.train.evaluation import evaluate
 
 CPU = torch.device("cpu")
@@ -71,3 +81,51 @@ def test_weights_that_do_not_fit_are_one_clear_error():
         check_weights_fit("resnet18", state, 3)
     with pytest.raises(UserError, match="not a torchvision classification model"):
         check_weights_fit("resnet9000", state, 10)
+
+
+# --- the eval preset: the checkpoint's, unless --resize/--crop say otherwise ------------------------------
+
+CKPT_YAML = to_yaml(load_config(None, ["eval.resize=160", "eval.crop=128"]))  # what a checkpoint stores
+
+
+def test_eval_preset_is_the_checkpoints():
+    assert eval_preset(CKPT_YAML, None, None) == (160, 128, "from the checkpoint's config")
+
+
+def test_explicit_resize_and_crop_win_over_the_checkpoint():
+    assert eval_preset(CKPT_YAML, 256, 224) == (256, 224, "from --resize/--crop")
+    # one flag: the other value is still the checkpoint's
+    assert eval_preset(CKPT_YAML, 144, None) == (144, 128, "resize from --resize, crop from the checkpoint's config")
+    assert eval_preset(CKPT_YAML, None, 96) == (160, 96, "crop from --crop, resize from the checkpoint's config")
+
+
+@pytest.mark.parametrize("config_yaml", [None, "", "name: x\nmodel: {name: resnet18}\n", "[not, a, mapping]"])
+def test_no_checkpoint_config_falls_back_to_256_224_and_says_so(config_yaml):
+    resize, crop, source = eval_preset(config_yaml, None, None)
+    assert (resize, crop) == (256, 224)
+    assert "256/224 default" in source and "no checkpoint config" in source
+    assert eval_preset(config_yaml, 288, None)[:2] == (288, 224)
+
+
+def test_checkpoint_preset_of_older_configs():
+    # before the eval section, the preset was data.val_resize/data.val_crop
+    assert checkpoint_eval_preset("data: {val_resize: 232, val_crop: 208}\n") == (232, 208)
+    # a key left out is the EvalSection default the run resolved it to (73/64)
+    assert checkpoint_eval_preset("eval: {resize: 96}\n") == (96, 64)
+    assert checkpoint_eval_preset("eval: {resize: [1]}\n") is None
+    assert checkpoint_eval_preset(":\n  - [") is None  # not YAML
+
+
+def test_a_crop_larger_than_the_resolved_resize_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"crop 224 must not exceed resize 160 \(crop from --crop"):
+        eval_preset(CKPT_YAML, None, 224)
+
+
+def test_evaluate_cli_defaults_mean_from_the_checkpoint():
+    args = build_parser().parse_args(["evaluate", "--data", "d", "--checkpoint", "c"])
+    assert (args.resize, args.crop) == (None, None)
+    assert (EvalRequest(data_url="d").resize, EvalRequest(data_url="d").crop) == (None, None)
+    args = build_parser().parse_args(
+        ["evaluate", "--data", "d", "--checkpoint", "c", "--resize", "232", "--crop", "200"]
+    )
+    assert (args.resize, args.crop) == (232, 200)

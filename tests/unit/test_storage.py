@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 import pyarrow.fs as pafs
 import pytest
@@ -23,6 +24,9 @@ _AWS_VARS = (
     "AWS_DEFAULT_PROFILE",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
     "AWS_ROLE_ARN",
+    storage.S3_MAX_ATTEMPTS_VAR,
+    storage.S3_CONNECT_TIMEOUT_VAR,
+    storage.S3_REQUEST_TIMEOUT_VAR,
 )
 
 
@@ -236,3 +240,99 @@ def test_describe_connection_error_for_key_containing_403(key):
     msg = storage.describe_os_error("s3://bucket/prefix", OSError(NO_CONNECT.format(key=key)))
     assert "cannot connect" in msg
     assert "access denied" not in msg
+
+
+# -- retries and timeouts (an S3 endpoint away for ~30 s must not fail the job) ---------------------------
+
+
+def test_s3_options_default_to_retries_covering_a_30s_outage():
+    opts = storage.s3_options_from_env({})
+    assert opts == {"max_attempts": 10, "connect_timeout": 10.0, "request_timeout": 60.0}
+    # Standard strategy: before retry n a random 0-1 s x 2**n, capped at 20 s. The expected total wait
+    # of the retries must cover 30 s with room to spare (pyarrow's default of 3 attempts: 1.5 s).
+    expected_wait = sum(_expected_standard_delay_s(n) for n in range(opts["max_attempts"] - 1))
+    assert expected_wait > 60
+
+
+def _expected_standard_delay_s(n: int, cap: float = 20.0) -> float:
+    top = 2.0**n  # delay ~ U(0, top), capped: E = top/2 below the cap, else cap - cap**2 / (2 top)
+    return top / 2 if top <= cap else cap - cap * cap / (2 * top)
+
+
+def test_s3_options_from_env_overrides():
+    env = {
+        storage.S3_MAX_ATTEMPTS_VAR: " 4 ",
+        storage.S3_CONNECT_TIMEOUT_VAR: "2.5",
+        storage.S3_REQUEST_TIMEOUT_VAR: "30",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+    }
+    opts = storage.s3_options_from_env(env)
+    assert (opts["max_attempts"], opts["connect_timeout"], opts["request_timeout"]) == (4, 2.5, 30.0)
+    assert isinstance(opts["max_attempts"], int)
+    assert opts["endpoint_override"] == "127.0.0.1:9" and opts["region"] == "us-east-1"
+    assert storage.s3_options_from_env({storage.S3_MAX_ATTEMPTS_VAR: ""})["max_attempts"] == 10  # empty = unset
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        (storage.S3_MAX_ATTEMPTS_VAR, "0"),
+        (storage.S3_MAX_ATTEMPTS_VAR, "-3"),
+        (storage.S3_MAX_ATTEMPTS_VAR, "2.5"),
+        (storage.S3_MAX_ATTEMPTS_VAR, "ten"),
+        (storage.S3_CONNECT_TIMEOUT_VAR, "0"),
+        (storage.S3_CONNECT_TIMEOUT_VAR, "-1"),
+        (storage.S3_CONNECT_TIMEOUT_VAR, "nan"),
+        (storage.S3_REQUEST_TIMEOUT_VAR, "inf"),
+        (storage.S3_REQUEST_TIMEOUT_VAR, "10s"),
+    ],
+)
+def test_s3_options_bad_env_value_is_one_line_naming_the_variable(var, value):
+    with pytest.raises(UserError) as err:
+        storage.s3_options_from_env({var: value})
+    msg = str(err.value)
+    assert msg.startswith(f"{var}={value!r}: expected") and "\n" not in msg
+
+
+def test_s3_filesystem_has_the_retries_and_timeouts(clean_aws_env):
+    clean_aws_env.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    clean_aws_env.setenv(storage.S3_MAX_ATTEMPTS_VAR, "7")
+    fs = storage.resolve("s3://bucket/prefix").fs
+    assert isinstance(fs, pafs.S3FileSystem) and fs.max_attempts == 7
+    kwargs = fs.__reduce__()[1][0]
+    assert (kwargs["connect_timeout"], kwargs["request_timeout"]) == (10.0, 60.0)
+
+
+def test_s3_filesystem_keeps_its_retries_when_pickled(clean_aws_env):
+    # Ray ships the filesystem to workers pickled; pyarrow's own __reduce__ leaves the retry strategy out
+    # (a worker's copy would retry 3 times), the project's keeps it.
+    clean_aws_env.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    clean_aws_env.setenv(storage.S3_MAX_ATTEMPTS_VAR, "12")
+    clean_aws_env.setenv(storage.S3_CONNECT_TIMEOUT_VAR, "3")
+    fs = storage.s3_filesystem_from_env()
+    copy = pickle.loads(pickle.dumps(fs))
+    assert isinstance(copy, storage.RetryingS3FileSystem) and copy.max_attempts == 12
+    assert copy == fs and copy.__reduce__() == fs.__reduce__()
+    kwargs = copy.__reduce__()[1][0]
+    assert (kwargs["connect_timeout"], kwargs["request_timeout"], kwargs["endpoint_override"]) == (
+        3.0,
+        60.0,
+        "127.0.0.1:9",
+    )
+    clean_aws_env.setenv(storage.S3_MAX_ATTEMPTS_VAR, "not read by a copy")  # a worker's env does not matter
+    assert pickle.loads(pickle.dumps(fs)).max_attempts == 12
+
+
+def test_s3_url_with_credentials_is_refused_without_showing_them(clean_aws_env):
+    clean_aws_env.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(UserError) as err:
+        storage.resolve("s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/prefix")
+    assert "wJalrXUtnFEMI" not in str(err.value) and "credentials in the URL" in str(err.value)
+    assert str(err.value).startswith("s3://AKIAEXAMPLE:***@bucket/prefix: ")
+
+
+def test_describe_masks_a_url_password_before_cutting_the_text():
+    url = "https://user:hunter2@example.com/x"
+    text = "x" * 283 + f" {url} failed"  # the 300-character cut falls inside the password: "https://user:hun"
+    msg = storage.describe_os_error("s3://bucket/x", OSError(text))
+    assert "hun" not in msg and msg.endswith("https://user:***")
