@@ -25,7 +25,6 @@ from imagenet_ray.data.pipeline import (
     plain_progress_logs,
 )
 from imagenet_ray.errors import UserError
-from imagenet_ray.redact import redact_url
 from imagenet_ray.runtime import absolute_url, cluster_has_gpu, ensure_ray
 from imagenet_ray.tracking import (
     RunSink,
@@ -117,7 +116,7 @@ def finished_run(cfg: ExperimentConfig) -> dict[str, Any] | None:
         **metrics,
         "epoch": epochs,
         "mlflow_run_id": sink.run_id,
-        "tracking_uri": redact_url(tracking_uri),  # for display (the CLI prints it): no password
+        "tracking_uri": tracking_uri,
         "checkpoint_url": tags.get(CHECKPOINT_TAG),
     }
 
@@ -232,5 +231,5 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
                 register_name=cfg.mlflow.register_model_name,
             )
         )
-    metrics["tracking_uri"] = redact_url(plan.tracking_uri)  # for display (the CLI prints it): no password
+    metrics["tracking_uri"] = plan.tracking_uri  # the CLI prints it through its redacting log filter
     return metrics
