@@ -28,6 +28,7 @@ __all__ = [
     "DATASETS_EXPERIMENT",
     "RUN_NAME_TAG",
     "STORAGE_TAG",
+    "MlflowUnavailable",
     "RunSink",
     "RunTracker",
     "describe_error",
@@ -84,6 +85,24 @@ def local_artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
+class MlflowUnavailable(UserError):
+    """MLflow could not be reached or failed on its side (a refused connection, a timeout, HTTP 5xx or
+    429): worth retrying. Any other MLflow error (a 4xx: bad value, no such run, no permission) is not."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an MLflow client error may heal: MLflow reports a refused connection as INTERNAL_ERROR (500)
+    after its own retries; errors without an HTTP status (requests', sqlite's) are the store's side."""
+    status = getattr(exc, "get_http_status_code", None)
+    if not callable(status):
+        return True
+    try:
+        code = int(status())
+    except (TypeError, ValueError):
+        return True
+    return code >= 500 or code == 429
+
+
 @contextlib.contextmanager
 def _mlflow_errors(uri: str) -> Iterator[None]:
     """MlflowException, requests and sqlite errors become one line for the user; ours pass through."""
@@ -92,7 +111,8 @@ def _mlflow_errors(uri: str) -> Iterator[None]:
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"MLflow at {redact_url(uri)}: {describe_error(exc)}") from None
+        kind = MlflowUnavailable if is_transient(exc) else UserError
+        raise kind(f"MLflow at {redact_url(uri)}: {describe_error(exc)}") from None
 
 
 def _client(uri: str) -> MlflowClient:
@@ -332,6 +352,11 @@ class RunSink:
             run = self._client.get_run(self.run_id)
         return run.info.status, dict(run.data.metrics), dict(run.data.tags)
 
+    def params(self) -> dict[str, str]:
+        """The run's params as MLflow keeps them (strings)."""
+        with _mlflow_errors(self.tracking_uri):
+            return dict(self._client.get_run(self.run_id).data.params)
+
     def logged_values(self, key: str) -> set[int]:
         """Integer values logged for metric `key` (the `epoch` metric: which epochs are in the run)."""
         with _mlflow_errors(self.tracking_uri):
@@ -396,16 +421,19 @@ def manifest_profile(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def when_reachable(call: Callable[[], T], what: str, wait_s: float = 120.0, every_s: float = 5.0) -> T | None:
     """`call()`, retried while MLflow is unreachable for up to `wait_s`; None (and a warning naming
-    `what`) if it stays away: for writes that must not fail a finished training run."""
+    `what`) if it stays away or refuses the write: for writes that must not fail a finished training run."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
             return call()
-        except UserError as exc:
+        except MlflowUnavailable as exc:
             if time.monotonic() >= deadline:
                 log.warning("%s not written: %s", redact_text(what), exc)
                 return None
             time.sleep(every_s)
+        except UserError as exc:  # MLflow answered no (a 4xx): asking again gets the same answer
+            log.warning("%s not written: %s", redact_text(what), exc)
+            return None
 
 
 def training_run_experiment(tracking_uri: str, run_id: str | None) -> str | None:

@@ -60,8 +60,10 @@ def write_checkpoint_dir(
     mlflow_run_id: str | None,
     config_yaml: str,
     ema: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> None:
-    """Write the state after `epoch` completed epochs into `directory`.
+    """Write the state after `epoch` completed epochs into `directory`, with that epoch's `metrics`
+    (logged from here if a failure kept them from MLflow).
 
     The LR schedule is a pure function of `step`, so the step is its whole state; bf16 autocast
     needs no gradient scaler, so there is none to save.
@@ -77,6 +79,7 @@ def write_checkpoint_dir(
             "mlflow_run_id": mlflow_run_id,
             "rng": rng_state(),
             "config_yaml": config_yaml,
+            "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         },
         directory / STATE_FILE,
     )

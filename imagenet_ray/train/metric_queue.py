@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from imagenet_ray.tracking import RunSink
+from imagenet_ray.errors import UserError
+from imagenet_ray.tracking import MlflowUnavailable, RunSink
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class MetricQueue:
         self._abandon = threading.Event()  # set by close(): stop retrying
         self.dropped = 0
         self.failures = 0  # failed attempts (each retried)
+        self.refused = 0  # writes MLflow refused (a 4xx answer): dropped, not retried
         self._thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
         self._thread.start()
 
@@ -145,18 +147,28 @@ class MetricQueue:
                 try:
                     self._send(writes)
                     break
-                except Exception as exc:  # an outage: keep the writes, retry (they are never reordered)
-                    self.failures += 1
-                    if attempt == 0:
-                        log.warning("MLflow write failed (%s), retrying: %s", writes[0].describe, exc)
-                    attempt += 1
-                    if self._abandon.wait(_BACKOFF_S[min(attempt - 1, len(_BACKOFF_S) - 1)]):
+                except Exception as exc:
+                    if isinstance(exc, UserError) and not isinstance(exc, MlflowUnavailable):
+                        # MLflow answered no (a bad value, a deleted run): the same write gets the same answer.
+                        self.refused += 1
+                        log.warning("MLflow refused %s, dropped: %s", writes[0].describe, exc)
                         break
+                    if not self._retry(writes, attempt, exc):  # closed while MLflow was away
+                        break
+                    attempt += 1
             if attempt:
                 log.warning("MLflow reachable again after %d failed attempts", attempt)
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
+
+    def _retry(self, writes: list[_Write], attempt: int, exc: BaseException) -> bool:
+        """After failed attempt number `attempt` (0-based): wait the backoff; False when closed meanwhile.
+        An outage keeps the writes, which are never reordered."""
+        self.failures += 1
+        if attempt == 0:
+            log.warning("MLflow write failed (%s), retrying: %s", writes[0].describe, exc)
+        return not self._abandon.wait(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
 
     # -- waiting ----------------------------------------------------------------------------------
     def flush(self, timeout_s: float) -> bool:

@@ -58,6 +58,26 @@ class LrSchedule:
         raise ValueError(f"unknown schedule {self.schedule!r}")
 
 
+@dataclass(frozen=True)
+class ResumedSchedule:
+    """The LR of optimizer step `step` of a run resumed at step `resumed_step` after `epochs_done` epochs.
+
+    The schedule's position is the training progress (epochs done × this world's steps per epoch, plus
+    the steps since the restart), not the step count: an elastic restart on another world size changes
+    the steps per epoch, and must change nothing but the batch. A fresh run is `ResumedSchedule(s)`.
+    """
+
+    schedule: LrSchedule
+    resumed_step: int = 0
+    epochs_done: float = 0.0
+
+    def position(self, step: int) -> int:
+        return round(self.epochs_done * self.schedule.steps_per_epoch) + step - self.resumed_step
+
+    def __call__(self, step: int) -> float:
+        return self.schedule(self.position(step))
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, schedule: str) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then `schedule` to the end."""
     return LrSchedule(peak_lr, total_steps, warmup_steps, schedule)(step)

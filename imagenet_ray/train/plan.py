@@ -17,6 +17,7 @@ class WorkerPlan:
     num_val: int  # validation must count exactly this many images
     tracking_uri: str
     mlflow_run_id: str  # the run the driver created or found; rank 0 is its only writer during training
+    fatal_error_url: str = ""  # where a worker records an error no retry can heal (fatal.py)
 
     @property
     def config_yaml(self) -> str:

@@ -20,17 +20,19 @@ from imagenet_ray.config import DataSection
 from imagenet_ray.dashboard import with_overview
 from imagenet_ray.data.device_decode import train_batch_on_device
 from imagenet_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from imagenet_ray.errors import describe_error
 from imagenet_ray.runtime import configure_worker_logging
 from imagenet_ray.tracking import RunSink
 from imagenet_ray.train.batch_aug import mix_batch, random_erase, trivial_augment
 from imagenet_ray.train.checkpoint import load_checkpoint, restore_rng, write_checkpoint_dir
 from imagenet_ray.train.device import amp_dtype, resize_on_device, to_model_input, train_size_for_epoch
 from imagenet_ray.train.evaluation import ConfusionPairs, PerClassCounts, evaluate, val_batches
+from imagenet_ray.train.fatal import PermanentError, is_permanent_data_error, read_fatal, record_fatal
 from imagenet_ray.train.metric_queue import MetricQueue, epochs_logged
 from imagenet_ray.train.metrics import all_reduce_sum
 from imagenet_ray.train.models import build_model
 from imagenet_ray.train.norm_stats import average_batchnorm_stats
-from imagenet_ray.train.optim import build_sgd, scale_for_world, schedule_from_config
+from imagenet_ray.train.optim import ResumedSchedule, build_sgd, scale_for_world, schedule_from_config
 from imagenet_ray.train.pictures import (
     augmented_grid_png,
     confused_pairs_dict,
@@ -100,6 +102,16 @@ def train_batches(
         yield from shard.iter_torch_batches(device=device, **common)
 
 
+def permanent_data_errors(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    """`batches`, with a read error naming a corrupt or missing shard raised as a PermanentError."""
+    try:
+        yield from batches
+    except Exception as exc:
+        if is_permanent_data_error(exc):
+            raise PermanentError(f"reading the training data: {describe_error(exc)}") from exc
+        raise
+
+
 class Runner:
     """One worker's training run; rank 0 alone writes the MLflow run and the checkpoints."""
 
@@ -107,6 +119,10 @@ class Runner:
         self.plan, self.cfg = plan, plan.config
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        # An earlier attempt met an error no retry heals: every rank ends here, before any collective.
+        self.fatal_reason = read_fatal(plan.fatal_error_url) if plan.fatal_error_url else None
+        if self.fatal_reason is not None:
+            return
         self.device = ray.train.torch.get_device()
         self.amp = amp_dtype(self.cfg.train.precision, self.device)
         self.set_up_state()
@@ -139,8 +155,11 @@ class Runner:
             else None
         )
         self.schedule = schedule_from_config(o, scale.peak_lr, scale.steps_per_epoch, cfg.train.epochs)
+        self.lr_at = ResumedSchedule(self.schedule)  # restore() places it by the epochs done
         self.progress = ProgressLine(cfg.train.epochs, scale.steps_per_epoch, cfg.mlflow.progress_every_s)
         self.start_epoch, self.start_step, self.run_id = 0, 0, plan.mlflow_run_id
+        self.epochs_done = 0
+        self.restored_metrics: dict[str, float] = {}  # the restored checkpoint's epoch metrics
 
     def restore(self, checkpoint: ray.train.Checkpoint | None) -> None:
         """Continue from the latest checkpoint (after a worker failure or a resubmission)."""
@@ -152,11 +171,14 @@ class Runner:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.start_epoch, self.start_step = state["epoch"], state["step"]
+        self.epochs_done, self.restored_metrics = self.start_epoch, dict(state.get("metrics") or {})
         log.info(
             "rank %d: restored from the checkpoint of epoch %d (step %d)", self.rank, self.start_epoch, self.start_step
         )
         # A checkpoint written by this run names its MLflow run (the driver found the same one).
         self.run_id = state["mlflow_run_id"] or self.run_id
+        # The checkpoint's step counts the old world's steps: the LR continues from the epochs done.
+        self.lr_at = ResumedSchedule(self.schedule, self.start_step, float(state.get("epochs_done", self.start_epoch)))
         restore_rng(state["rng"])
         self.aug_rng = np.random.default_rng([self.cfg.seed, self.rank, self.start_epoch])
 
@@ -174,7 +196,7 @@ class Runner:
         self.step = TrainStep(
             train_model,
             self.optimizer,
-            self.schedule,
+            self.lr_at,
             accum_steps=o.grad_accum_steps,
             amp=self.amp,
             label_smoothing=o.label_smoothing,
@@ -198,6 +220,7 @@ class Runner:
             self.queue = MetricQueue(sink)
             self.queue.call("reopen the run", RunSink.reopen)
             self.logged_epochs = epochs_logged(sink)
+            self.relog_restored_epoch()
         # Every worker's GPU memory (a num_cpus=0 node monitor cannot see the GPUs); None without CUDA.
         m = self.cfg.mlflow
         self.gpu_monitor = (
@@ -205,6 +228,15 @@ class Runner:
             if m.system_metrics
             else None
         )
+
+    def relog_restored_epoch(self) -> None:
+        """A failure after the checkpoint was reported but before its epoch reached MLflow: log that epoch
+        from the checkpoint, so the run's metrics describe the checkpoints that exist."""
+        if self.queue is None or not self.restored_metrics or self.start_epoch in self.logged_epochs:
+            return
+        log.info("epoch %d: its metrics were not in MLflow; logged from the checkpoint", self.start_epoch)
+        self.queue.log_metrics(with_overview(self.restored_metrics), step=self.start_step)
+        self.logged_epochs.add(self.start_epoch)
 
     def close_tracking(self) -> None:
         """Send what is still queued (waiting a while for MLflow if it is away)."""
@@ -215,6 +247,18 @@ class Runner:
 
     # -- the recipe -------------------------------------------------------------------------------
     def run(self) -> None:
+        if self.fatal_reason is not None:
+            log.error("rank %d: not retrying: %s", self.rank, self.fatal_reason)
+            return
+        try:
+            self.run_epochs()
+        except PermanentError as exc:
+            # Recorded for the driver and a restarted group; raised so that every rank stops.
+            if self.plan.fatal_error_url:
+                record_fatal(self.plan.fatal_error_url, str(exc))
+            raise
+
+    def run_epochs(self) -> None:
         for epoch in range(self.start_epoch, self.cfg.train.epochs):
             start = time.perf_counter()
             metrics = {"epoch": epoch + 1, **self.train_one_epoch(epoch, train_size_for_epoch(self.cfg.data, epoch))}
@@ -223,9 +267,21 @@ class Runner:
             metrics["perf/epoch_s"] = time.perf_counter() - start
             self.progress.epoch_s = metrics["perf/epoch_s"]
             self.save_and_report(epoch + 1, metrics, artifacts)
+            self.epochs_done = epoch + 1
             if self.time_box_reached(epoch + 1):
                 break
+        self.finish_run()
         self.close_tracking()
+
+    def finish_run(self) -> None:
+        """Rank 0 ends the MLflow run: FINISHED after the last epoch (also when a restart found it already
+        trained), KILLED when the time box stopped it (a resubmission reopens it)."""
+        if self.queue is None:
+            return
+        if self.epochs_done >= self.cfg.train.epochs:
+            self.queue.finish("FINISHED")
+        elif self.time_box_reached(self.epochs_done):
+            self.queue.finish("KILLED")
 
     def train_one_epoch(self, epoch: int, crop: int) -> dict[str, float]:
         """One pass over this worker's shard at train crop `crop`; metrics summed over all workers."""
@@ -240,7 +296,7 @@ class Runner:
         pacer = StepPacer(self.cfg.train.throttle_images_per_s)  # sleeps inside the loop body: not data wait
         skip_step = self.cfg.train.skip_step
         meter, first_step = IntervalMeter(self.cfg.mlflow.log_every_steps, self.device), self.step.step
-        for batch in timed:
+        for batch in permanent_data_errors(timed):
             images = int(batch["label"].shape[0])
             with pacer.pace(images):
                 if "decode_errors" in batch:  # rows replaced by another image of the batch (transforms.py)
@@ -310,7 +366,7 @@ class Runner:
         progress line."""
         if interval is None or self.queue is None:
             return
-        lr = None if self.cfg.train.skip_step else self.schedule(max(0, interval.step - 1))
+        lr = None if self.cfg.train.skip_step else self.lr_at(max(0, interval.step - 1))
         self.queue.log_step_metrics(with_overview(interval.metrics(lr)), interval.step)
         line = self.progress.line(epoch, interval.step - first_step, interval, time.perf_counter() - epoch_start)
         if line is not None:
@@ -362,7 +418,7 @@ class Runner:
             hooks=[per_class, confusion] if per_class is not None and confusion is not None else (),
         ).reduced(self.device)
         if val.samples != self.plan.num_val:
-            raise RuntimeError(
+            raise PermanentError(
                 f"validation counted {val.samples} images but the manifest lists {self.plan.num_val}: "
                 "refusing to report a wrong Top-1/Top-5"
             )
@@ -392,25 +448,9 @@ class Runner:
     def save_and_report(
         self, epochs_done: int, metrics: dict[str, float], artifacts: dict[str, dict[str, Any] | bytes]
     ) -> None:
-        """Rank 0 logs the epoch to MLflow and writes the checkpoint; every rank reports to Ray Train."""
-        total = self.cfg.train.epochs
-        if self.queue is not None:
-            # Epoch metrics share the step curves' x-axis: the global optimizer step at the epoch's end
-            # (the `epoch` metric, logged with them, gives the epoch axis).
-            if epochs_done not in self.logged_epochs:
-                self.queue.log_metrics(with_overview(metrics), step=self.step.step)
-            for artifact_file, content in artifacts.items():
-                self.queue.log_artifact(content, artifact_file)
-            log.info(
-                f"[epoch {epochs_done}/{total}] train/loss={metrics.get('train/epoch_loss', float('nan')):.4f} "
-                f"val/top1={metrics['val/top1']:.4f} val/top5={metrics['val/top5']:.4f} "
-                f"images/s={metrics['perf/epoch_images_per_s']:.1f} "
-                f"data_wait={metrics['perf/epoch_data_wait_frac']:.2f} epoch_s={metrics['perf/epoch_s']:.0f}"
-            )
-            if epochs_done == total:
-                self.queue.finish("FINISHED")
-            elif self.time_box_reached(epochs_done):
-                self.queue.finish("KILLED")  # time box reached; a resubmission reopens this run
+        """Rank 0 writes the checkpoint (with the epoch's metrics), every rank reports it to Ray Train, then
+        rank 0 logs the epoch to MLflow: a failure in between is healed on restore (relog_restored_epoch),
+        so no logged epoch lacks its checkpoint and no checkpoint lacks its epoch."""
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if self.rank == 0:
@@ -423,9 +463,26 @@ class Runner:
                     mlflow_run_id=self.run_id,
                     config_yaml=self.plan.config_yaml,
                     ema=self.ema.state_dict() if self.ema is not None else None,
+                    metrics=metrics,
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "mlflow_run_id": self.run_id or ""}, checkpoint=ckpt)
+        if self.queue is None:
+            return
+        # Epoch metrics share the step curves' x-axis: the global optimizer step at the epoch's end
+        # (the `epoch` metric, logged with them, gives the epoch axis).
+        if epochs_done not in self.logged_epochs:
+            self.queue.log_metrics(with_overview(metrics), step=self.step.step)
+            self.logged_epochs.add(epochs_done)
+        for artifact_file, content in artifacts.items():
+            self.queue.log_artifact(content, artifact_file)
+        log.info(
+            f"[epoch {epochs_done}/{self.cfg.train.epochs}] "
+            f"train/loss={metrics.get('train/epoch_loss', float('nan')):.4f} "
+            f"val/top1={metrics['val/top1']:.4f} val/top5={metrics['val/top5']:.4f} "
+            f"images/s={metrics['perf/epoch_images_per_s']:.1f} "
+            f"data_wait={metrics['perf/epoch_data_wait_frac']:.2f} epoch_s={metrics['perf/epoch_s']:.0f}"
+        )
 
     def time_box_reached(self, epochs_done: int) -> bool:
         stop = self.cfg.train.stop_after_epochs

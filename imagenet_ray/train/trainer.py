@@ -36,9 +36,11 @@ from imagenet_ray.tracking import (
     when_reachable,
 )
 from imagenet_ray.train.checkpoint import CHECKPOINT_TAG
+from imagenet_ray.train.fatal import clear_fatal, fatal_url, read_fatal
 from imagenet_ray.train.model_logging import choose_checkpoints, log_models
 from imagenet_ray.train.plan import WorkerPlan
 from imagenet_ray.train.provenance import reproducibility_tags
+from imagenet_ray.train.resubmission import CHANGES_TAG, check_resubmission, record
 from imagenet_ray.train.runner import train_loop_per_worker
 from imagenet_ray.train.system_metrics import system_metrics
 
@@ -67,6 +69,7 @@ class RunPlan:
             num_val=self.num_val,
             tracking_uri=self.tracking_uri,
             mlflow_run_id=mlflow_run_id,
+            fatal_error_url=fatal_url(self.storage_url, cfg.name),
         )
 
 
@@ -101,11 +104,12 @@ def decide_use_gpu(cfg: ExperimentConfig) -> bool:
     return bool(cfg.train.use_gpu)
 
 
-def finished_run(cfg: ExperimentConfig) -> dict[str, Any] | None:
-    """The final metrics of the run this config would resume when that run already trained every epoch
-    asked for and ended FINISHED (resuming it would train nothing), else None."""
+def finished_run(cfg: ExperimentConfig, sink: RunSink | None = None) -> dict[str, Any] | None:
+    """The final metrics of the run this config would resume (`sink`, or the one found) when that run
+    already trained every epoch asked for and ended FINISHED (resuming it would train nothing), else None."""
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    sink = RunSink.find(tracking_uri, cfg.mlflow.experiment, cfg.name, absolute_url(cfg.train.storage_path))
+    if sink is None:
+        sink = RunSink.find(tracking_uri, cfg.mlflow.experiment, cfg.name, absolute_url(cfg.train.storage_path))
     if sink is None:
         return None
     status, metrics, tags = sink.read()
@@ -119,6 +123,20 @@ def finished_run(cfg: ExperimentConfig) -> dict[str, Any] | None:
         "tracking_uri": tracking_uri,
         "checkpoint_url": tags.get(CHECKPOINT_TAG),
     }
+
+
+def checked_storage(storage_url: str) -> storage.Location:
+    """The checkpoint storage, checked before Ray starts or an MLflow run is created: a local directory
+    is created, a bucket must exist (one request), so a bad storage URL leaves no RUNNING run behind."""
+    loc = storage.resolve(storage_url)
+    if not storage.is_remote(loc.url):
+        storage.ensure_dir(loc)
+        return loc
+    scheme, rest = loc.url.split("://", 1)
+    bucket = storage.resolve(f"{scheme}://{rest.split('/', 1)[0]}")
+    if not storage.exists(bucket):
+        raise UserError(f"train.storage_path: {bucket.url} does not exist (create the bucket first)")
+    return loc
 
 
 PREPARE_RUN_TAG = "imagenet_ray.prepare_run"  # on a training run: the prepare run that wrote its dataset
@@ -141,7 +159,12 @@ def log_lineage(sink: RunSink, prepared: Any) -> None:
 
 def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
     """Train per `cfg`; returns the final reported metrics (including `mlflow_run_id`)."""
-    done = finished_run(cfg)
+    # Everything a user can get wrong is checked before Ray starts and before an MLflow run exists.
+    storage_url = absolute_url(cfg.train.storage_path)
+    storage_loc = checked_storage(storage_url)
+    found = RunSink.find(resolve_tracking_uri(cfg.mlflow.tracking_uri), cfg.mlflow.experiment, cfg.name, storage_url)
+    changes = check_resubmission(found.run_id, found.params(), flatten(cfg)) if found is not None else []
+    done = finished_run(cfg, found) if found is not None else None
     if done is not None:
         log.info(
             f"run {cfg.name!r} already trained its {done['epoch']} epochs (MLflow run {done['mlflow_run_id']}, "
@@ -158,15 +181,17 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
         plan.tracking_uri, cfg.mlflow.experiment, cfg.name, plan.storage_url, flatten(cfg), to_yaml(cfg)
     )
     log.info(f"{'resuming' if resumed else 'started'} MLflow run {sink.run_id} ({cfg.mlflow.experiment}/{cfg.name})")
+    if resumed and changes:
+        log.info(f"MLflow run {sink.run_id} continues with: {', '.join(map(str, changes))}")
+        sink.set_tags({CHANGES_TAG: record(sink.read()[2].get(CHANGES_TAG), changes)})
     # Which CPU train decoder this environment has (the job's workers import the same): without the
     # compiled crop decoder the pipeline still works, decoding whole images, only slower.
     sink.set_tags({CROP_DECODER_TAG: crop_decoder_description(), **reproducibility_tags(cfg, plan.use_gpu)})
     if not resumed:
         log_lineage(sink, prepared)
-    storage_loc = storage.resolve(plan.storage_url)
-    if not storage.is_remote(storage_loc.url):
-        storage.ensure_dir(storage_loc)
 
+    fatal = fatal_url(plan.storage_url, cfg.name)
+    clear_fatal(fatal)  # an earlier attempt's: the data may have been fixed since
     pin_reads_to(cfg.data.node_labels)
     plain_progress_logs()
     trainer = TorchTrainer(
@@ -209,7 +234,19 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
     with system_metrics(
         sink.run_id, plan.tracking_uri, cfg.mlflow.system_metrics_every_s, enabled=cfg.mlflow.system_metrics
     ):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+            reason = read_fatal(fatal)
+        except BaseException as exc:
+            # A RUNNING run whose job has ended would mislead (a resubmission reopens it).
+            when_reachable(lambda: sink.finish("FAILED"), "run status FAILED", wait_s=10)
+            reason = read_fatal(fatal) if isinstance(exc, Exception) else None
+            if reason is None:
+                raise
+            raise UserError(f"training stopped without retrying: {reason}") from None
+        if reason is not None:  # the workers ended on it (fatal.py); they did not finish the run
+            when_reachable(lambda: sink.finish("FAILED"), "run status FAILED", wait_s=10)
+            raise UserError(f"training stopped without retrying: {reason}")
     metrics = dict(result.metrics or {})
     metrics["checkpoint_path"] = result.checkpoint.path if result.checkpoint else None  # inside storage's fs
     metrics["checkpoint_url"] = checkpoint_url(storage_loc, result.checkpoint.path) if result.checkpoint else None

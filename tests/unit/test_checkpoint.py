@@ -48,7 +48,14 @@ def test_round_trip_restores_model_and_optimizer_exactly(tmp_path):
     opt = build_sgd(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
     _train_a_bit(model, opt)
     write_checkpoint_dir(
-        tmp_path, model=model, optimizer=opt, epoch=2, step=37, mlflow_run_id="abc123", config_yaml=CONFIG_YAML
+        tmp_path,
+        model=model,
+        optimizer=opt,
+        epoch=2,
+        step=37,
+        mlflow_run_id="abc123",
+        config_yaml=CONFIG_YAML,
+        metrics={"epoch": 2, "val/top1": 0.25},
     )
     assert (tmp_path / STATE_FILE).is_file()
     assert (tmp_path / CONFIG_FILE).read_text() == CONFIG_YAML
@@ -61,6 +68,7 @@ def test_round_trip_restores_model_and_optimizer_exactly(tmp_path):
         CONFIG_YAML,
     )
     assert set(state["rng"]) == {"python", "numpy", "torch"}
+    assert state["metrics"] == {"epoch": 2.0, "val/top1": 0.25}  # the epoch's, for a re-log on restore
 
     # A fresh, differently initialised model and optimizer take the state over exactly.
     model2 = _model(1)

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from imagenet_ray.errors import UserError
-from imagenet_ray.tracking import RunSink
+from imagenet_ray.tracking import MlflowUnavailable, RunSink, is_transient, when_reachable
 from imagenet_ray.train.metric_queue import MetricQueue, epochs_logged
 from imagenet_ray.train.progress import Interval, IntervalMeter, ProgressLine, format_duration
 
@@ -24,17 +24,17 @@ class FlakySink:
     def log_metric_values(self, points: list[tuple[str, float, int, int]]) -> None:
         self.attempts += 1
         if self.down.is_set():
-            raise UserError("MLflow at http://127.0.0.1:1: connection refused")
+            raise MlflowUnavailable("MLflow at http://127.0.0.1:1: connection refused")
         self.points.extend(points)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.down.is_set():
-            raise UserError("down")
+            raise MlflowUnavailable("down")
         self.calls.append(f"tags {sorted(tags)}")
 
     def finish(self, status: str) -> None:
         if self.down.is_set():
-            raise UserError("down")
+            raise MlflowUnavailable("down")
         self.calls.append(f"finish {status}")
 
 
@@ -58,6 +58,56 @@ def test_writes_arrive_in_order_after_an_outage():
         ("epoch", 3),
     ]
     assert sink.calls == ["finish FINISHED"]  # after the metrics, as queued
+
+
+def test_a_write_mlflow_refuses_is_dropped_at_once_and_the_queue_goes_on():
+    """A 4xx (a bad value, a deleted run) is MLflow's answer, not an outage: retrying it would block every
+    write behind it for the rest of the run."""
+    sink = FlakySink()
+    queue = MetricQueue(sink)  # type: ignore[arg-type]
+
+    def refuse(_sink: RunSink) -> None:
+        raise UserError("MLflow at http://mlflow:5000: INVALID_PARAMETER_VALUE: tag value too long")
+
+    queue.call("tags", refuse)
+    queue.log_metrics({"val/top1": 0.5}, step=1)
+    queue.finish("FINISHED")
+    assert queue.close(timeout_s=10)
+    assert (queue.refused, queue.failures) == (1, 0)
+    assert [k for k, *_ in sink.points] == ["val/top1"] and sink.calls == ["finish FINISHED"]
+
+
+def test_mlflow_errors_are_transient_by_their_http_status():
+    from mlflow.exceptions import MlflowException, RestException
+    from mlflow.protos import databricks_pb2 as codes
+
+    assert is_transient(MlflowException("API request failed: connection refused"))  # INTERNAL_ERROR: 500
+    assert is_transient(MlflowException("slow down", error_code=codes.REQUEST_LIMIT_EXCEEDED))  # 429
+    assert is_transient(RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}))  # 503
+    assert is_transient(ConnectionError("reset"))  # no HTTP status: the store's side
+    for code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED"):
+        assert not is_transient(MlflowException("no", error_code=getattr(codes, code))), code
+        assert not is_transient(RestException({"error_code": code, "message": "no"})), code
+
+
+def test_when_reachable_retries_an_outage_and_gives_up_on_a_refusal_at_once():
+    answers = iter([MlflowUnavailable("down"), MlflowUnavailable("down"), "ok"])
+
+    def flaky() -> str:
+        a = next(answers)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    assert when_reachable(flaky, "tag", wait_s=5, every_s=0.01) == "ok"
+    calls = []
+
+    def refused() -> None:
+        calls.append(1)
+        raise UserError("MLflow at http://mlflow:5000: PERMISSION_DENIED")
+
+    assert when_reachable(refused, "tag", wait_s=30, every_s=0.01) is None
+    assert calls == [1]
 
 
 def test_a_resend_carries_the_original_timestamp():
@@ -121,7 +171,7 @@ def test_epochs_logged_reads_the_epoch_metric(tmp_path):
 def test_epochs_logged_gives_up_on_an_unreachable_store():
     class Down:
         def logged_values(self, key: str) -> set[int]:
-            raise UserError("down")
+            raise MlflowUnavailable("down")
 
     assert epochs_logged(Down(), wait_s=0.0, every_s=0.0) == set()  # type: ignore[arg-type]
 

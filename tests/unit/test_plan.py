@@ -64,6 +64,7 @@ def test_run_plan_hands_workers_exactly_the_worker_plan():
         num_val=4,
         tracking_uri="sqlite:////m.db",
         mlflow_run_id="run-1",
+        fatal_error_url="/s/q/_fatal_error.txt",  # beside the run's checkpoints
     )
     assert {f.name for f in dataclasses.fields(WorkerPlan)} == {
         "config",
@@ -73,4 +74,5 @@ def test_run_plan_hands_workers_exactly_the_worker_plan():
         "num_val",
         "tracking_uri",
         "mlflow_run_id",
+        "fatal_error_url",
     }

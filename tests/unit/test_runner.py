@@ -91,3 +91,33 @@ def test_time_box():
     assert not _runner({}).time_box_reached(99)
     boxed = _runner({}, train={"epochs": 5, "stop_after_epochs": 2})
     assert not boxed.time_box_reached(1) and boxed.time_box_reached(2)
+
+
+class _RecordingQueue:
+    def __init__(self) -> None:
+        self.metrics: list[tuple[dict, int]] = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.metrics.append((metrics, step))
+
+
+def test_an_epoch_checkpointed_but_not_logged_is_logged_from_the_checkpoint_once():
+    """A failure between ray.train.report (the checkpoint exists) and the MLflow write: on restore, rank 0
+    logs that epoch from the checkpoint's metrics; an epoch MLflow already has is not logged again."""
+    runner = _runner({})
+    runner.queue = _RecordingQueue()  # type: ignore[assignment]
+    runner.start_epoch, runner.start_step = 2, 40
+    runner.restored_metrics = {"epoch": 2.0, "val/top1": 0.5}
+    runner.logged_epochs = {1}
+    runner.relog_restored_epoch()
+    runner.relog_restored_epoch()
+    ((metrics, step),) = runner.queue.metrics  # type: ignore[attr-defined]
+    assert step == 40 and metrics["val/top1"] == 0.5 and metrics["epoch"] == 2.0
+    assert runner.logged_epochs == {1, 2}
+
+    already = _runner({})
+    already.queue = _RecordingQueue()  # type: ignore[assignment]
+    already.start_epoch, already.start_step, already.restored_metrics = 2, 40, {"epoch": 2.0}
+    already.logged_epochs = {1, 2}
+    already.relog_restored_epoch()
+    assert already.queue.metrics == []  # type: ignore[attr-defined]

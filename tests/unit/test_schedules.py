@@ -257,3 +257,39 @@ def test_schedule_from_config_rounds_fractional_warmup(warmup_epochs, spe, expec
     assert s.warmup_steps == expected
     assert s.total_steps == 3 * spe
     assert s.peak_lr == 0.4
+
+
+# ---------------------------------------------------------------- elastic restart
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "step"])
+@pytest.mark.parametrize("warmup_epochs", [0.0, 2.5])
+def test_resize_2_to_1_workers_gives_the_lr_of_an_uninterrupted_run_at_the_same_sample_count(schedule, warmup_epochs):
+    """A 2-worker run checkpointed after 3 epochs and resumed on 1 worker: at every later sample count
+    its LR is the uninterrupted 1-worker run's. The checkpoint's step counts 2-worker steps (half as
+    many per epoch), which placed the schedule at the wrong fraction before."""
+    from imagenet_ray.train.optim import ResumedSchedule, scale_for_world
+
+    num_train, batch, epochs, done = 1000, 10, 8, 3
+    o = OptimSection(schedule=schedule, warmup_epochs=warmup_epochs, step_epochs=2)
+    two = scale_for_world(num_train, 2, batch, 1, o.lr)
+    one = scale_for_world(num_train, 1, batch, 1, o.lr)
+    assert (two.steps_per_epoch, one.steps_per_epoch) == (50, 100)
+    uninterrupted = schedule_from_config(o, one.peak_lr, one.steps_per_epoch, epochs)
+    checkpoint_step = done * two.steps_per_epoch  # what the 2-worker run's checkpoint holds
+    resumed = ResumedSchedule(uninterrupted, resumed_step=checkpoint_step, epochs_done=done)
+    for k in range(0, (epochs - done) * one.steps_per_epoch, 7):
+        samples = done * num_train + k * batch * 1  # trained when the resumed run takes step checkpoint_step + k
+        step_uninterrupted = samples // (batch * 1)
+        assert resumed(checkpoint_step + k) == uninterrupted(step_uninterrupted)
+    # The step count alone (the old behaviour) is somewhere else on the curve.
+    assert uninterrupted(checkpoint_step) != uninterrupted(done * one.steps_per_epoch)
+
+
+def test_a_fresh_run_and_a_same_size_restart_follow_the_schedule_by_step():
+    from imagenet_ray.train.optim import ResumedSchedule
+
+    s = LrSchedule(peak_lr=0.4, total_steps=300, warmup_steps=30, schedule="cosine", steps_per_epoch=100)
+    fresh, restarted = ResumedSchedule(s), ResumedSchedule(s, resumed_step=200, epochs_done=2)
+    assert [fresh(i) for i in range(300)] == [s(i) for i in range(300)]
+    assert [restarted(i) for i in range(200, 300)] == [s(i) for i in range(200, 300)]
