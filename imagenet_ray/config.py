@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from imagenet_ray.errors import ConfigError, describe_error
 from imagenet_ray.redact import redact_text, redact_values
@@ -21,7 +22,19 @@ Tree = dict[str, Any]  # a raw config tree as read from YAML, before validation
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: `optim.lr=.inf` (or 1e400) is an impossible value, not a very large one.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before", check_fields=False)
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: `train.epochs=true` would silently train 1 epoch.
+        field = cls.model_fields.get(info.field_name or "")
+        annotation = field.annotation if field is not None else None
+        kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+            raise ValueError("must be a number, not true/false")
+        return value
 
 
 @functools.cache
@@ -216,11 +229,17 @@ class ExperimentConfig(_Strict):
     mlflow: MlflowSection = MlflowSection()
 
 
+def _shown(text: str) -> str:
+    """`text` as it is when printable, else quoted with escapes: a key or path from a file keeps the error one line."""
+    return text if text.isprintable() else repr(text)
+
+
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "<root>"
     if err["type"] == "extra_forbidden":
-        return f"{source}: unknown config key '{key}'"
+        return f"{source}: unknown config key {key!r}"
+    key = _shown(key)
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
@@ -234,7 +253,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: expected dotted.key=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except Exception:  # YAMLError, and PyYAML's constructors raise ValueError (2024-13-45), RecursionError ([[[...)
         value = raw
     return key.strip().split("."), value
 
@@ -250,11 +269,16 @@ def apply_overrides(tree: Tree, overrides: list[str]) -> Tree:
         for depth, part in enumerate(path):
             fields = node.model_fields if isinstance(node, type) and issubclass(node, BaseModel) else None
             if fields is None or part not in fields:
-                raise ConfigError(f"override {text!r}: unknown config key '{'.'.join(path[: depth + 1])}'")
+                raise ConfigError(f"override {text!r}: unknown config key {'.'.join(path[: depth + 1])!r}")
             node = fields[part].annotation
+            # An optional section (`ProgressiveResize | None`) still has keys: data.progressive.start_size=160.
+            node = next((a for a in get_args(node) if isinstance(a, type) and issubclass(a, BaseModel)), node)
             if depth == len(path) - 1:
-                # String fields take the text as written: name=2024 is the name "2024", not a number.
-                target[part] = raw_text if node is str and isinstance(value, (int, float, bool)) else value
+                # String fields take the text as written: name=2024 is the name "2024", not a number (nor a
+                # date, 2024-01-01, nor a list, -); YAML quotes still work, and null still clears `str | None`.
+                text_field = node is str or set(get_args(node)) == {str, type(None)}
+                keep = isinstance(value, str) or (value is None and node is not str)
+                target[part] = raw_text if text_field and not keep else value
             else:
                 existing = target.get(part)
                 if not isinstance(existing, dict):
@@ -276,14 +300,22 @@ def _read_yaml_mapping(path: Path) -> Tree:
     if not path.is_file():
         raise ConfigError(f"config file {source} not found")
     try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not readable as UTF-8 text ({describe_error(exc, 200)})") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except Exception as exc:  # YAMLError; PyYAML's constructors also raise ValueError (2024-13-45, !!int x),
+        # AttributeError (!!timestamp x) and RecursionError (deep nesting)
         raise ConfigError(f"{source}: invalid YAML ({describe_error(exc, 200)})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{source}: top level must be a mapping")
-    return loaded
+    try:
+        return _deep_copy(loaded)
+    except RecursionError:  # an alias inside the mapping it names (`&a {data: *a}`): no end to merge
+        raise ConfigError(f"{source}: a YAML alias makes a mapping contain itself") from None
 
 
 def merge_trees(base: Tree, delta: Tree) -> Tree:
@@ -304,12 +336,13 @@ def load_tree(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> Tr
         cycle = " -> ".join(str(c) for c in (*_chain, key))
         raise ConfigError(f"{path}: extends cycle ({cycle})")
     if _chain and not key.is_file():
-        raise ConfigError(f"{_chain[-1]}: extends {key}, which is not found")
+        raise ConfigError(f"{_chain[-1]}: extends {_shown(str(key))}, which is not found")
     tree = _read_yaml_mapping(Path(path))
     bases = tree.pop(EXTENDS_KEY, [])
     if isinstance(bases, str):
         bases = [bases]
-    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+    # A NUL byte is no path (Path.resolve raises ValueError on it).
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b and "\0" not in b for b in bases):
         raise ConfigError(f"{path}: {EXTENDS_KEY} must be a file path or a list of them")
     merged: Tree = {}
     for base in bases:

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from imagenet_ray import storage
 from imagenet_ray.config import EvalSection, classification_model_names
-from imagenet_ray.data.format import PreparedDataset, open_prepared
+from imagenet_ray.data.format import PreparedDataset, check_shard_sizes, open_prepared
 from imagenet_ray.data.pipeline import build_val_dataset, exact_val_data_config, plain_progress_logs
 from imagenet_ray.errors import ConfigError, UserError, describe_error
 from imagenet_ray.lifecycle import checkpoint_url_for
@@ -35,6 +35,7 @@ from imagenet_ray.train.device import DEVICE_DEFAULT
 from imagenet_ray.train.evaluation import PerClassCounts, evaluate, val_batches
 from imagenet_ray.train.metrics import all_reduce_sum
 from imagenet_ray.train.models import build_model
+from imagenet_ray.train.process_group import BoundStoreTorchConfig
 from imagenet_ray.train.report import report_with_marker
 
 PREFETCH_BATCHES = 2
@@ -260,6 +261,7 @@ def eval_loop_per_worker(config: dict[str, EvalWorkerPlan]) -> None:
 
 def run_evaluation(req: EvalRequest) -> dict[str, Any]:
     data = open_prepared(absolute_url(req.data_url))
+    check_shard_sizes(data, splits=["val"])  # a missing or truncated shard: one line, before any worker
     weights = load_weights(req)
     resize, crop, preset_source = eval_preset(weights.config_yaml, req.resize, req.crop)
     log.info("eval preset: resize %d, crop %d (%s)", resize, crop, preset_source)
@@ -288,6 +290,7 @@ def run_evaluation(req: EvalRequest) -> dict[str, Any]:
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={"plan": plan},
+        torch_config=BoundStoreTorchConfig(),  # the rendezvous store on the node's address only
         scaling_config=ray.train.ScalingConfig(num_workers=req.num_workers, use_gpu=use_gpu),
         datasets={"val": build_val_dataset(data, resize, crop, decode_on="cpu", with_val_index=True)},
         dataset_config=exact_val_data_config(equal_split=()),

@@ -14,7 +14,8 @@ from importlib import resources
 
 from imagenet_ray.errors import UserError
 
-WNID_RE = re.compile(r"^n\d{8}$")
+# [0-9], not \d (any script's digits: n٠١٤٤٠٧٦٤); \Z, not $ (which also matches before a final newline).
+WNID_RE = re.compile(r"^n[0-9]{8}\Z")
 NUM_IMAGENET_CLASSES = 1000
 
 
@@ -56,7 +57,8 @@ class ClassList:
 def parse_synset_mapping(text: str, source: str = "LOC_synset_mapping.txt") -> ClassList:
     """Parse `wnid name, other name` lines; the result is sorted by wnid whatever the file order."""
     pairs: dict[str, str] = {}
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    # Lines end at \n (and \r\n) only: splitlines() also splits at \x1c, \x85, \u2028, ... inside a name.
+    for lineno, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
         if not line:
             continue

@@ -1,29 +1,39 @@
 """The prepared-dataset format in one place: shard schema, file names, manifest read/write, the reader.
 
-Written by data/prepare.py, read by data/pipeline.py, data/verify.py and the evaluate job. A dataset
-is complete only when `_manifest.json` exists (prepare writes it last).
+Written by data/prepare.py, read by data/pipeline.py, data/verify.py and evaluate. A dataset is complete
+only when `_manifest.json` exists (written last); it lists every shard's size and SHA-256, and shards carry
+page CRCs checked on every read (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from imagenet_ray import storage
-from imagenet_ray.errors import UserError
+from imagenet_ray.errors import UserError, describe_error
+from imagenet_ray.redact import redact_url
 
 if TYPE_CHECKING:
-    import pyarrow.fs as pafs
     import ray.data
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"  # written last: its presence means the dataset is complete
 REPORT_NAME = "_report.json"  # what every prepare run did (counts, quarantined files)
 PLAN_NAME = "_plan.json"  # what a preparation is built from (a resume must match it)
 RECEIPTS_DIR = "_receipts"  # one receipt per finished shard
 MANIFEST_FORMAT = "imagenet-ray/prepared-v1"
+# Manifest key: true when every shard was written with Parquet page checksums (absent in older manifests:
+# their shards carry none, and read as before; only `imagenet-ray verify`'s SHA-256 then catches a flip).
+PAGE_CHECKSUMS_KEY = "page_checksums"
 SPLITS = ("train", "val")
 SHARD_SCHEMA = pa.schema(
     [
@@ -54,10 +64,53 @@ def read_manifest(url: str) -> dict[str, Any]:
     loc = storage.resolve(url).child(MANIFEST_NAME)
     if not storage.exists(loc):
         raise UserError(f"{url}: no {MANIFEST_NAME} (not a prepared dataset, or preparation did not finish)")
-    manifest: dict[str, Any] = json.loads(storage.read_bytes(loc))
+    try:
+        manifest = json.loads(storage.read_bytes(loc))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError; RecursionError: [[[[...
+        raise UserError(f"{loc.url}: not a JSON manifest ({describe_error(exc, 160)})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{loc.url}: not a manifest (a JSON {type(manifest).__name__}, not an object)")
     if manifest.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"{loc.url}: unknown format {manifest.get('format')!r}")
+        raise UserError(f"{loc.url}: unknown format {manifest.get('format')!r:.80}")
+    _check_manifest(manifest, loc.url)
     return manifest
+
+
+def _check_manifest(manifest: dict[str, Any], where: str) -> None:
+    """The structure the readers index into (classes, splits, shards), so that a damaged or hand-edited
+    manifest is one line naming the field, not a KeyError or TypeError in whichever reader touches it first."""
+
+    def bad(field: str, expected: str) -> UserError:
+        shown = field if field.isprintable() else repr(field)  # a split name is any JSON string
+        return UserError(f"{where}: manifest field {shown} must be {expected}")
+
+    def is_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    classes = manifest.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(w, str) for w in classes):
+        raise bad("classes", "a list of wnids")
+    names = manifest.get("class_names")
+    if names and (  # predict reads an empty list as absent
+        not isinstance(names, list) or len(names) != len(classes) or not all(isinstance(n, str) for n in names)
+    ):
+        raise bad("class_names", "a list of names, one per class")
+    if not isinstance(manifest.get("options", {}), dict):
+        raise bad("options", "an object")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        raise bad("splits", "an object (split name → its shards)")
+    for split, info in splits.items():
+        if not isinstance(info, dict) or not is_int(info.get("num_images")):
+            raise bad(f"splits.{split}", "an object with num_images (an integer ≥ 0)")
+        shards = info.get("shards")
+        if not isinstance(shards, list):
+            raise bad(f"splits.{split}.shards", "a list")
+        for i, shard in enumerate(shards):
+            ok = isinstance(shard, dict) and isinstance(shard.get("path"), str)
+            ok = ok and all(is_int(shard[k]) for k in ("rows", "bytes") if k in shard)
+            if not (ok and isinstance(shard.get("sha256", ""), str)):
+                raise bad(f"splits.{split}.shards[{i}]", "an object with a path (rows, bytes, sha256 if given)")
 
 
 @runtime_checkable
@@ -88,35 +141,86 @@ class PreparedDataset:
     def class_wnids(self) -> list[str]:
         return list(self.manifest["classes"])
 
+    def _split(self, split: str) -> dict[str, Any]:
+        info: dict[str, Any] | None = self.manifest["splits"].get(split)
+        if info is None:  # e.g. a val-only dataset given to training
+            raise UserError(f"{self.url}: the prepared dataset has no {split} split")
+        return info
+
     def num_images(self, split: str) -> int:
-        return int(self.manifest["splits"][split]["num_images"])
+        return int(self._split(split)["num_images"])
 
     def shard_paths(self, split: str) -> tuple[pafs.FileSystem, list[str]]:
         root = storage.resolve(self.url)
-        return root.fs, [root.child(s["path"]).path for s in self.manifest["splits"][split]["shards"]]
+        return root.fs, [root.child(s["path"]).path for s in self._split(split)["shards"]]
+
+    def shard_urls(self, split: str) -> dict[str, str]:
+        """Filesystem path → URL of the split's shards (what an error names)."""
+        root = storage.resolve(self.url)
+        return {root.child(s["path"]).path: root.child(s["path"]).url for s in self._split(split)["shards"]}
 
     def read(self, split: str, columns: list[str], seed: int | None = None) -> ray.data.Dataset:
-        """The split's shards (in a new seeded order every execution when `seed` is given), `columns` only."""
-        import ray.data
-        from ray.data import DataContext, FileShuffleConfig
+        """The split's shards (in a new seeded order every execution when `seed` is given), `columns` only.
+
+        Page checksums are verified: a corrupt shard fails the read with a UserError naming it."""
+        from ray.data import FileShuffleConfig
+
+        from imagenet_ray.data.shard_reader import read_shards
 
         fs, paths = self.shard_paths(split)
         shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
-        # Ray's default Parquet reader (DataSourceV2) is much slower to start each epoch at tens of shards
-        # than the V1 reader (docs/benchmarks.md); the dataset keeps the reader it is planned with.
-        ctx = DataContext.get_current()
-        previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-        try:
-            # select_columns is pushed down into the Parquet read.
-            return ray.data.read_parquet(
-                paths, filesystem=fs, shuffle=shuffle, override_num_blocks=read_blocks(len(paths), _cluster_cpus())
-            ).select_columns(columns)
-        finally:
-            ctx.use_datasource_v2 = previous
+        # Ray's V1 Parquet reader (read_parquet's with DataContext.use_datasource_v2 = False): its default
+        # reader (DataSourceV2) is much slower to start each epoch at tens of shards (docs/benchmarks.md).
+        # select_columns is pushed down into the Parquet read.
+        blocks = read_blocks(len(paths), _cluster_cpus())
+        return read_shards(paths, fs, self.shard_urls(split), self.url, shuffle, blocks).select_columns(columns)
 
 
 def open_prepared(url: str) -> PreparedDataset:
     return PreparedDataset(url, read_manifest(url))
+
+
+def check_shard_sizes(data: PreparedDataset, splits: Iterable[str] | None = None) -> None:
+    """Every shard of `splits` (default: all) is there with the size the manifest records, else a one-line
+    UserError naming the first shard that is not; before a job starts its workers.
+
+    One listing per shard directory (a split's ~1,000 shards on S3 in one paginated LIST), not a request
+    per shard. A manifest without shard sizes (older prepare) is checked for presence only."""
+    root = storage.resolve(data.url)
+    wanted = [
+        s for split in (data.manifest["splits"] if splits is None else splits) for s in data._split(split)["shards"]
+    ]
+    if not data.manifest.get(PAGE_CHECKSUMS_KEY):
+        log.info("%s: shards carry no Parquet page checksums (prepared by an older version)", redact_url(data.url))
+    if any("bytes" not in s for s in wanted):
+        log.info("%s: the manifest records no shard sizes: checking only that the shards exist", redact_url(data.url))
+    found: dict[str, int | None] = {}
+    for folder in sorted({posixpath.dirname(s["path"]) for s in wanted}):
+        found.update(_listed_sizes(root.child(folder) if folder else root, folder))
+    problems = []
+    for s in wanted:
+        url = redact_url(root.child(s["path"]).url)
+        if s["path"] not in found:
+            problems.append(f"{url}: missing (listed in the manifest)")
+            continue
+        size = found[s["path"]]
+        if "bytes" in s and size is not None and size != s["bytes"]:
+            problems.append(f"{url}: expected {s['bytes']:,} bytes (manifest), found {size:,}")
+    if problems:
+        more = f"; {len(problems) - 1} more shard(s) missing or of the wrong size" if len(problems) > 1 else ""
+        raise UserError(
+            f"{problems[0]}{more}; re-run `imagenet-ray prepare` with the same --source and --out (it rewrites "
+            f"missing and wrong-size shards), `imagenet-ray verify {redact_url(data.url)}` checks every shard"
+        )
+
+
+def _listed_sizes(folder: storage.Location, rel: str) -> dict[str, int | None]:
+    """Manifest path (`rel`/name) → size of every file directly in `folder`: one listing."""
+    try:
+        infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, recursive=False, allow_not_found=True))
+    except OSError as exc:
+        raise UserError(storage.describe_os_error(redact_url(folder.url), exc)) from None
+    return {posixpath.join(rel, i.base_name): i.size for i in infos if i.type == pafs.FileType.File}
 
 
 def read_blocks(num_files: int, cluster_cpus: float) -> int | None:

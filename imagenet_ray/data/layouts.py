@@ -11,7 +11,9 @@ import csv
 import io
 import posixpath
 import re
+import struct
 import tarfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,8 +41,9 @@ DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 # Files in image folders with these suffixes (or hidden non-images such as .DS_Store) are skipped.
 METADATA_SUFFIXES = (".txt", ".csv", ".mat", ".xml", ".json", ".md", ".sh", ".tar.gz", ".tgz", ".db")
-VAL_NAME_RE = re.compile(r"^ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
-VAL_ID_RE = re.compile(r"ILSVRC2012_val_(\d{8})")  # anywhere in a key (inside tars and folders too)
+# [0-9], not \d: \d matches any script's digits, and int() reads them (ILSVRC2012_val_٠٠٠٠٠٠٠١ would be image 1).
+VAL_NAME_RE = re.compile(r"^ILSVRC2012_val_([0-9]{8})\.[A-Za-z]+\Z")
+VAL_ID_RE = re.compile(r"ILSVRC2012_val_([0-9]{8})")  # anywhere in a key (inside tars and folders too)
 LIST_WORKERS = 64  # concurrent listing requests / tar indexers
 TAR_READAHEAD = 8192  # bytes read per tar header (a header, plus GNU/PAX long-name blocks)
 
@@ -134,20 +137,176 @@ class LayoutListing:
 def parse_val_solution(text: str, source: str = KAGGLE_VAL_SOLUTION) -> dict[str, str]:
     """ImageId → wnid from Kaggle's LOC_val_solution.csv (first token of PredictionString)."""
     reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
-        raise UserError(f"{source}: expected header 'ImageId,PredictionString'")
     mapping: dict[str, str] = {}
-    for lineno, row in enumerate(reader, 2):
-        if not row:
-            continue
-        if len(row) < 2 or not row[1].split():
-            raise UserError(f"{source}:{lineno}: missing prediction string")
-        image_id, wnid = row[0].strip(), row[1].split()[0]
-        if image_id in mapping:
-            raise UserError(f"{source}:{lineno}: {image_id} listed twice")
-        mapping[image_id] = wnid
+    try:
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+            raise UserError(f"{source}: expected header 'ImageId,PredictionString'")
+        for lineno, row in enumerate(reader, 2):
+            if not row:
+                continue
+            if len(row) < 2 or not row[1].split():
+                raise UserError(f"{source}:{lineno}: missing prediction string")
+            image_id, wnid = row[0].strip(), row[1].split()[0]
+            if image_id in mapping:
+                shown = image_id if image_id.isprintable() else repr(image_id)  # a quoted ID may hold a newline
+                raise UserError(f"{source}:{lineno}: {shown} listed twice")
+            mapping[image_id] = wnid
+    except csv.Error as exc:  # e.g. a lone \r inside an unquoted field
+        raise UserError(f"{source}:{reader.line_num}: not readable as CSV ({exc})") from None
     return mapping
+
+
+def _mat_int(value: object, source: str, index: int, field: str) -> int:
+    """A whole-number field of the devkit's synsets(index) (MATLAB stores them as doubles), else a UserError."""
+    import numpy as np
+
+    number = np.asarray(value)
+    # int() raises on strings and arrays, and reads 1.5 as 1: the ground truth would name the wrong class.
+    if number.ndim == 0 and number.dtype.kind in "iuf" and np.isfinite(number) and number == np.round(number):
+        return int(number)
+    shown = " ".join(repr(value).split())[:60]
+    raise UserError(f"{source}: synsets({index}).{field} is {shown}, not a whole number")
+
+
+def _mat_text(value: object, source: str, index: int, field: str) -> str:
+    """A char field of synsets(index): scipy gives a str, or an empty array for '' (whose str() is "[]")."""
+    import numpy as np
+
+    if isinstance(value, str):
+        return value
+    if isinstance(value, np.ndarray) and value.size == 0:
+        return ""
+    shown = " ".join(repr(value).split())[:60]
+    raise UserError(f"{source}: synsets({index}).{field} is {shown}, not text")
+
+
+_MAT_DATA_TYPES = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 16, 17, 18})  # the type codes scipy has a dtype for
+_MAT_CLASSES = frozenset({1, 2, 4, *range(6, 16)})  # cell, struct, char, numeric: all a meta.mat holds
+_MAT_MATRIX, _MAT_COMPRESSED = 14, 15
+MAT_MAX_INFLATED = 64 << 20  # bytes the compressed variables of a meta.mat may inflate to (the real one: < 1 MB)
+
+
+class _MatWalk:
+    """Retraces scipy's MAT v5 reader up to and through the variable `synsets`, checking every type code that
+    scipy uses unchecked as an index into a C table: on an unknown one scipy 1.17 crashes the process
+    (SIGSEGV), and one flipped byte in meta.mat is enough (scipy PRs 25349, 25829). Like scipy, reads within
+    a variable follow one another and ignore the byte counts of the matrices that hold them."""
+
+    def __init__(self, source: str, order: str) -> None:
+        self.source, self.order = source, order
+
+    def fail(self, problem: str) -> UserError:
+        return UserError(f"{self.source}: not a readable MATLAB file ({problem})")
+
+    def element(self, buf: bytes, pos: int) -> tuple[int, bytes, int]:
+        """(type code, data, position after) of the data element at `pos`."""
+        if pos + 8 > len(buf):
+            raise self.fail(f"truncated at byte {pos}")
+        mdtype, count = struct.unpack_from(self.order + "II", buf, pos)
+        if mdtype >> 16:  # small data element: count and type in the first 4 bytes, the data in the next 4
+            if mdtype >> 16 > 4:
+                raise self.fail(f"bad small data element at byte {pos}")
+            return mdtype & 0xFFFF, buf[pos + 4 : pos + 4 + (mdtype >> 16)], pos + 8
+        if pos + 8 + count > len(buf):
+            raise self.fail(f"truncated at byte {pos}")
+        return mdtype, buf[pos + 8 : pos + 8 + count], pos + 8 + -(-count // 8) * 8  # padded to 8 bytes
+
+    def int8_string(self, buf: bytes, pos: int) -> tuple[bytes, int]:
+        mdtype, data, pos = self.element(buf, pos)
+        if mdtype not in (1, 16):  # miINT8 (or miUTF8)
+            raise self.fail(f"expected a name at byte {pos}")
+        return data, pos
+
+    def header(self, buf: bytes, pos: int) -> tuple[int, bool, list[int], bytes, int]:
+        """(class, complex, dims, name, position after) of the array whose miMATRIX tag ends at `pos`."""
+        if pos + 16 > len(buf):
+            raise self.fail(f"truncated at byte {pos}")
+        flags = struct.unpack_from(self.order + "I", buf, pos + 8)[0]
+        mclass, is_complex = flags & 0xFF, bool(flags >> 11 & 1)
+        if mclass == 17:  # mxOPAQUE: a name, nothing else in the header
+            name, pos = self.int8_string(buf, pos + 16)
+            return mclass, is_complex, [], name, pos
+        mdtype, data, pos = self.element(buf, pos + 16)
+        if mdtype not in (5, 6) or len(data) > 128:  # miINT32/miUINT32, at most 32 of them
+            raise self.fail(f"bad dimensions before byte {pos}")
+        dims = list(struct.unpack(f"{self.order}{len(data) // 4}i", data[: len(data) // 4 * 4]))
+        name, pos = self.int8_string(buf, pos)
+        return mclass, is_complex, dims, name, pos
+
+    def matrix(self, buf: bytes, pos: int) -> int:
+        if pos + 8 > len(buf):
+            raise self.fail(f"truncated at byte {pos}")
+        mdtype, count = struct.unpack_from(self.order + "II", buf, pos)
+        if mdtype != _MAT_MATRIX:
+            raise self.fail(f"expected a matrix at byte {pos}")
+        if count == 0:  # an empty matrix
+            return pos + 8
+        mclass, is_complex, dims, _, pos = self.header(buf, pos + 8)
+        return self.array(buf, pos, mclass, is_complex, dims)
+
+    def array(self, buf: bytes, pos: int, mclass: int, is_complex: bool, dims: list[int]) -> int:
+        if mclass not in _MAT_CLASSES:
+            raise self.fail(f"MATLAB class {mclass}, never in a devkit meta.mat")
+        if mclass == 4 and not dims:  # scipy's chars_to_strings reads dims[-1] of a 0-d array: SIGSEGV too
+            raise self.fail(f"a char array without dimensions before byte {pos}")
+        if mclass == 4 or mclass >= 6:  # char, numeric: one data element (two: complex numeric)
+            for _ in range(2 if is_complex and mclass != 4 else 1):
+                mdtype, data, pos = self.element(buf, pos)
+                if mdtype not in _MAT_DATA_TYPES and not (mclass == 4 and not data):  # scipy skips empty chars
+                    raise self.fail(f"unknown data type {mdtype} before byte {pos}")
+            return pos
+        count = 1
+        for d in dims:  # as scipy's size_t product
+            count = count * (d % 2**64) % 2**64
+        if mclass == 2:  # struct: field name length, the names, then each field of each element
+            mdtype, data, pos = self.element(buf, pos)
+            length = struct.unpack(self.order + "i", data)[0] if mdtype in (5, 6) and len(data) == 4 else 0
+            if length <= 0:
+                raise self.fail(f"bad struct field name length before byte {pos}")
+            names, pos = self.int8_string(buf, pos)
+            count *= len(names) // length
+        if count > (len(buf) - pos) // 8:  # each element takes 8 bytes or more: scipy would run out too
+            raise self.fail(f"{count} elements do not fit in the file")
+        for _ in range(count):
+            pos = self.matrix(buf, pos)
+        return pos
+
+
+def _check_mat5(data: bytes, source: str) -> None:
+    """Refuse a meta.mat that would crash scipy's reader (see _MatWalk); scipy then reads the rest."""
+    import scipy.io.matlab
+
+    try:
+        major = scipy.io.matlab.matfile_version(io.BytesIO(data))[0]
+    except Exception as exc:  # too short, unknown version
+        raise UserError(f"{source}: not a readable MATLAB file ({describe_error(exc, 160)})") from None
+    if major != 1:  # v4 holds no structs; v7.3 is HDF5
+        raise UserError(f"{source}: not a MATLAB 5 file (the devkit's meta.mat is one)")
+    walk = _MatWalk(source, "<" if data[126:128] == b"IM" else ">")
+    pos, inflated = 128, 0
+    while pos < len(data):
+        if pos + 8 > len(data):
+            raise walk.fail(f"truncated at byte {pos}")
+        mdtype, count = struct.unpack_from(walk.order + "II", data, pos)
+        if count == 0:
+            raise walk.fail(f"an empty variable at byte {pos}")
+        buf, at = data, pos
+        if mdtype == _MAT_COMPRESSED:
+            try:
+                buf = zlib.decompressobj().decompress(data[pos + 8 : pos + 8 + count], MAT_MAX_INFLATED - inflated + 1)
+            except zlib.error as exc:
+                raise walk.fail(f"compressed variable at byte {pos}: {exc}") from None
+            inflated, at = inflated + len(buf), 0
+            if inflated > MAT_MAX_INFLATED:
+                raise UserError(f"{source}: not a devkit meta.mat (inflates past {MAT_MAX_INFLATED >> 20} MB)")
+        if len(buf) < at + 8 or struct.unpack_from(walk.order + "I", buf, at)[0] != _MAT_MATRIX:
+            raise walk.fail(f"expected a matrix at byte {pos}")
+        mclass, is_complex, dims, name, after = walk.header(buf, at + 8)
+        if name == b"synsets":  # the only variable read (loadmat's variable_names)
+            walk.array(buf, after, mclass, is_complex, dims)
+            return
+        pos += 8 + count
 
 
 def parse_devkit_meta(data: bytes, source: str = DEVKIT_META) -> dict[int, tuple[str, str]]:
@@ -155,8 +314,9 @@ def parse_devkit_meta(data: bytes, source: str = DEVKIT_META) -> dict[int, tuple
     import numpy as np
     import scipy.io
 
+    _check_mat5(data, source)
     try:
-        mat = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)
+        mat = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True, variable_names=["synsets"])
     except Exception as exc:  # scipy raises ValueError, TypeError, NotImplementedError (v7.3), ...
         raise UserError(f"{source}: not a readable MATLAB file ({describe_error(exc, 160)})") from None
     synsets = mat.get("synsets")
@@ -165,11 +325,12 @@ def parse_devkit_meta(data: bytes, source: str = DEVKIT_META) -> dict[int, tuple
         raise UserError(f"{source}: expected a struct array 'synsets' with fields ILSVRC2012_ID and WNID")
     leaves: dict[int, tuple[str, str]] = {}
     seen: dict[str, int] = {}
-    for s in np.atleast_1d(synsets):
-        if "num_children" in names and int(s["num_children"]) != 0:
+    for index, s in enumerate(np.atleast_1d(synsets), 1):
+        if "num_children" in names and _mat_int(s["num_children"], source, index, "num_children") != 0:
             continue  # a non-leaf synset of the hierarchy (IDs > 1000)
-        ilsvrc_id, wnid = int(s["ILSVRC2012_ID"]), str(s["WNID"]).strip()
-        words = " ".join(str(s["words"]).split()) if "words" in names else ""
+        ilsvrc_id = _mat_int(s["ILSVRC2012_ID"], source, index, "ILSVRC2012_ID")
+        wnid = _mat_text(s["WNID"], source, index, "WNID").strip()
+        words = " ".join(_mat_text(s["words"], source, index, "words").split()) if "words" in names else ""
         if not WNID_RE.match(wnid):
             raise UserError(f"{source}: ILSVRC2012_ID {ilsvrc_id} has WNID {wnid!r}, not a wnid")
         if ilsvrc_id in leaves:
@@ -184,13 +345,17 @@ def parse_devkit_meta(data: bytes, source: str = DEVKIT_META) -> dict[int, tuple
 
 def parse_ground_truth(text: str, source: str = DEVKIT_GROUND_TRUTH) -> list[int]:
     """ILSVRC2012_ID of val image 1, 2, ... from the devkit's validation ground truth (one per line)."""
-    lines = text.splitlines()
+    lines = text.split("\n")  # not splitlines(): it also splits at \x0c, \x1c, \x85, ..., and shifts every label after
     while lines and not lines[-1].strip():
         lines.pop()
     ids = []
     for lineno, line in enumerate(lines, 1):
+        value = line.strip()
         try:
-            ids.append(int(line.strip()))
+            # Plain ASCII digits: int() also reads "+1", "1_000" and other scripts' digits ("١").
+            if not (value.isascii() and value.isdigit()):
+                raise ValueError(value)
+            ids.append(int(value))  # ValueError past 4,300 digits too
         except ValueError:
             raise UserError(f"{source}:{lineno}: expected an ILSVRC2012_ID, found {line.strip()[:40]!r}") from None
     if not ids:
@@ -343,10 +508,18 @@ def _tar_members(f: pa.NativeFile, start: int, length: int, where: str) -> list[
     try:
         with tarfile.open(fileobj=_TarView(f, start, length), mode="r:") as tf:  # type: ignore[call-overload]
             for m in tf:
+                # A GNU base-256 size can be negative: tarfile then steps back to an earlier header (or
+                # rereads this one forever, at -512).
+                if m.size < 0:
+                    raise UserError(f"{where}: member {m.name!r} has a negative size; not a readable tar")
                 if not m.isfile():
                     continue
                 if m.issparse():
-                    raise UserError(f"{where}: member {m.name} is a sparse file; cannot read it as a byte range")
+                    raise UserError(f"{where}: member {m.name!r} is a sparse file; cannot read it as a byte range")
+                try:
+                    m.name.encode()
+                except UnicodeEncodeError:  # undecodable bytes, kept by tarfile as surrogates: no key can hold them
+                    raise UserError(f"{where}: member {m.name!r} is not named in UTF-8") from None
                 members.append((_member_name(m.name), start + m.offset_data, m.size))
     except tarfile.TarError as exc:
         raise UserError(f"{where}: not a readable tar ({exc})") from None

@@ -16,7 +16,7 @@ import numpy as np
 
 from imagenet_ray import storage
 from imagenet_ray.data import transforms
-from imagenet_ray.data.format import DatasetSource, open_prepared
+from imagenet_ray.data.format import DatasetSource, check_shard_sizes, open_prepared
 from imagenet_ray.data.layouts import ImageRecord, LayoutListing, detect_and_list, read_records, val_index_of
 
 if TYPE_CHECKING:
@@ -84,10 +84,15 @@ def _read_raw(batch: dict[str, np.ndarray], root_url: str) -> dict[str, np.ndarr
 
 
 def open_source(url: str, source: str) -> DatasetSource:
-    """`source` = "prepared" (Parquet shards + manifest) or "raw" (an ILSVRC layout, see layouts.py)."""
+    """`source` = "prepared" (Parquet shards + manifest) or "raw" (an ILSVRC layout, see layouts.py).
+
+    A prepared dataset with a missing shard, or one of another size than the manifest records, is refused
+    here (one line naming the shard), before any Ray worker starts."""
     if source == "raw":
         return RawLayoutDataset(url, detect_and_list(url))
-    return open_prepared(url)
+    data = open_prepared(url)
+    check_shard_sizes(data)
+    return data
 
 
 def row_chunks(batch: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, np.ndarray]]:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from imagenet_ray import __version__, storage
 from imagenet_ray.data.format import (
     MANIFEST_FORMAT,
+    PAGE_CHECKSUMS_KEY,
     PLAN_NAME,
     RECEIPTS_DIR,
     REPORT_NAME,
@@ -86,6 +87,8 @@ def encode_shard(rows: list[dict[str, Any]], rows_per_group: int) -> bytes:
     """Parquet bytes of a shard; deterministic for the same rows (same pyarrow version)."""
     # JPEG bytes do not compress and have no useful min/max: no compression, no dictionary and no
     # statistics on the image column (much less encode time than the defaults: docs/benchmarks.md).
+    # A CRC-32 in every page header: readers verify it (data/shard_reader.py), so a flipped byte in a page
+    # is an error naming the shard, not a silently different image or label.
     sink = pa.BufferOutputStream()
     pq.write_table(
         build_shard_table(rows),
@@ -94,6 +97,7 @@ def encode_shard(rows: list[dict[str, Any]], rows_per_group: int) -> bytes:
         compression="none",
         use_dictionary=["wnid"],
         write_statistics=["label"],
+        write_page_checksum=True,
     )
     return cast(bytes, sink.getvalue().to_pybytes())
 
@@ -136,6 +140,7 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
         "rows": len(rows),
         "bytes": len(payload),
         "sha256": hashlib.sha256(payload).hexdigest(),
+        PAGE_CHECKSUMS_KEY: True,
         "bytes_in": bytes_in,
         "quarantined": quarantined,
         "notes": dict(notes),
@@ -339,6 +344,8 @@ def build_manifest(listing: LayoutListing, receipts: list[dict[str, Any]], opts:
         "classes": list(listing.classes.wnids),
         "class_names": list(listing.classes.names),
         "splits": splits,
+        # a resumed preparation keeps the shards an older version wrote (without checksums): true only if all have them
+        PAGE_CHECKSUMS_KEY: all(r.get(PAGE_CHECKSUMS_KEY, False) for r in receipts),
     }
 
 

@@ -1,10 +1,8 @@
-"""Errors that no retry can heal, and how a run stops on them at once instead of spending its retries.
+"""Errors no retry can heal, and how a run stops on them at once instead of spending its retries.
 
-Ray Train (2.60) retries every worker failure up to `max_failures`: right for a lost worker or a brief
-S3 outage, wasted on a val set that does not add up or a corrupt shard, which fail the same way every
-time. A worker that meets one writes its reason beside the run's checkpoints (`FATAL_FILE`); a restarted
-worker group finds it and ends before training (every rank reads the same file, so none waits in a
-collective for another), and the driver turns it into the job's one-line error.
+A worker that meets one writes its reason beside the run's checkpoints (`FATAL_FILE`); a restarted worker
+group finds it and ends before any collective (every rank reads the same file), and the driver raises it
+as the job's one-line error. Why Ray Train's own retries cannot tell: docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -36,12 +34,23 @@ def is_permanent_data_error(exc: BaseException) -> bool:
     return any(marker in text for marker in _PERMANENT_DATA_MARKERS)
 
 
+def permanent_reason(exc: BaseException) -> str:
+    """One line for a permanent error: the project's own message when the chain holds one (a Ray task
+    error's `cause` is the remote exception, its `str` a traceback), else the first error's."""
+    for e in _chain(exc):
+        if isinstance(e, UserError):
+            return str(e).splitlines()[0]
+    return " ".join(str(exc).split())[:300]
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc`, its causes and contexts, and a Ray task error's remote `cause`."""
     seen: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in seen and len(seen) < 10:
         seen.append(current)
-        current = current.__cause__ or current.__context__
+        remote = getattr(current, "cause", None)
+        current = remote if isinstance(remote, BaseException) else (current.__cause__ or current.__context__)
     return seen
 
 

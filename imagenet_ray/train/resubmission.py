@@ -1,9 +1,8 @@
 """A resubmitted job continues its MLflow run and checkpoint: what of its config may change on the way.
 
-A change that makes the run a different experiment (model, data, recipe, evaluation) is refused: the
-continued curves and the checkpoint would describe neither config. What only changes how or how long
-it runs (more epochs, workers and their resources, logging) is allowed and recorded on the run.
-Unknown keys are refused (a new config key is a recipe change until it is listed here).
+Refused: what makes it another experiment (model, data, recipe, evaluation) and any key not listed as
+safe; allowed and recorded on the run: what only changes how or how long it runs (epochs, workers,
+resources, logging). docs/reliability.md has the lists' reasons.
 """
 
 from __future__ import annotations

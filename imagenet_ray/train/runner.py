@@ -20,14 +20,19 @@ from imagenet_ray.config import DataSection
 from imagenet_ray.dashboard import with_overview
 from imagenet_ray.data.device_decode import train_batch_on_device
 from imagenet_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from imagenet_ray.errors import describe_error
 from imagenet_ray.runtime import configure_worker_logging
 from imagenet_ray.tracking import RunSink
 from imagenet_ray.train.batch_aug import mix_batch, random_erase, trivial_augment
 from imagenet_ray.train.checkpoint import load_checkpoint, restore_rng, write_checkpoint_dir
 from imagenet_ray.train.device import amp_dtype, resize_on_device, to_model_input, train_size_for_epoch
 from imagenet_ray.train.evaluation import ConfusionPairs, PerClassCounts, evaluate, val_batches
-from imagenet_ray.train.fatal import PermanentError, is_permanent_data_error, read_fatal, record_fatal
+from imagenet_ray.train.fatal import (
+    PermanentError,
+    is_permanent_data_error,
+    permanent_reason,
+    read_fatal,
+    record_fatal,
+)
 from imagenet_ray.train.metric_queue import MetricQueue, epochs_logged
 from imagenet_ray.train.metrics import all_reduce_sum
 from imagenet_ray.train.models import build_model
@@ -108,7 +113,7 @@ def permanent_data_errors(batches: Iterable[dict[str, torch.Tensor]]) -> Iterato
         yield from batches
     except Exception as exc:
         if is_permanent_data_error(exc):
-            raise PermanentError(f"reading the training data: {describe_error(exc)}") from exc
+            raise PermanentError(f"reading the training data: {permanent_reason(exc)}") from exc
         raise
 
 

@@ -39,6 +39,7 @@ from imagenet_ray.train.checkpoint import CHECKPOINT_TAG
 from imagenet_ray.train.fatal import clear_fatal, fatal_url, read_fatal
 from imagenet_ray.train.model_logging import choose_checkpoints, log_models
 from imagenet_ray.train.plan import WorkerPlan
+from imagenet_ray.train.process_group import BoundStoreTorchConfig
 from imagenet_ray.train.provenance import reproducibility_tags
 from imagenet_ray.train.resubmission import CHANGES_TAG, check_resubmission, record
 from imagenet_ray.train.runner import train_loop_per_worker
@@ -197,6 +198,7 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan.for_workers(cfg, sink.run_id).to_loop_config(),
+        torch_config=BoundStoreTorchConfig(),  # the rendezvous store on rank 0's node address only
         # Train V2's ScalingConfig at run time; the stubs name V1's, which lacks label_selector.
         scaling_config=ray.train.ScalingConfig(  # type: ignore[call-arg]
             # an int, or (min, max): elastic (Ray's type hints predate the tuple form)

@@ -30,6 +30,8 @@ def test_copy_to_an_unreachable_s3_endpoint_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
+    # One attempt: the default 10 (storage.py) would spend ~80 s of backoff on a port nobody listens on.
+    monkeypatch.setenv("IMAGENET_RAY_S3_MAX_ATTEMPTS", "1")
     with pytest.raises(UserError, match="s3://bucket/prefix: cannot connect") as err:
         copy_tree(str(tmp_path / "src"), "s3://bucket/prefix")
     assert "\n" not in str(err.value)

@@ -99,3 +99,25 @@ def test_a_permanent_error_is_recorded_and_raised_and_a_restart_ends_before_trai
     restarted = _runner(tmp_path, fatal_reason=read_fatal(runner.plan.fatal_error_url))
     restarted.run_epochs = lambda: pytest.fail("a restart after a permanent error must not train")  # type: ignore[method-assign]
     restarted.run()  # returns: every rank ends cleanly, the driver raises the reason
+
+
+def test_the_reason_is_the_projects_own_line_from_a_remote_error():
+    from imagenet_ray.errors import UserError
+    from imagenet_ray.train.fatal import permanent_reason
+
+    class RemoteTaskError(Exception):  # like ray.exceptions.RayTaskError: str() is the remote traceback
+        def __init__(self, cause):
+            super().__init__("ray::ReadParquet() (pid=1)\nTraceback (most recent call last):\n  ...")
+            self.cause = cause
+
+    shard = UserError("s3://data/train/train-00002-of-00016.parquet: corrupt shard (CRC checksum verification failed)")
+    error = RemoteTaskError(shard)
+    assert is_permanent_data_error(error)
+    assert permanent_reason(error) == str(shard)
+    with pytest.raises(PermanentError, match=r"train-00002-of-00016\.parquet: corrupt shard"):
+
+        def batches():
+            yield {}
+            raise error
+
+        list(permanent_data_errors(batches()))
