@@ -411,14 +411,12 @@ def test_planner_predicts_the_data_wait_of_a_throttled_stand_in_gpu(local_cluste
             limited: dict[str, Any] = {}
 
             def limit_after_epoch_1() -> None:
-                # Epoch 1's checkpoint in S3 is written at the epoch's end (its metrics reach MLflow
-                # through rank 0's queue, a moment later).
-                prefix = f"runs/{name}/checkpoint_"  # noqa: B023
+                # Epoch 1's checkpoint in S3 is written once the epoch (and its validation) is over; its
+                # metrics are queued for MLflow after the checkpoint is reported, a moment later.
                 deadline = time.monotonic() + 300
-                while time.monotonic() < deadline and not s3.list_objects_v2(Bucket="checkpoints", Prefix=prefix).get(
-                    "KeyCount", 0
-                ):
+                while time.monotonic() < deadline and not _checkpoints(s3, name):  # noqa: B023
                     time.sleep(0.2)
+                limited["after_checkpoint"] = bool(_checkpoints(s3, name))  # noqa: B023
                 local.set_cpu_limit(local_cluster, "decode-0", PLAN_CPU_LIMIT)
                 limited["at"] = time.time()  # noqa: B023
 
@@ -429,10 +427,11 @@ def test_planner_predicts_the_data_wait_of_a_throttled_stand_in_gpu(local_cluste
             local.set_cpu_limit(local_cluster, "decode-0", None)
             assert info["status"] == "SUCCEEDED", logs[-6000:]
             (run,) = _runs(mlflow, name)
-            # The limit is in place after epoch 1 and by epoch 3's first batch (a metric's timestamp is when
-            # rank 0 queued it, at its epoch's end): the steady wait of epoch 3, the one measured, is under it.
+            # The limit is in place after epoch 1 (its checkpoint existed) and by epoch 3's first batch (a
+            # metric's timestamp is when rank 0 queued it, just after its epoch's checkpoint): the steady wait
+            # of epoch 3, the one measured, is under it.
             ended = {int(m.value): m.timestamp / 1000 for m in mlflow.get_metric_history(run.info.run_id, "epoch")}
-            assert ended[1] < limited.get("at", 1e18) < ended[2] + 2.0, (limited, ended)
+            assert limited.get("after_checkpoint") and limited["at"] < ended[2] + 2.0, (limited, ended)
             logged = RunSink(mlflow.tracking_uri, run.info.run_id)
             by_epoch = dict(logged.epoch_history("perf/steady_data_wait_frac"))
             steady = [by_epoch[e] for e in range(PLAN_MEASURED_FROM, PLAN_EPOCHS + 1)]
