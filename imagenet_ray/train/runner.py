@@ -183,7 +183,7 @@ class Runner:
         # A checkpoint written by this run names its MLflow run (the driver found the same one).
         self.run_id = state["mlflow_run_id"] or self.run_id
         # The checkpoint's step counts the old world's steps: the LR continues from the epochs done.
-        self.lr_at = ResumedSchedule(self.schedule, self.start_step, float(state.get("epochs_done", self.start_epoch)))
+        self.lr_at = ResumedSchedule(self.schedule, self.start_step, float(self.start_epoch))
         restore_rng(state["rng"])
         self.aug_rng = np.random.default_rng([self.cfg.seed, self.rank, self.start_epoch])
 
