@@ -78,6 +78,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from imagenet_ray.data.format import REPORT_NAME
     from imagenet_ray.data.layouts import LAYOUTS, detect_and_list
+    from imagenet_ray.data.prefix_lock import hold_output
     from imagenet_ray.data.prepare import PrepareOptions, prepare
     from imagenet_ray.runtime import absolute_url, ensure_ray
 
@@ -100,9 +101,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         layout=args.layout,
     )
     source, out = absolute_url(args.source), absolute_url(args.out)
-    listing = detect_and_list(source, layout=args.layout)  # fail on a bad source before starting Ray
-    ensure_ray(1, job="jobs/prepare.py")
-    result = prepare(source, out, opts, listing=listing)
+    with hold_output(out) as lock:  # first: a second prepare of `out` stops here, before listing or Ray
+        listing = detect_and_list(source, layout=args.layout)  # fail on a bad source before starting Ray
+        ensure_ray(1, job="jobs/prepare.py")
+        result = prepare(source, out, opts, listing=listing, lock=lock)
     log.info("%s", format_report(result.report))
     mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if mlflow_uri:

@@ -149,6 +149,15 @@ class TrainSection(_Strict):
     storage_path: str = Field(".demo/runs", description="checkpoints go to <storage_path>/<name>")
     checkpoints_to_keep: int = Field(2, gt=0, description="best K by val/top1 (the latest is kept too)")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the latest checkpoint")
+    checkpoint_every_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="also checkpoint inside an epoch after this many minutes of training, so a lost node costs "
+        "at most that; a resume continues the epoch with the batches not yet trained (exact when deterministic)",
+    )
+    checkpoint_on_preemption: bool = Field(
+        True, description="checkpoint at once when Ray Train reports a preemption notice for a worker's node"
+    )
     stop_after_epochs: int | None = Field(
         None,
         gt=0,

@@ -4,6 +4,7 @@ credentials come only from the standard AWS environment (docs/architecture.md, "
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import posixpath
@@ -247,11 +248,17 @@ def write_bytes_atomic(loc: Location, data: bytes) -> None:
         if isinstance(loc.fs, pafs.LocalFileSystem):
             os.makedirs(os.path.dirname(loc.path) or ".", exist_ok=True)
             tmp = f"{loc.path}{TMP_MARKER}{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, loc.path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, loc.path)
+            except OSError:
+                # A full disk (ENOSPC) leaves the temporary sibling behind, holding what was written.
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
         else:
             with loc.fs.open_output_stream(loc.path) as out:
                 out.write(data)

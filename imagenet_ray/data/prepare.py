@@ -1,6 +1,7 @@
 """`imagenet-ray prepare`: an ILSVRC layout → validated Parquet shards of JPEG bytes, receipts, a report
-and `_manifest.json` (written last), on Ray Data; resumable, refusing to mix two builds in one place.
-The file names and the shard schema are data/format.py's; the per-image rules are data/storage_rules.py's.
+and `_manifest.json` (written last), on Ray Data; resumable, refusing to mix two builds in one place, and
+one prepare at a time per output (data/prefix_lock.py). The file names and the shard schema are
+data/format.py's; the per-image rules are data/storage_rules.py's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imagenet_ray import __version__, storage
+from imagenet_ray.data import prefix_lock
 from imagenet_ray.data.format import (
     MANIFEST_FORMAT,
     PAGE_CHECKSUMS_KEY,
@@ -361,14 +363,32 @@ def _run_tasks(tasks: list[dict[str, Any]], progress: Progress) -> Iterable[dict
 
 
 def prepare(
-    source_url: str, out_url: str, opts: PrepareOptions = PrepareOptions(), listing: LayoutListing | None = None
+    source_url: str,
+    out_url: str,
+    opts: PrepareOptions = PrepareOptions(),
+    listing: LayoutListing | None = None,
+    lock: prefix_lock.PrefixLock | None = None,
 ) -> PrepareResult:
-    """Prepare `source_url` into `out_url` on Ray Data, resuming an interrupted run (docs/architecture.md)."""
+    """Prepare `source_url` into `out_url` on Ray Data, resuming an interrupted run (docs/architecture.md).
+
+    Runs holding `<out>/_prepare.lock` (`lock`, else taken here first; docs/reliability.md, "Two prepares on
+    one prefix"): a second prepare of the same output fails with one line and writes nothing there."""
+    if lock is None:
+        with prefix_lock.hold_output(out_url) as held:
+            return prepare(source_url, out_url, opts, listing, held)
     start = time.perf_counter()
     listing = listing or detect_and_list(source_url, layout=opts.layout)
     out = storage.resolve(out_url)
+    if lock.prefix != out.url:
+        raise ValueError(f"prepare of {out.url} given the lock of {lock.prefix}")
     if not storage.is_remote(out.url):
         storage.ensure_dir(out)
+    return _prepare_locked(listing, out, opts, lock, start)
+
+
+def _prepare_locked(
+    listing: LayoutListing, out: storage.Location, opts: PrepareOptions, lock: prefix_lock.PrefixLock, start: float
+) -> PrepareResult:
     tasks = plan_tasks(listing, out.url, opts)
     check_or_write_plan(out, listing, opts, tasks)
     remove_partial_files(out)
@@ -381,6 +401,18 @@ def prepare(
         receipts.extend(_run_tasks(todo, progress))
     report = build_report(listing, receipts, opts, time.perf_counter() - start, out.url)
     report["resumed_shards"] = len(done)
+    problems = _problems(report, opts, out.url)
+    lock.ensure_held()  # a prepare whose lock was taken over (it stalled past the lease) finalises nothing
+    storage.write_bytes_atomic(out.child(REPORT_NAME), json.dumps(report, indent=1).encode())
+    manifest = None
+    if not problems:
+        manifest = build_manifest(listing, receipts, opts)
+        write_manifest(out, manifest)
+    return PrepareResult(manifest, report, not problems, len(done), len(todo), problems)
+
+
+def _problems(report: dict[str, Any], opts: PrepareOptions, out_url: str) -> list[str]:
+    """Why this preparation gets no manifest: images not conserved, or too many quarantined."""
     problems = [
         f"{split}: {s['listed']} listed != {s['written']} written + {s['quarantined']} quarantined"
         for split, s in report["splits"].items()
@@ -389,11 +421,6 @@ def prepare(
     if report["quarantined_fraction"] > opts.max_quarantine_frac:
         problems.append(
             f"{report['quarantined_fraction']:.4%} of images quarantined, above the limit of "
-            f"{opts.max_quarantine_frac:.4%} (see {out.url}/{REPORT_NAME})"
+            f"{opts.max_quarantine_frac:.4%} (see {out_url}/{REPORT_NAME})"
         )
-    storage.write_bytes_atomic(out.child(REPORT_NAME), json.dumps(report, indent=1).encode())
-    manifest = None
-    if not problems:
-        manifest = build_manifest(listing, receipts, opts)
-        write_manifest(out, manifest)
-    return PrepareResult(manifest, report, not problems, len(done), len(todo), problems)
+    return problems

@@ -61,9 +61,11 @@ def write_checkpoint_dir(
     config_yaml: str,
     ema: dict[str, Any] | None = None,
     metrics: dict[str, float] | None = None,
+    mid_epoch: dict[str, Any] | None = None,
 ) -> None:
     """Write the state after `epoch` completed epochs into `directory`, with that epoch's `metrics`
-    (logged from here if a failure kept them from MLflow).
+    (logged from here if a failure kept them from MLflow); `mid_epoch` (mid_epoch.MidEpochState) when
+    it was taken inside the next epoch.
 
     The LR schedule is a pure function of `step`, so the step is its whole state; bf16 autocast
     needs no gradient scaler, so there is none to save.
@@ -80,6 +82,7 @@ def write_checkpoint_dir(
             "rng": rng_state(),
             "config_yaml": config_yaml,
             "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+            "mid_epoch": mid_epoch,
         },
         directory / STATE_FILE,
     )

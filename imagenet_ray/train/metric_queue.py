@@ -215,3 +215,13 @@ def epochs_logged(sink: RunSink, wait_s: float = 60.0, every_s: float = 5.0) -> 
                 log.warning("MLflow unreachable (%s): cannot tell which epochs are logged; logging each epoch", exc)
                 return set()
             time.sleep(every_s)
+
+
+def last_logged_step(sink: RunSink, key: str = "perf/images_per_s") -> int:
+    """The last step of step curve `key` in the run: a restarted attempt does not log again the steps the
+    lost one logged (-1: none, or MLflow unreachable)."""
+    try:
+        return max(sink.logged_steps(key), default=-1)
+    except Exception as exc:
+        log.warning("MLflow unreachable (%s): step curves may get a second point at some steps", exc)
+        return -1

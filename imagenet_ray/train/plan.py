@@ -18,6 +18,7 @@ class WorkerPlan:
     tracking_uri: str
     mlflow_run_id: str  # the run the driver created or found; rank 0 is its only writer during training
     fatal_error_url: str = ""  # where a worker records an error no retry can heal (fatal.py)
+    audit_samples_dir: str = ""  # sample_audit.py: where each rank lists the training samples it trained on
 
     @property
     def config_yaml(self) -> str:

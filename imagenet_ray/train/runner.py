@@ -3,10 +3,12 @@ the state, train one epoch, validate, save and report) and `train_loop_per_worke
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -28,13 +30,23 @@ from imagenet_ray.train.device import amp_dtype, resize_on_device, to_model_inpu
 from imagenet_ray.train.evaluation import ConfusionPairs, PerClassCounts, evaluate, val_batches
 from imagenet_ray.train.fatal import (
     PermanentError,
+    checkpoint_storage_error,
     is_permanent_data_error,
     permanent_reason,
     read_fatal,
     record_fatal,
 )
-from imagenet_ray.train.metric_queue import MetricQueue, epochs_logged
+from imagenet_ray.train.metric_queue import MetricQueue, epochs_logged, last_logged_step
 from imagenet_ray.train.metrics import all_reduce_sum
+from imagenet_ray.train.mid_epoch import (
+    CheckpointClock,
+    EpochResume,
+    MidEpochState,
+    gather_to_all,
+    plan_resume,
+    rank_local_state,
+    restore_rank_local_state,
+)
 from imagenet_ray.train.models import build_model
 from imagenet_ray.train.norm_stats import average_batchnorm_stats
 from imagenet_ray.train.optim import ResumedSchedule, build_sgd, scale_for_world, schedule_from_config
@@ -47,6 +59,7 @@ from imagenet_ray.train.pictures import (
 )
 from imagenet_ray.train.plan import WorkerPlan
 from imagenet_ray.train.progress import Interval, IntervalMeter, ProgressLine
+from imagenet_ray.train.sample_audit import SampleAudit
 from imagenet_ray.train.step import StepPacer, TrainStep
 from imagenet_ray.train.system_metrics import start_worker_gpu_monitor
 
@@ -85,10 +98,14 @@ def train_batches(
     device: torch.device,
     rng: np.random.Generator,
     shuffle_seed: int | None = None,
+    skip_batches: int = 0,
+    audit: Callable[[int, Sequence[bytes]], None] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This worker's training batches for one epoch: uint8 images + int64 labels on `device`.
+    """This worker's training batches for one epoch: uint8 images + int64 labels on `device`, after the
+    first `skip_batches` (trained before a mid-epoch checkpoint).
 
-    decode_on="gpu": JPEG bytes are decoded and cropped to `crop` here; otherwise they arrive decoded."""
+    decode_on="gpu": JPEG bytes are decoded and cropped to `crop` here (skipped ones are never decoded);
+    otherwise they arrive decoded. `audit(batch index, JPEG bytes)` sees each batch trained (gpu only)."""
     common: dict[str, Any] = dict(
         batch_size=data.batch_size,
         prefetch_batches=data.prefetch_batches,
@@ -97,14 +114,19 @@ def train_batches(
     if shuffle_seed is not None and common["local_shuffle_buffer_size"]:
         common["local_shuffle_seed"] = shuffle_seed
     if data.decode_on == "gpu":
-        for b in shard.iter_batches(batch_format="numpy", **common):
+        batches = shard.iter_batches(batch_format="numpy", **common)
+        for index, b in enumerate(batches):
+            if index < skip_batches:
+                continue
+            if audit is not None:
+                audit(index, list(b["image"]))
             yield {
                 "image": train_batch_on_device(list(b["image"]), crop, device, rng),
                 "label": torch.as_tensor(b["label"], dtype=torch.int64).to(device),
             }
     else:
         # dtypes are inferred (uint8 images, int64 labels); extra columns such as decode_errors pass through.
-        yield from shard.iter_torch_batches(device=device, **common)
+        yield from itertools.islice(shard.iter_torch_batches(device=device, **common), skip_batches, None)
 
 
 def permanent_data_errors(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
@@ -165,6 +187,12 @@ class Runner:
         self.start_epoch, self.start_step, self.run_id = 0, 0, plan.mlflow_run_id
         self.epochs_done = 0
         self.restored_metrics: dict[str, float] = {}  # the restored checkpoint's epoch metrics
+        self.last_epoch_metrics: dict[str, float] = {}  # the last completed epoch's (mid-epoch checkpoints too)
+        self.mid_epoch: MidEpochState | None = None  # set by restore() from a mid-epoch checkpoint
+        minutes = cfg.train.checkpoint_every_minutes
+        self.clock = CheckpointClock(None if minutes is None else minutes * 60.0)
+        self.preemption_saved = False  # a checkpoint was taken for the preemption notice in force
+        self.audit = SampleAudit(plan.audit_samples_dir, self.rank) if plan.audit_samples_dir else None
 
     def restore(self, checkpoint: ray.train.Checkpoint | None) -> None:
         """Continue from the latest checkpoint (after a worker failure or a resubmission)."""
@@ -177,15 +205,33 @@ class Runner:
             self.ema.load_state_dict(state["ema"])
         self.start_epoch, self.start_step = state["epoch"], state["step"]
         self.epochs_done, self.restored_metrics = self.start_epoch, dict(state.get("metrics") or {})
+        self.last_epoch_metrics = dict(self.restored_metrics)
+        mid = state.get("mid_epoch")
+        self.mid_epoch = MidEpochState.from_dict(mid) if mid else None
+        where = f"inside epoch {self.start_epoch + 1}, after {mid['batches']} batches per rank" if mid else ""
         log.info(
-            "rank %d: restored from the checkpoint of epoch %d (step %d)", self.rank, self.start_epoch, self.start_step
+            "rank %d: restored from the checkpoint of epoch %d (step %d) %s",
+            self.rank,
+            self.start_epoch,
+            self.start_step,
+            where,
         )
         # A checkpoint written by this run names its MLflow run (the driver found the same one).
         self.run_id = state["mlflow_run_id"] or self.run_id
         # The checkpoint's step counts the old world's steps: the LR continues from the epochs done.
-        self.lr_at = ResumedSchedule(self.schedule, self.start_step, float(self.start_epoch))
+        self.lr_at = ResumedSchedule(self.schedule, self.start_step, self.start_epoch + self.epoch_fraction_done())
         restore_rng(state["rng"])
         self.aug_rng = np.random.default_rng([self.cfg.seed, self.rank, self.start_epoch])
+
+    def epoch_fraction_done(self) -> float:
+        """How much of the interrupted epoch a mid-epoch checkpoint had trained, in this world's steps per
+        epoch: its own steps on the same world size, its share of the samples on another."""
+        mid, spe = self.mid_epoch, self.schedule.steps_per_epoch
+        if mid is None:
+            return 0.0
+        if mid.world == self.world:
+            return (mid.batches // self.cfg.optim.grad_accum_steps) / spe
+        return round(mid.samples / self.plan.num_train * spe) / spe
 
     def place_on_device(self) -> None:
         """DDP-wrap (and compile) the model; the EMA and the optimizer state follow it to the device."""
@@ -219,12 +265,15 @@ class Runner:
         after a restart it never logs an epoch twice."""
         self.queue: MetricQueue | None = None
         self.logged_epochs: set[int] = set()
+        self.last_logged_step = -1
         self.grid_logged = False
         if self.rank == 0:
             sink = RunSink.attach(self.plan.tracking_uri, self.run_id)
             self.queue = MetricQueue(sink)
             self.queue.call("reopen the run", RunSink.reopen)
             self.logged_epochs = epochs_logged(sink)
+            # A restarted attempt does not log again the step points the lost one logged (they stay).
+            self.last_logged_step = last_logged_step(sink)
             self.relog_restored_epoch()
         # Every worker's GPU memory (a num_cpus=0 node monitor cannot see the GPUs); None without CUDA.
         m = self.cfg.mlflow
@@ -288,20 +337,56 @@ class Runner:
         elif self.time_box_reached(self.epochs_done):
             self.queue.finish("KILLED")
 
+    def resume_epoch(self, epoch: int) -> tuple[EpochResume, MidEpochState | None]:
+        """How to run `epoch` when it was interrupted after a mid-epoch checkpoint (else a full pass);
+        call after seed_epoch: each rank's RNGs continue where they were."""
+        mid, self.mid_epoch = self.mid_epoch, None
+        if mid is None or mid.epoch != epoch:
+            return EpochResume(), None
+        resume = plan_resume(mid, self.world, self.cfg.data.deterministic, self.plan.num_train)
+        if len(mid.rank_states) == self.world:
+            restore_rank_local_state(mid.rank_states[self.rank], self.aug_rng, self.ema, self.device)
+        log.info(
+            "rank %d: epoch %d continues after %d samples: %s",
+            self.rank,
+            epoch + 1,
+            mid.samples,
+            f"skipping the {resume.skip_batches} batches trained (exact)"
+            if resume.exact
+            else f"training the {resume.stop_after_samples} samples left on this rank, in a new order (approximate)",
+        )
+        return resume, mid
+
     def train_one_epoch(self, epoch: int, crop: int) -> dict[str, float]:
-        """One pass over this worker's shard at train crop `crop`; metrics summed over all workers."""
+        """One pass over this worker's shard at train crop `crop` (or what a mid-epoch checkpoint left of
+        it); metrics summed over all workers."""
         self.step.model.train()
         shuffle_seed = self.seed_epoch(epoch) if self.cfg.data.deterministic else None
+        resume, before = self.resume_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        samples, decode_errors = 0, 0
+        samples, decode_errors, batches = 0, 0, resume.skip_batches
         start = time.perf_counter()
+        audit = functools.partial(self.audit.record, epoch) if self.audit is not None else None
         timed = DataWaitTimer(
-            train_batches(self.train_shard, self.cfg.data, crop, self.device, self.aug_rng, shuffle_seed)
+            train_batches(
+                self.train_shard,
+                self.cfg.data,
+                crop,
+                self.device,
+                self.aug_rng,
+                shuffle_seed,
+                skip_batches=resume.skip_batches,
+                audit=audit,
+            )
         )
         pacer = StepPacer(self.cfg.train.throttle_images_per_s)  # sleeps inside the loop body: not data wait
         skip_step = self.cfg.train.skip_step
         meter, first_step = IntervalMeter(self.cfg.mlflow.log_every_steps, self.device), self.step.step
-        for batch in permanent_data_errors(timed):
+        for full_batch in permanent_data_errors(timed):
+            batch = self.within_count(full_batch, samples, resume.stop_after_samples)
+            if batch is None:
+                break  # every rank stops at the same sample (equal split): the epoch's count is reached
+            batches += 1
             images = int(batch["label"].shape[0])
             with pacer.pace(images):
                 if "decode_errors" in batch:  # rows replaced by another image of the batch (transforms.py)
@@ -318,7 +403,13 @@ class Runner:
                     loss_sum += batch_loss
                     meter.add(images, timed.last_wait_s, batch_loss)
             if meter.due(self.step.step):
-                self.log_interval(meter.cut(self.step.step), epoch, first_step, start)
+                interval = meter.cut(self.step.step)
+                self.log_interval(interval, epoch, first_step, start)
+                if self.mid_epoch_checkpoint_due(interval):
+                    partial = torch.tensor(
+                        [loss_sum.item(), samples, decode_errors], dtype=torch.float64, device=self.device
+                    )
+                    self.save_mid_epoch(epoch, batches, partial, before)
         if not skip_step:
             self.step.flush()
         self.log_interval(meter.finish(), epoch, first_step, start)
@@ -338,12 +429,15 @@ class Runner:
         )
         g_loss, g_samples, g_wait, g_errors, g_slept, g_first, g_steady = all_reduce_sum(local).tolist()
         throttle = {} if pacer.images_per_s is None else {"perf/throttle_sleep_frac": g_slept / self.world}
+        # Loss and counts cover the whole epoch (before a mid-epoch checkpoint too); speeds, this attempt.
+        e_loss, e_samples = g_loss + (before.loss_sum if before else 0.0), g_samples + (before.samples if before else 0)
+        g_errors += before.decode_errors if before else 0
         # Nothing was trained with skip_step: no loss to report. The step curves own train/loss,
         # perf/images_per_s and perf/data_wait_frac; the epoch's figures have names of their own.
-        trained = {} if skip_step else {"train/epoch_loss": g_loss / max(1, g_samples)}
+        trained = {} if skip_step else {"train/epoch_loss": e_loss / max(1, e_samples)}
         return {
             **trained,
-            "train/images": g_samples,
+            "train/images": e_samples,
             "train/crop_size": crop,
             "perf/epoch_images_per_s": g_samples / train_s,
             "perf/images_per_s_per_worker": g_samples / train_s / self.world,
@@ -354,6 +448,18 @@ class Runner:
             "data/decode_errors": g_errors,
             **throttle,
         }
+
+    @staticmethod
+    def within_count(
+        batch: dict[str, torch.Tensor], samples: int, stop_after: int | None
+    ) -> dict[str, torch.Tensor] | None:
+        """`batch`, cut to the `stop_after` samples an approximate resume trains (None once reached)."""
+        if stop_after is None:
+            return batch
+        left = stop_after - samples
+        if left <= 0:
+            return None
+        return batch if int(batch["label"].shape[0]) <= left else {k: v[:left] for k, v in batch.items()}
 
     def log_input_grid(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         """Rank 0, once per run: a grid of the first batch's inputs as the model saw them (de-normalised)."""
@@ -369,7 +475,7 @@ class Runner:
     def log_interval(self, interval: Interval | None, epoch: int, first_step: int, epoch_start: float) -> None:
         """Rank 0: an interval's step-curve points (MLflow step = global optimizer step) and, when due, a
         progress line."""
-        if interval is None or self.queue is None:
+        if interval is None or self.queue is None or interval.step <= self.last_logged_step:
             return
         lr = None if self.cfg.train.skip_step else self.lr_at(max(0, interval.step - 1))
         self.queue.log_step_metrics(with_overview(interval.metrics(lr)), interval.step)
@@ -456,22 +562,9 @@ class Runner:
         """Rank 0 writes the checkpoint (with the epoch's metrics), every rank reports it to Ray Train, then
         rank 0 logs the epoch to MLflow: a failure in between is healed on restore (relog_restored_epoch),
         so no logged epoch lacks its checkpoint and no checkpoint lacks its epoch."""
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if self.rank == 0:
-                write_checkpoint_dir(
-                    tmp,
-                    model=self.model,
-                    optimizer=self.optimizer,
-                    epoch=epochs_done,
-                    step=self.step.step,
-                    mlflow_run_id=self.run_id,
-                    config_yaml=self.plan.config_yaml,
-                    ema=self.ema.state_dict() if self.ema is not None else None,
-                    metrics=metrics,
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "mlflow_run_id": self.run_id or ""}, checkpoint=ckpt)
+        self.write_and_report(epochs_done, metrics, metrics)
+        self.last_epoch_metrics = metrics
+        self.clock.checkpointed()
         if self.queue is None:
             return
         # Epoch metrics share the step curves' x-axis: the global optimizer step at the epoch's end
@@ -488,6 +581,83 @@ class Runner:
             f"images/s={metrics['perf/epoch_images_per_s']:.1f} "
             f"data_wait={metrics['perf/epoch_data_wait_frac']:.2f} epoch_s={metrics['perf/epoch_s']:.0f}"
         )
+
+    def write_and_report(
+        self,
+        epochs_done: int,
+        metrics: dict[str, float],
+        reported: dict[str, float],
+        mid_epoch: MidEpochState | None = None,
+    ) -> None:
+        """Rank 0 writes the checkpoint; every rank reports it (a barrier) with `reported`."""
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if self.rank == 0:
+                write_checkpoint_dir(
+                    tmp,
+                    model=self.model,
+                    optimizer=self.optimizer,
+                    epoch=epochs_done,
+                    step=self.step.step,
+                    mlflow_run_id=self.run_id,
+                    config_yaml=self.plan.config_yaml,
+                    ema=self.ema.state_dict() if self.ema is not None else None,
+                    metrics=metrics,
+                    mid_epoch=mid_epoch.to_dict() if mid_epoch is not None else None,
+                )
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            try:
+                ray.train.report({**reported, "mlflow_run_id": self.run_id or ""}, checkpoint=ckpt)
+            except Exception as exc:  # rank 0's upload: a full disk fails the same way on every retry
+                what = f"the checkpoint of epoch {epochs_done}"
+                if mid_epoch is not None:
+                    what = f"a checkpoint inside epoch {epochs_done + 1}"
+                permanent = checkpoint_storage_error(exc, self.plan.fatal_error_url, what)
+                if permanent is None:
+                    raise
+                raise permanent from exc
+
+    def mid_epoch_checkpoint_due(self, interval: Interval | None) -> bool:
+        """Agreed by every rank: the interval's wall time is all-reduced, and a preemption notice comes
+        from a barrier (asked every PREEMPTION_CHECK_S). Only between optimizer steps."""
+        if interval is not None:
+            self.clock.add(interval.wall_s / interval.world)
+        if self.step.pending != 0:
+            return False
+        return self.clock.interval_passed() or self.preemption_notice()
+
+    def preemption_notice(self) -> bool:
+        """True once per preemption notice for this worker group (Ray Train drains the nodes first)."""
+        if not self.cfg.train.checkpoint_on_preemption or not self.clock.preemption_check_due():
+            return False
+        info = ray.train.get_preemption_info()
+        if info is None or self.preemption_saved:
+            return False
+        self.preemption_saved = True
+        log.warning("rank %d: preemption notice for ranks %s: checkpointing now", self.rank, info.preempted_ranks)
+        return True
+
+    def save_mid_epoch(self, epoch: int, batches: int, partial: torch.Tensor, before: MidEpochState | None) -> None:
+        """A checkpoint inside `epoch` after `batches` per rank: `partial` is this attempt's (loss sum,
+        samples, decode errors) on this rank. Ray Train keeps it while it is the latest (it scores -inf)."""
+        t0 = time.perf_counter()
+        loss, samples, errors = all_reduce_sum(partial).tolist()
+        state = MidEpochState(
+            epoch=epoch,
+            batches=batches,
+            samples=int(samples) + (before.samples if before else 0),
+            loss_sum=loss + (before.loss_sum if before else 0.0),
+            decode_errors=int(errors) + (before.decode_errors if before else 0),
+            world=self.world,
+            rank_states=gather_to_all(rank_local_state(self.aug_rng, self.ema, self.device)),
+        )
+        reported = {"epoch": float(epoch), "val/top1": float("-inf"), "train/mid_epoch_images": float(state.samples)}
+        self.write_and_report(epoch, self.last_epoch_metrics, reported, mid_epoch=state)
+        self.clock.checkpointed()
+        seconds = time.perf_counter() - t0
+        log.info(f"[epoch {epoch + 1}] mid-epoch checkpoint after {state.samples} images ({seconds:.1f} s)")
+        if self.queue is not None:
+            self.queue.log_step_metrics({"perf/checkpoint_s": seconds}, self.step.step)
 
     def time_box_reached(self, epochs_done: int) -> bool:
         stop = self.cfg.train.stop_after_epochs

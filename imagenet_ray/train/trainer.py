@@ -43,6 +43,7 @@ from imagenet_ray.train.process_group import BoundStoreTorchConfig
 from imagenet_ray.train.provenance import reproducibility_tags
 from imagenet_ray.train.resubmission import CHANGES_TAG, check_resubmission, record
 from imagenet_ray.train.runner import train_loop_per_worker
+from imagenet_ray.train.sample_audit import audit_dir_from_env
 from imagenet_ray.train.system_metrics import system_metrics
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class RunPlan:
             tracking_uri=self.tracking_uri,
             mlflow_run_id=mlflow_run_id,
             fatal_error_url=fatal_url(self.storage_url, cfg.name),
+            audit_samples_dir=audit_dir_from_env(),
         )
 
 

@@ -44,7 +44,8 @@ def test_worker_plan_is_frozen():
         plan.num_val = 1  # type: ignore[misc]
 
 
-def test_run_plan_hands_workers_exactly_the_worker_plan():
+def test_run_plan_hands_workers_exactly_the_worker_plan(monkeypatch):
+    monkeypatch.setenv("IMAGENET_RAY_AUDIT_SAMPLES_DIR", "/audit")
     cfg = load_config(None, ["name=q"])
     run = RunPlan(
         data_url="/d",
@@ -65,6 +66,7 @@ def test_run_plan_hands_workers_exactly_the_worker_plan():
         tracking_uri="sqlite:////m.db",
         mlflow_run_id="run-1",
         fatal_error_url="/s/q/_fatal_error.txt",  # beside the run's checkpoints
+        audit_samples_dir="/audit",  # from the driver's environment (sample_audit.py)
     )
     assert {f.name for f in dataclasses.fields(WorkerPlan)} == {
         "config",
@@ -75,4 +77,5 @@ def test_run_plan_hands_workers_exactly_the_worker_plan():
         "tracking_uri",
         "mlflow_run_id",
         "fatal_error_url",
+        "audit_samples_dir",
     }

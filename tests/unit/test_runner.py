@@ -121,3 +121,45 @@ def test_an_epoch_checkpointed_but_not_logged_is_logged_from_the_checkpoint_once
     already.logged_epochs = {1, 2}
     already.relog_restored_epoch()
     assert already.queue.metrics == []  # type: ignore[attr-defined]
+
+
+def test_a_mid_epoch_resume_places_the_lr_where_the_uninterrupted_run_is():
+    """Resumed after 4 of 5 batches of epoch 2 (0-based 1) on the same world: the LR of every later step
+    equals the fresh run's; on another world size, by the share of the epoch's samples trained."""
+    from imagenet_ray.train.mid_epoch import MidEpochState
+    from imagenet_ray.train.optim import ResumedSchedule, schedule_from_config
+
+    runner = _runner({"batch_size": 1}, {"schedule": "cosine", "warmup_epochs": 0.5}, {"epochs": 3})
+    runner.world = 2
+    runner.schedule = schedule_from_config(runner.cfg.optim, 0.1, steps_per_epoch=5, epochs=3)
+    fresh = ResumedSchedule(runner.schedule)
+    runner.mid_epoch = MidEpochState(epoch=1, batches=4, samples=8, loss_sum=0.0, decode_errors=0, world=2)
+    resumed = ResumedSchedule(runner.schedule, 9, 1 + runner.epoch_fraction_done())
+    assert [resumed(s) for s in range(9, 15)] == [fresh(s) for s in range(9, 15)]
+    # The same 8 of 10 samples trained by 1 worker of 10 steps per epoch: position 10 + 8.
+    runner.world, runner.schedule = 1, schedule_from_config(runner.cfg.optim, 0.1, steps_per_epoch=10, epochs=3)
+    assert ResumedSchedule(runner.schedule, 9, 1 + runner.epoch_fraction_done()).position(9) == 18
+
+
+class _BytesShard:
+    def iter_batches(self, **kwargs):
+        return iter([{"image": np.array([b"a", b"b"], dtype=object), "label": np.array([i, i])} for i in range(4)])
+
+
+def test_a_resumed_epoch_skips_the_batches_trained_without_decoding_them(monkeypatch):
+    import imagenet_ray.train.runner as runner_module
+
+    decoded: list[list[bytes]] = []
+    monkeypatch.setattr(
+        runner_module,
+        "train_batch_on_device",
+        lambda images, crop, device, rng: decoded.append(images) or torch.zeros(len(images), 3, crop, crop),
+    )
+    audited: list[int] = []
+    data = ExperimentConfig.model_validate({"data": {"decode_on": "gpu"}}).data
+    batches = list(
+        train_batches(
+            _BytesShard(), data, 8, CPU, np.random.default_rng(0), skip_batches=3, audit=lambda i, _: audited.append(i)
+        )
+    )
+    assert [int(b["label"][0]) for b in batches] == [3] and len(decoded) == 1 and audited == [3]

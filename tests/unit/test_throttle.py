@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from imagenet_ray.config import ExperimentConfig, load_config
 from imagenet_ray.errors import ConfigError
+from imagenet_ray.train.mid_epoch import CheckpointClock
 from imagenet_ray.train.plan import WorkerPlan
 from imagenet_ray.train.progress import ProgressLine
 from imagenet_ray.train.runner import Runner
@@ -99,6 +100,8 @@ def _runner(throttle: float | None, shard: _Shard, skip_step: bool = False) -> R
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     runner.step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.01), runner.schedule)
+    runner.mid_epoch, runner.audit, runner.ema = None, None, None  # no resume, no audit, no EMA
+    runner.clock = CheckpointClock(None, None)  # no mid-epoch checkpoints, no preemption barrier
     return runner
 
 
