@@ -119,6 +119,8 @@ def local_ray(s3_env):
 
     from imagenet_ray.runtime import start_local_ray
 
+    if ray.is_initialized():  # an earlier test's connection (to the stack's head): this test needs its own Ray
+        ray.shutdown()
     start_local_ray(num_cpus=4, log_to_driver=False, configure_logging=False)
     try:
         yield ray
