@@ -264,6 +264,10 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
         if not args.host:
             raise UserError("cluster kill-node needs --host (e.g. decode-0)")
         return commands.kill_node(root, args.host, args.restart)
+    if args.action == "drain-node":
+        if not args.host:
+            raise UserError("cluster drain-node needs --host (e.g. train-0)")
+        return commands.drain_node(root, args.host, args.deadline)
     if args.action == "limit-cpu":
         if not args.host or args.cores is None:
             raise UserError("cluster limit-cpu needs --host and --cores (e.g. --host decode-0 --cores 0.5, or none)")
@@ -427,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_services)
 
     p = sub.add_parser("cluster", help="a multi-host Ray cluster of a RayCluster manifest's shape, on this machine")
-    p.add_argument("action", choices=["up", "down", "status", "kill-node", "limit-cpu"])
+    p.add_argument("action", choices=["up", "down", "status", "kill-node", "drain-node", "limit-cpu"])
     p.add_argument("--root", default=DEFAULT_CLUSTER_DIR, help="state, logs and service data")
     p.add_argument("--manifest", default="infra/k8s/base/raycluster.yaml", help="RayCluster (or built RayJob) YAML")
     p.add_argument("--replicas", action="append", default=[], metavar="GROUP=N", help="pods of a worker group")
@@ -443,8 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--object-store-mb", type=int, default=512, help="object store per node (the manifest's is capped)")
     p.add_argument("--loopback", action="store_true", help="127.0.0.x hosts instead of network namespaces")
-    p.add_argument("--host", help="kill-node: the host to kill (e.g. decode-0)")
+    p.add_argument("--host", help="kill-node, drain-node, limit-cpu: the host (e.g. decode-0)")
     p.add_argument("--restart", action="store_true", help="kill-node: start it again, like a restarted pod")
+    p.add_argument(
+        "--deadline", type=int, default=60, help="drain-node: seconds until the preempted node is taken (default 60)"
+    )
     p.add_argument("--cores", help="limit-cpu: the host's new CPU quota in cores, or none")
     p.add_argument("--json", action="store_true", help="status as JSON")
     p.set_defaults(func=_cmd_cluster)

@@ -65,6 +65,14 @@ class DataSection(_Strict):
     source: Literal["prepared", "raw"] = Field("prepared", description="raw = read an ILSVRC layout directly")
     decode_on: Literal["cpu", "gpu"] = Field("cpu", description="gpu = ship JPEG bytes, decode on the worker")
     train_crop: int = Field(64, ge=8, description="RandomResizedCrop output size")
+    rrc_scale: tuple[float, float] = Field(
+        (0.08, 1.0),
+        description="RandomResizedCrop's [min, max] fraction of the image area (timm's --scale); small or "
+        "fine-tuning datasets often need a larger min",
+    )
+    rrc_ratio: tuple[float, float] = Field(
+        (3.0 / 4.0, 4.0 / 3.0), description="RandomResizedCrop's [min, max] aspect ratio, width / height (--ratio)"
+    )
     progressive: ProgressiveResize | None = Field(None, description="grow the train crop over epochs")
     batch_size: int = Field(32, gt=0, description="images per worker per step")
     local_shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's shuffle buffer (0 = off)")
@@ -82,6 +90,28 @@ class DataSection(_Strict):
         description="order-preserving data, augmentation seeded by (seed, epoch) "
         "on the worker: resume is exact at epoch boundaries (needs decode_on=gpu; slower)",
     )
+
+    @field_validator("rrc_scale", "rrc_ratio", mode="before")
+    @classmethod
+    def _no_bool_bounds(cls, value: Any) -> Any:
+        # Per element: _no_bool_numbers sees a tuple field, and pydantic's lax mode reads true as 1.0.
+        if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
+            raise ValueError("must be [min, max] numbers, not true/false")
+        return value
+
+    @field_validator("rrc_scale")
+    @classmethod
+    def _area_fraction(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("must be [min, max] with 0 < min ≤ max ≤ 1")
+        return value
+
+    @field_validator("rrc_ratio")
+    @classmethod
+    def _aspect_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("must be [min, max] with 0 < min ≤ max")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> DataSection:
@@ -114,16 +144,39 @@ class ModelSection(_Strict):
 
 
 class OptimSection(_Strict):
+    name: Literal["sgd", "lars"] = Field(
+        "sgd", description="sgd = torch's SGD; lars = timm's Lars: SGD with a per-layer trust ratio, for large batches"
+    )
     lr: float = Field(0.1, gt=0, description="peak learning rate per 256 images (scaled linearly to the global batch)")
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-5, ge=0)
-    no_decay_norm_and_bias: bool = Field(True, description="no weight decay on norm layers and biases")
+    no_decay_norm_and_bias: bool = Field(
+        True, description="no weight decay on norm layers and biases (with lars, no trust ratio either, as MLPerf)"
+    )
+    lars_trust_coeff: float = Field(
+        0.001, gt=0, description="lars: the trust coefficient η of ratio = η·‖w‖ / (‖g‖ + wd·‖w‖ + eps)"
+    )
+    lars_eps: float = Field(1e-8, ge=0, description="lars: eps in the trust ratio's denominator (timm's default)")
+    clip_grad_norm: float | None = Field(
+        None,
+        gt=0,
+        description="clip the gradients' global L2 norm to this before each optimizer step (the norm before "
+        "clipping is logged as train/grad_norm); None = off",
+    )
     warmup_epochs: float = Field(0.0, ge=0)
     warmup_start_factor: float = Field(0.0, ge=0, le=1, description="warmup starts at this fraction of the peak")
-    schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "step", "constant", "poly"] = Field(
+        "cosine", description="after the warmup: cosine or linear to 0, step, constant, or poly to poly_end_lr"
+    )
     step_epochs: int = Field(30, gt=0, description="step schedule: multiply by step_gamma every this many epochs")
     step_gamma: float = Field(0.1, gt=0, le=1)
+    poly_power: float = Field(
+        2.0, gt=0, description="poly schedule: lr = end + (peak - end)·(1 - progress)^power (MLPerf: 2)"
+    )
+    poly_end_lr: float = Field(
+        0.0, ge=0, description="poly schedule: the learning rate at the end (as is, not scaled to the batch)"
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     ema_decay: float = Field(
@@ -157,6 +210,12 @@ class TrainSection(_Strict):
     )
     checkpoint_on_preemption: bool = Field(
         True, description="checkpoint at once when Ray Train reports a preemption notice for a worker's node"
+    )
+    preemption_check_s: float = Field(
+        10.0,
+        gt=0,
+        description="ask Ray Train for a preemption notice every this many seconds of training (a barrier of "
+        "all ranks, ~ms); a notice's checkpoint comes this much plus Ray's 5 s drain poll after the drain",
     )
     stop_after_epochs: int | None = Field(
         None,

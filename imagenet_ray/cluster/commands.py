@@ -1,4 +1,4 @@
-"""`imagenet-ray cluster up | down | status | kill-node | limit-cpu`: the local multi-host cluster, from the CLI."""
+"""`imagenet-ray cluster up | down | status | kill-node | drain-node | limit-cpu`: the local multi-host cluster."""
 
 from __future__ import annotations
 
@@ -90,6 +90,12 @@ def kill_node(root: Path, host: str, restart: bool) -> int:
         local.start_node(state, state.stack(), host)
         log.info("%s restarted and joined the cluster", host)
     state.save()
+    return 0
+
+
+def drain_node(root: Path, host: str, deadline_s: int) -> int:
+    node_id = local.drain_node(local.ClusterState.load(root), host, deadline_s)
+    log.info("%s: node %s is draining (preempted), to be taken in %d s: kill-node takes it", host, node_id, deadline_s)
     return 0
 
 

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -331,6 +332,26 @@ def stop_node(state: ClusterState, host_name: str, grace_s: float = 0.0) -> list
     if host.netns:
         left = hostlib.kill_host_processes(host, grace_s=grace_s)
     return left
+
+
+def drain_node(state: ClusterState, host_name: str, deadline_s: int, message: str = "spot instance reclaimed") -> str:
+    """Tell the GCS that one host's node is preempted and will be taken in `deadline_s`, as KubeRay's
+    autoscaler does on a cloud's spot notice (`ray drain-node`); the caller takes it (`stop_node`).
+    Returns the drained node's id."""
+    host = state.host(host_name)
+    ids = _node_ids_at(state, host.address)
+    if len(ids) != 1:
+        raise UserError(f"host {host_name}: expected one ALIVE Ray node at {host.address}, found {len(ids)}")
+    (node_id,) = ids
+    cmd = [*state.host(HEAD).exec_prefix(), *_ray_cli(), "drain-node", "--address", state.gcs_address]
+    cmd += ["--node-id", node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", message]
+    cmd += ["--deadline-remaining-seconds", str(int(deadline_s))]
+    env = {**os.environ, **state.ray_auth_env()}
+    done = subprocess.run(cmd, env=env, cwd=state.root_dir, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"ray drain-node {host_name} ({node_id[:12]}) failed: {why}")
+    return node_id
 
 
 # -- up / down --------------------------------------------------------------------------------------

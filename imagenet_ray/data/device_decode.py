@@ -14,7 +14,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from imagenet_ray.data.transforms import eval_box, sample_rrc_box
+from imagenet_ray.data.transforms import RRC_RATIO, RRC_SCALE, eval_box, sample_rrc_box
 
 
 def _as_tensors(encoded: Sequence[bytes]) -> list[torch.Tensor]:
@@ -31,13 +31,18 @@ def _nhwc(chw_images: list[torch.Tensor]) -> torch.Tensor:
 
 
 def train_batch_on_device(
-    encoded: Sequence[bytes], size: int, device: torch.device, rng: np.random.Generator
+    encoded: Sequence[bytes],
+    size: int,
+    device: torch.device,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = RRC_SCALE,
+    ratio: tuple[float, float] = RRC_RATIO,
 ) -> torch.Tensor:
-    """RandomResizedCrop(size) + flip on the device, same box distribution as the CPU kernel."""
+    """RandomResizedCrop(size, scale, ratio) + flip on the device, same box distribution as the CPU kernel."""
     out = []
     for img in decode_batch(encoded, device):
         h, w = img.shape[-2:]
-        left, top, cw, ch = sample_rrc_box(int(w), int(h), rng)
+        left, top, cw, ch = sample_rrc_box(int(w), int(h), rng, scale, ratio)
         crop = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
         out.append(crop.flip(-1) if rng.random() < 0.5 else crop)
     return _nhwc(out)

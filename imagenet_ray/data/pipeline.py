@@ -102,7 +102,12 @@ def row_chunks(batch: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, np
         yield {k: v[start : start + rows] for k, v in batch.items()}
 
 
-def _train_map(block: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
+def _train_map(
+    block: dict[str, np.ndarray],
+    size: int,
+    scale: tuple[float, float] = transforms.RRC_SCALE,
+    ratio: tuple[float, float] = transforms.RRC_RATIO,
+) -> Iterator[dict[str, np.ndarray]]:
     # A whole read block (a shard, or part of one) per call, so Ray can fuse read and decode into one
     # task; decoded in chunks so that memory stays per-chunk and output streams out. Rows are visited
     # in a fresh random order (the shard order already changes every epoch; this changes the order
@@ -111,7 +116,7 @@ def _train_map(block: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np
     order = rng.permutation(len(block["label"]))
     block = {k: np.asarray(v)[order] for k, v in block.items()}
     for chunk in row_chunks(block, DECODE_BATCH_ROWS):
-        yield transforms.train_batch(chunk, size, rng)
+        yield transforms.train_batch(chunk, size, rng, scale=scale, ratio=ratio)
 
 
 def _val_indices(keys: np.ndarray) -> np.ndarray:
@@ -134,15 +139,22 @@ def _val_index_map(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def build_train_dataset(
-    data: DatasetSource, crop: int, seed: int, decode_on: str = "cpu", deterministic: bool = False
+    data: DatasetSource,
+    crop: int,
+    seed: int,
+    decode_on: str = "cpu",
+    deterministic: bool = False,
+    rrc_scale: tuple[float, float] = transforms.RRC_SCALE,
+    rrc_ratio: tuple[float, float] = transforms.RRC_RATIO,
 ) -> ray.data.Dataset:
+    """Train rows: JPEG bytes (decode_on="gpu"), or RandomResizedCrop(crop, rrc_scale, rrc_ratio) + flip."""
     # Deterministic runs keep the file order fixed; the worker shuffles locally with a per-epoch seed.
     ds = data.read("train", ["image", "label"], seed=None if deterministic else seed)
     if decode_on == "gpu":
         return ds  # JPEG bytes go to the worker
     return ds.map_batches(
         _train_map,  # type: ignore[arg-type]
-        fn_kwargs={"size": crop},
+        fn_kwargs={"size": crop, "scale": tuple(rrc_scale), "ratio": tuple(rrc_ratio)},
         batch_size=None,
         batch_format="numpy",
     )

@@ -30,16 +30,17 @@ class KernelOptions:
 
 DEFAULT_KERNEL = KernelOptions()
 
-_RRC_SCALE = (0.08, 1.0)
-_RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# torchvision's RandomResizedCrop defaults (area fraction, aspect ratio): data.rrc_scale / data.rrc_ratio.
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 def sample_rrc_box(
     width: int,
     height: int,
     rng: np.random.Generator,
-    scale: tuple[float, float] = _RRC_SCALE,
-    ratio: tuple[float, float] = _RRC_RATIO,
+    scale: tuple[float, float] = RRC_SCALE,
+    ratio: tuple[float, float] = RRC_RATIO,
 ) -> tuple[int, int, int, int]:
     """(left, top, w, h) of a RandomResizedCrop box; torchvision's algorithm with a numpy RNG."""
     area = width * height
@@ -120,18 +121,24 @@ def snap_box(left: int, top: int, w: int, h: int, factor: int, arr_w: int, arr_h
 
 
 def _train_into(
-    out: torch.Tensor, data: bytes, size: int, rng: np.random.Generator, options: KernelOptions = DEFAULT_KERNEL
+    out: torch.Tensor,
+    data: bytes,
+    size: int,
+    rng: np.random.Generator,
+    options: KernelOptions = DEFAULT_KERNEL,
+    scale: tuple[float, float] = RRC_SCALE,
+    ratio: tuple[float, float] = RRC_RATIO,
 ) -> None:
-    """RandomResizedCrop(size) + flip of one encoded image, written into `out` (size, size, 3)."""
+    """RandomResizedCrop(size, scale, ratio) + flip of one encoded image, written into `out` (size, size, 3)."""
     header = jpeg_header(data)
     if header is None:  # not a fast-path JPEG: decode first (Pillow), then sample on the real size
         arr = decode_rgb_array(data)
         width, height = arr.shape[1], arr.shape[0]
-        left, top, w, h = sample_rrc_box(width, height, rng)
+        left, top, w, h = sample_rrc_box(width, height, rng, scale, ratio)
         crop = arr[top : top + h, left : left + w]
     else:
         width, height = header
-        left, top, w, h = sample_rrc_box(width, height, rng)
+        left, top, w, h = sample_rrc_box(width, height, rng, scale, ratio)
         factor = dct_factor(min(w, h), size) if options.dct_downscale else 1
         # libjpeg's 1/factor output is ceil(width / factor) x ceil(height / factor)
         box = snap_box(left, top, w, h, factor, -(-width // factor), -(-height // factor))
@@ -159,11 +166,17 @@ def _eval_into(out: torch.Tensor, data: bytes, resize: int, crop: int, options: 
 
 
 def train_image(
-    data: bytes, size: int, rng: np.random.Generator, options: KernelOptions = DEFAULT_KERNEL
+    data: bytes,
+    size: int,
+    rng: np.random.Generator,
+    options: KernelOptions = DEFAULT_KERNEL,
+    scale: tuple[float, float] = RRC_SCALE,
+    ratio: tuple[float, float] = RRC_RATIO,
 ) -> np.ndarray:
-    """RandomResizedCrop(size) + horizontal flip (p=0.5) → (size, size, 3) uint8; DecodeError if undecodable."""
+    """RandomResizedCrop(size, scale, ratio) + horizontal flip (p=0.5) → (size, size, 3) uint8; DecodeError if
+    undecodable."""
     out = np.empty((size, size, 3), np.uint8)
-    _train_into(torch.from_numpy(out), data, size, rng, options)
+    _train_into(torch.from_numpy(out), data, size, rng, options, scale, ratio)
     return out
 
 
@@ -175,9 +188,15 @@ def eval_image(data: bytes, resize: int, crop: int, options: KernelOptions = DEF
 
 
 def train_batch(
-    batch: dict[str, np.ndarray], size: int, rng: np.random.Generator, options: KernelOptions = DEFAULT_KERNEL
+    batch: dict[str, np.ndarray],
+    size: int,
+    rng: np.random.Generator,
+    options: KernelOptions = DEFAULT_KERNEL,
+    scale: tuple[float, float] = RRC_SCALE,
+    ratio: tuple[float, float] = RRC_RATIO,
 ) -> dict[str, np.ndarray]:
-    """Decode + augment a batch {'image': bytes[], 'label': int[], optional 'key': str[]}.
+    """Decode + augment a batch {'image': bytes[], 'label': int[], optional 'key': str[]}: RandomResizedCrop
+    (size, scale, ratio) and a flip per image.
 
     Returns {'image': uint8 (N, size, size, 3), 'label': int64 (N,), 'decode_errors': int32 (N,)} with
     N = the input row count. A row whose bytes do not decode is replaced by a copy of another row of
@@ -197,7 +216,7 @@ def train_batch(
     rows = out_t.unbind(0)  # one call for all row views (indexing out_t[i] costs a dispatch per row)
     for i, data in enumerate(images):
         try:
-            _train_into(rows[i], data, size, rng, options)
+            _train_into(rows[i], data, size, rng, options, scale, ratio)
         except DecodeError:
             failed.append(i)
     if failed:

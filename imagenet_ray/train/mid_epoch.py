@@ -12,8 +12,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-PREEMPTION_CHECK_S = 10.0  # how often (agreed training time) to ask Ray Train for a preemption notice
-
 
 @dataclass(frozen=True)
 class MidEpochState:
@@ -59,7 +57,7 @@ class CheckpointClock:
     """Decides from each interval's all-reduced wall time, which every rank holds identically, so the
     ranks agree on when to checkpoint and when to ask for preemption notices."""
 
-    def __init__(self, every_s: float | None, preemption_every_s: float | None = PREEMPTION_CHECK_S) -> None:
+    def __init__(self, every_s: float | None, preemption_every_s: float | None) -> None:
         self.every_s, self.preemption_every_s = every_s, preemption_every_s
         self.since_checkpoint_s = 0.0
         self.since_preemption_check_s = 0.0

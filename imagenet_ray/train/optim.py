@@ -34,11 +34,13 @@ class LrSchedule:
     peak_lr: float
     total_steps: int
     warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | linear | step | constant
+    schedule: str = "cosine"  # cosine | linear | step | constant | poly
     steps_per_epoch: int = 1
     step_epochs: int = 30
     step_gamma: float = 0.1
     warmup_start_factor: float = 0.0
+    poly_power: float = 2.0
+    poly_end_lr: float = 0.0
 
     def __call__(self, step: int) -> float:
         if self.warmup_steps > 0 and step < self.warmup_steps:
@@ -55,6 +57,8 @@ class LrSchedule:
             return self.peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
         if self.schedule == "linear":  # FFCV: linear ramp to the peak, then linear to 0
             return self.peak_lr * (1.0 - progress)
+        if self.schedule == "poly":  # MLPerf ResNet-50 (LARS): power 2 to an end LR
+            return self.poly_end_lr + (self.peak_lr - self.poly_end_lr) * math.pow(1.0 - progress, self.poly_power)
         raise ValueError(f"unknown schedule {self.schedule!r}")
 
 
@@ -115,6 +119,45 @@ def build_sgd(
     )
 
 
+def build_lars(
+    model: nn.Module,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool = False,
+    no_decay_norm_and_bias: bool = True,
+    trust_coeff: float = 0.001,
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """timm's Lars over `param_groups`: the decayed weights get the trust ratio; norm layers and biases
+    (when exempt) get neither it nor weight decay, as MLPerf's reference LARS skips them."""
+    from timm.optim import Lars  # here: the GPU benchmark imports this module on a machine without timm
+
+    groups = param_groups(model, weight_decay, no_decay_norm_and_bias)  # [decayed] or [decayed, exempt]
+    # timm adapts a group only if its weight decay is non-zero, unless always_adapt: set per group, so that
+    # weight_decay=0 still adapts the weights and the exempt group is never adapted.
+    for group, adapt in zip(groups, (True, False), strict=False):
+        group["always_adapt"] = adapt
+    return Lars(groups, lr=lr, momentum=momentum, nesterov=nesterov, trust_coeff=trust_coeff, eps=eps)
+
+
+def build_optimizer(model: nn.Module, optim_cfg: OptimSection, peak_lr: float) -> torch.optim.Optimizer:
+    """The optimizer `optim.name` names, at the run's peak LR (the schedule sets it each step)."""
+    o = optim_cfg
+    if o.name == "lars":
+        return build_lars(
+            model,
+            peak_lr,
+            o.momentum,
+            o.weight_decay,
+            o.nesterov,
+            o.no_decay_norm_and_bias,
+            o.lars_trust_coeff,
+            o.lars_eps,
+        )
+    return build_sgd(model, peak_lr, o.momentum, o.weight_decay, o.nesterov, o.no_decay_norm_and_bias)
+
+
 def schedule_from_config(optim_cfg: OptimSection, peak_lr: float, steps_per_epoch: int, epochs: int) -> LrSchedule:
     """The run's LR schedule in optimizer steps (micro-batches / grad_accum_steps)."""
     return LrSchedule(
@@ -126,6 +169,8 @@ def schedule_from_config(optim_cfg: OptimSection, peak_lr: float, steps_per_epoc
         step_epochs=optim_cfg.step_epochs,
         step_gamma=optim_cfg.step_gamma,
         warmup_start_factor=optim_cfg.warmup_start_factor,
+        poly_power=optim_cfg.poly_power,
+        poly_end_lr=optim_cfg.poly_end_lr,
     )
 
 

@@ -28,6 +28,8 @@ class Interval:
     wait_s: float  # data wait summed over workers
     wall_s: float  # wall time summed over workers
     world: int
+    grad_norm_sum: float = 0.0  # pre-clip gradient norms of the interval's steps, summed over workers
+    grad_norm_steps: float = 0.0  # how many norms that sum holds (0 when clipping is off)
 
     def metrics(self, lr: float | None) -> dict[str, float]:
         """The step-curve values (MLflow step = `step`, the global optimizer step)."""
@@ -38,6 +40,8 @@ class Interval:
         if lr is not None:
             out["train/loss"] = self.loss_sum / max(self.images, 1.0)
             out["train/lr"] = lr
+        if self.grad_norm_steps:
+            out["train/grad_norm"] = self.grad_norm_sum / self.grad_norm_steps
         return out
 
 
@@ -49,16 +53,25 @@ class IntervalMeter:
         self.world = dist.get_world_size() if _distributed() else 1
         self._loss = torch.zeros((), dtype=torch.float64, device=device)
         self._images, self._wait_s = 0, 0.0
+        self._grad_norm = torch.zeros((), dtype=torch.float64, device=device)
+        self._grad_norm_steps = 0
         self._start = clock()
         self._last_cut_step = -1
         # (step, totals, async work, CUDA event after the totals' copy to the host)
         self._in_flight: tuple[int, torch.Tensor, Any, Any] | None = None
 
-    def add(self, images: int, wait_s: float, loss_sum: torch.Tensor | None = None) -> None:
+    def add(
+        self, images: int, wait_s: float, loss_sum: torch.Tensor | None = None, grad_norm: torch.Tensor | None = None
+    ) -> None:
+        """`grad_norm`: the pre-clip gradient norm of an optimizer step taken on this batch (a device tensor:
+        added on the device, read with the interval's totals, so it costs no sync)."""
         self._images += images
         self._wait_s += wait_s
         if loss_sum is not None:
             self._loss += loss_sum
+        if grad_norm is not None:
+            self._grad_norm += grad_norm
+            self._grad_norm_steps += 1
 
     def due(self, step: int) -> bool:
         return step > 0 and step % self.every_steps == 0 and step != self._last_cut_step
@@ -72,6 +85,8 @@ class IntervalMeter:
                 torch.tensor(float(self._images), dtype=torch.float64, device=self.device),
                 torch.tensor(self._wait_s, dtype=torch.float64, device=self.device),
                 torch.tensor(now - self._start, dtype=torch.float64, device=self.device),
+                self._grad_norm,
+                torch.tensor(float(self._grad_norm_steps), dtype=torch.float64, device=self.device),
             ]
         )
         work = dist.all_reduce(totals, op=dist.ReduceOp.SUM, async_op=True) if _distributed() else None
@@ -91,6 +106,8 @@ class IntervalMeter:
         self._last_cut_step = step
         self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._images, self._wait_s, self._start = 0, 0.0, now
+        self._grad_norm = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._grad_norm_steps = 0
         return previous
 
     def finish(self) -> Interval | None:
@@ -106,8 +123,8 @@ class IntervalMeter:
             work.wait()
         if event is not None:
             event.synchronize()
-        loss_sum, images, wait_s, wall_s = totals.tolist()
-        return Interval(step, loss_sum, images, wait_s, wall_s, self.world)
+        loss_sum, images, wait_s, wall_s, norm_sum, norm_steps = totals.tolist()
+        return Interval(step, loss_sum, images, wait_s, wall_s, self.world, norm_sum, norm_steps)
 
 
 def format_duration(seconds: float) -> str:

@@ -27,6 +27,7 @@ SAFE_TO_CHANGE = (
     "train.checkpoints_to_keep",
     "train.checkpoint_every_minutes",
     "train.checkpoint_on_preemption",
+    "train.preemption_check_s",
     "train.max_failures",
     "train.stop_after_epochs",
     "train.throttle_images_per_s",

@@ -49,7 +49,7 @@ from imagenet_ray.train.mid_epoch import (
 )
 from imagenet_ray.train.models import build_model
 from imagenet_ray.train.norm_stats import average_batchnorm_stats
-from imagenet_ray.train.optim import ResumedSchedule, build_sgd, scale_for_world, schedule_from_config
+from imagenet_ray.train.optim import ResumedSchedule, build_optimizer, scale_for_world, schedule_from_config
 from imagenet_ray.train.pictures import (
     augmented_grid_png,
     confused_pairs_dict,
@@ -66,6 +66,10 @@ from imagenet_ray.train.system_metrics import start_worker_gpu_monitor
 log = logging.getLogger(__name__)
 
 FINAL_FLUSH_S = 180.0  # at the run's end, how long rank 0 waits for an unreachable MLflow to come back
+# A mid-epoch checkpoint's val/top1 for Ray Train's scoring: below any real top-1, so it is kept only while
+# it is the latest. Not -inf: Ray's checkpoint-manager snapshot stores that as JSON null, and a resubmitted
+# job's controller then fails comparing scores (TypeError) at its first checkpoint.
+MID_EPOCH_SCORE = -1.0
 
 
 class DataWaitTimer:
@@ -121,7 +125,7 @@ def train_batches(
             if audit is not None:
                 audit(index, list(b["image"]))
             yield {
-                "image": train_batch_on_device(list(b["image"]), crop, device, rng),
+                "image": train_batch_on_device(list(b["image"]), crop, device, rng, data.rrc_scale, data.rrc_ratio),
                 "label": torch.as_tensor(b["label"], dtype=torch.int64).to(device),
             }
     else:
@@ -173,9 +177,7 @@ class Runner:
         self.model = model
         o = cfg.optim
         scale = scale_for_world(plan.num_train, self.world, cfg.data.batch_size, o.grad_accum_steps, o.lr)
-        self.optimizer = build_sgd(
-            model, scale.peak_lr, o.momentum, o.weight_decay, o.nesterov, o.no_decay_norm_and_bias
-        )
+        self.optimizer = build_optimizer(model, o, scale.peak_lr)
         self.ema = (
             AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(o.ema_decay), use_buffers=True)
             if o.ema_decay > 0
@@ -190,7 +192,7 @@ class Runner:
         self.last_epoch_metrics: dict[str, float] = {}  # the last completed epoch's (mid-epoch checkpoints too)
         self.mid_epoch: MidEpochState | None = None  # set by restore() from a mid-epoch checkpoint
         minutes = cfg.train.checkpoint_every_minutes
-        self.clock = CheckpointClock(None if minutes is None else minutes * 60.0)
+        self.clock = CheckpointClock(None if minutes is None else minutes * 60.0, cfg.train.preemption_check_s)
         self.preemption_saved = False  # a checkpoint was taken for the preemption notice in force
         self.audit = SampleAudit(plan.audit_samples_dir, self.rank) if plan.audit_samples_dir else None
 
@@ -254,6 +256,7 @@ class Runner:
             after_step=self._update_ema,
             ddp=self.ddp_model,
             step=self.start_step,
+            clip_grad_norm=o.clip_grad_norm,
         )
 
     def _update_ema(self, step: int) -> None:
@@ -401,7 +404,7 @@ class Runner:
                         self.log_input_grid(x, batch["label"])
                     batch_loss = self.step(x, target)
                     loss_sum += batch_loss
-                    meter.add(images, timed.last_wait_s, batch_loss)
+                    meter.add(images, timed.last_wait_s, batch_loss, self.step.grad_norm)
             if meter.due(self.step.step):
                 interval = meter.cut(self.step.step)
                 self.log_interval(interval, epoch, first_step, start)
@@ -619,7 +622,7 @@ class Runner:
 
     def mid_epoch_checkpoint_due(self, interval: Interval | None) -> bool:
         """Agreed by every rank: the interval's wall time is all-reduced, and a preemption notice comes
-        from a barrier (asked every PREEMPTION_CHECK_S). Only between optimizer steps."""
+        from a barrier (asked every train.preemption_check_s). Only between optimizer steps."""
         if interval is not None:
             self.clock.add(interval.wall_s / interval.world)
         if self.step.pending != 0:
@@ -639,7 +642,7 @@ class Runner:
 
     def save_mid_epoch(self, epoch: int, batches: int, partial: torch.Tensor, before: MidEpochState | None) -> None:
         """A checkpoint inside `epoch` after `batches` per rank: `partial` is this attempt's (loss sum,
-        samples, decode errors) on this rank. Ray Train keeps it while it is the latest (it scores -inf)."""
+        samples, decode errors) on this rank. Ray Train keeps it while it is the latest (MID_EPOCH_SCORE)."""
         t0 = time.perf_counter()
         loss, samples, errors = all_reduce_sum(partial).tolist()
         state = MidEpochState(
@@ -651,7 +654,7 @@ class Runner:
             world=self.world,
             rank_states=gather_to_all(rank_local_state(self.aug_rng, self.ema, self.device)),
         )
-        reported = {"epoch": float(epoch), "val/top1": float("-inf"), "train/mid_epoch_images": float(state.samples)}
+        reported = {"epoch": float(epoch), "val/top1": MID_EPOCH_SCORE, "train/mid_epoch_images": float(state.samples)}
         self.write_and_report(epoch, self.last_epoch_metrics, reported, mid_epoch=state)
         self.clock.checkpointed()
         seconds = time.perf_counter() - t0

@@ -28,7 +28,9 @@ class TrainStep:
 
     `lr_at(step)` gives the learning rate of optimizer step `step` (a pure function of progress);
     `after_step(step)` runs after each optimizer step (the EMA update). `ddp` is the module whose
-    `no_sync` skips the gradient all-reduce (default: `model`, when it has one).
+    `no_sync` skips the gradient all-reduce (default: `model`, when it has one). `clip_grad_norm` clips
+    the global gradient norm before each optimizer step; `grad_norm` is then the norm before clipping of
+    the step the last call took (a device tensor, None when that call took no step).
     """
 
     def __init__(
@@ -43,16 +45,20 @@ class TrainStep:
         after_step: Callable[[int], None] | None = None,
         ddp: nn.Module | None = None,
         step: int = 0,
+        clip_grad_norm: float | None = None,
     ) -> None:
         self.model, self.optimizer, self.lr_at = model, optimizer, lr_at
         self.accum_steps, self.amp, self.label_smoothing = accum_steps, amp, label_smoothing
         self.after_step = after_step
+        self.clip_grad_norm = clip_grad_norm
+        self.grad_norm: torch.Tensor | None = None
         self._no_sync = getattr(ddp if ddp is not None else model, "no_sync", None)
         self.step = step  # optimizer steps taken so far (the LR schedule's position)
         self.pending = 0  # micro-batches since the last optimizer step
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns its summed (not mean) loss, float64, detached."""
+        self.grad_norm = None
         self.pending += 1
         final = self.pending == self.accum_steps
         sync_context = self._no_sync() if not final and self._no_sync is not None else contextlib.nullcontext()
@@ -83,6 +89,11 @@ class TrainStep:
 
     def _optimizer_step(self) -> None:
         set_lr(self.optimizer, self.lr_at(self.step))
+        if self.clip_grad_norm is not None:
+            # Once per optimizer step, on the accumulated and all-reduced gradients (the same on every rank).
+            # No GradScaler to unscale first: train.precision is bf16 or fp32, and neither needs one.
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm).detach()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

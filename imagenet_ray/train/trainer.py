@@ -229,7 +229,13 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
         ),
         datasets={
             "train": build_train_dataset(
-                prepared, cfg.data.train_crop, cfg.seed, cfg.data.decode_on, cfg.data.deterministic
+                prepared,
+                cfg.data.train_crop,
+                cfg.seed,
+                cfg.data.decode_on,
+                cfg.data.deterministic,
+                cfg.data.rrc_scale,
+                cfg.data.rrc_ratio,
             ),
             "val": build_val_dataset(prepared, cfg.eval.resize, cfg.eval.crop, cfg.data.decode_on),
         },

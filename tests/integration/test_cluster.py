@@ -43,6 +43,10 @@ REPO = Path(__file__).resolve().parents[2]
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 40, 10
 EXPERIMENT = "imagenet-ray-cluster"
 KILL_DELAY_S = 4.0
+# A preemption notice (`ray drain-node`, reason PREEMPTION): the node is taken this long after it, at the
+# latest; the ranks ask for notices every PREEMPTION_CHECK_S of training (train.preemption_check_s).
+PREEMPTION_DEADLINE_S = 60
+PREEMPTION_CHECK_S = 1.0
 # The manifest's train entrypoint is kept whole; these overrides, appended, only scale it to a CPU
 # machine (later overrides win): a tiny ResNet-18 run on one worker holding one stand-in GPU, 2 epochs (the
 # node-loss test asks for 3: a node is lost in each of the last two).
@@ -222,20 +226,49 @@ def _checkpoints(s3, name: str) -> int:
     return sum(1 for o in listed.get("Contents", []) if o["Key"].endswith("/state.pt"))
 
 
+def job_logs(cluster: local.ClusterState, submission_id: str) -> str:
+    return str(_get(cluster, f"/api/jobs/{submission_id}/logs")["logs"])
+
+
 def train_with_node_losses(
-    cluster, stack, client_env, mlflow, s3, losses: list[tuple[str, int]], name: str, epochs: int
+    cluster, stack, client_env, mlflow, s3, losses: list[tuple[str, int, str]], name: str, epochs: int
 ) -> dict[str, Any]:
-    """Submit the train RayJob's entrypoint; for each (host, epochs done) in turn, once those epochs are
-    logged and checkpointed (and, for the train node, its worker lives there), kill every process on
-    `host` like a lost pod, then start it again like a recreated pod."""
+    """Submit the train RayJob's entrypoint; for each (host, epochs done, how) in turn, once those epochs
+    are logged and checkpointed (and, for the train node, its worker lives there), take `host` like a lost
+    pod: "kill" kills every process on it at once; "preempt" first drains it with a preemption deadline (a
+    spot notice, as KubeRay's autoscaler passes it on) and kills it once the notice's checkpoint is written.
+    Then it starts the host again like a recreated pod."""
     argv = [*shlex.split(manifest_entrypoint("rayjob-train.yaml")), *TEST_SCALE, f"train.epochs={epochs}"]
+    argv += [f"train.preemption_check_s={PREEMPTION_CHECK_S}"]
     submission_id = submit(cluster, client_env, [*argv, f"name={name}"])
     killed: dict[str, dict[str, Any]] = {}
 
-    def kill_mid_run() -> None:
+    def take_node(host: str, how: str) -> dict[str, Any]:
+        loss: dict[str, Any] = {"epochs_logged": _epochs_logged(mlflow, name)}
+        if how == "preempt":
+            drained_at = time.monotonic()
+            loss["node_id"] = local.drain_node(cluster, host, PREEMPTION_DEADLINE_S)
+            while time.monotonic() < drained_at + PREEMPTION_DEADLINE_S:
+                saved = [ln for ln in job_logs(cluster, submission_id).splitlines() if "mid-epoch checkpoint af" in ln]
+                if saved:
+                    loss["notice_to_checkpoint_s"] = round(time.monotonic() - drained_at, 1)
+                    loss["checkpoint_line"] = saved[0]
+                    break
+                time.sleep(0.5)
+        else:
+            loss["node_id"] = host_node_id(cluster, host)
+        # Ray Train's controller registers a written checkpoint a moment later (it polls).
+        time.sleep(KILL_DELAY_S)
+        loss["survivors"] = local.stop_node(cluster, host)
+        time.sleep(3)
+        local.start_node(cluster, stack, host)
+        loss["new_node_id"] = host_node_id(cluster, host)
+        return loss
+
+    def take_nodes_mid_run() -> None:
         deadline = time.monotonic() + 600
         try:
-            for host, after in losses:
+            for host, after, how in losses:
                 while time.monotonic() < deadline:
                     done = list(range(1, after + 1))
                     if (
@@ -243,21 +276,13 @@ def train_with_node_losses(
                         and _checkpoints(s3, name) >= after
                         and working_on(cluster, host)
                     ):
-                        # Ray Train's controller registers a written checkpoint a moment later (it polls).
-                        time.sleep(KILL_DELAY_S)
-                        loss: dict[str, Any] = {"epochs_logged": _epochs_logged(mlflow, name)}
-                        loss["node_id"] = host_node_id(cluster, host)
-                        loss["survivors"] = local.stop_node(cluster, host)
-                        time.sleep(3)
-                        local.start_node(cluster, stack, host)
-                        loss["new_node_id"] = host_node_id(cluster, host)
-                        killed[host] = loss
+                        killed[host] = take_node(host, how)
                         break
                     time.sleep(0.5)
         except Exception as exc:  # reported by the test, not lost in the thread
             killed["error"] = {"repr": repr(exc)}
 
-    killer = threading.Thread(target=kill_mid_run, daemon=True)
+    killer = threading.Thread(target=take_nodes_mid_run, daemon=True)
     killer.start()
     info, logs = wait_job(cluster, submission_id, timeout_s=900)
     killer.join(timeout=60)
@@ -281,23 +306,39 @@ def test_hosts_have_the_manifests_shape(local_cluster):
     assert "stand_in_gpu" not in rows["decode-0"]["resources"] and rows["decode-0"]["resources"]["CPU"] >= 1
 
 
-def test_decode_node_then_train_node_lost_mid_epoch(local_cluster, stack, client_env, mlflow, s3, prepared):
+def test_decode_node_lost_then_train_node_preempted_mid_epoch(
+    local_cluster, stack, client_env, mlflow, s3, prepared, fault_figures
+):
     """The train RayJob trains end to end from S3, logs to MLflow and places work by group. It survives
     losing its only decode node in epoch 2 (Ray Data re-runs the lost tasks on the recreated node) and then
-    its train node in epoch 3 (Ray Train restarts from epoch 2's checkpoint in the same MLflow run), with
-    every val image counted exactly once. One job for both losses: each job costs minutes on 2 cores."""
+    a preemption of its train node in epoch 3: on the drain notice the ranks checkpoint inside the epoch,
+    the node is taken, and Ray Train restarts from that checkpoint in the same MLflow run, with every val
+    image counted exactly once. One job for both losses: each job costs minutes on 2 cores."""
     name = f"cluster-node-loss-{uuid.uuid4().hex[:6]}"
-    losses = [("decode-0", 1), ("train-0", 2)]
+    losses = [("decode-0", 1, "kill"), ("train-0", 2, "preempt")]
     result = train_with_node_losses(local_cluster, stack, client_env, mlflow, s3, losses, name, epochs=3)
     killed, logs = result["killed"], result["logs"]
     assert "error" not in killed, killed
     decode, train = killed.get("decode-0", {}), killed.get("train-0", {})
     assert decode.get("epochs_logged") == [1], f"the decode node was not killed in epoch 2: {killed}"
     assert decode["survivors"] == []
-    assert train.get("epochs_logged") == [1, 2], f"the train node was not killed in epoch 3: {killed}"
+    assert train.get("epochs_logged") == [1, 2], f"the train node was not preempted in epoch 3: {killed}"
     assert train["node_id"] != train["new_node_id"], train
     assert result["info"]["status"] == "SUCCEEDED", logs[-6000:]
-    assert "restored from the checkpoint of epoch 2" in logs, logs[-6000:]
+    # The notice reached the ranks through Ray Train's barrier, they checkpointed inside epoch 3, and the
+    # restarted group continued from there, not from epoch 2's end.
+    assert "preemption notice for ranks [0]" in logs, logs[-6000:]
+    assert "checkpoint_line" in train, f"no mid-epoch checkpoint within {PREEMPTION_DEADLINE_S} s of the notice"
+    assert "[epoch 3] mid-epoch checkpoint after" in train["checkpoint_line"], train
+    assert "restored from the checkpoint of epoch 2" in logs and "inside epoch 3, after" in logs, logs[-6000:]
+    saved_images = int(train["checkpoint_line"].split("mid-epoch checkpoint after ")[1].split()[0])
+    assert saved_images > 0, train
+    fault_figures.record(
+        "a train node preempted mid-epoch (drain notice, then taken), multi-host cluster",
+        notice_to_checkpoint_s=train["notice_to_checkpoint_s"],
+        images_in_the_checkpoint=saved_images,
+        resumed_inside_epoch=3,
+    )
     (run,) = result["runs"]  # the restarted worker group continued the same MLflow run
     assert run.info.status == "FINISHED"
     val = CLASSES * VAL_PER_CLASS
@@ -346,7 +387,8 @@ def cli_root() -> Iterator[Path]:
 
 
 def test_cli_up_status_kill_down_leaves_nothing(cli_root):
-    """The CLI on its own cluster (no decode replicas): up, status, kill-node --restart, down, nothing left."""
+    """The CLI on its own cluster (no decode replicas): up, status, limit-cpu, drain-node, kill-node --restart,
+    down, nothing left."""
     root = cli_root
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
@@ -368,6 +410,8 @@ def test_cli_up_status_kill_down_leaves_nothing(cli_root):
             assert limit.returncode != 0 and "no CPU cgroup" in limit.stderr and len(limit.stderr.splitlines()) == 1
         else:
             assert limit.returncode == 0, limit.stderr
+        drain = cli("drain-node", "--host", "train-0", "--deadline", "30")  # a spot notice; the kill takes it
+        assert drain.returncode == 0 and f"node {old_id} is draining" in drain.stdout + drain.stderr, drain.stderr
         kill = cli("kill-node", "--host", "train-0", "--restart")
         assert kill.returncode == 0, kill.stderr
         rows = {r["host"]: r for r in json.loads(cli("status", "--json").stdout)}

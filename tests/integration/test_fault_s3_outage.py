@@ -1,7 +1,7 @@
-"""The S3 server stopped for 30 s in the middle of a run, on the real SeaweedFS of `local_stack`: data and
-checkpoints on s3://, training in this process on a local Ray (MLflow in a SQLite file, so the outage is
-S3's alone). Nothing is lost: every epoch once, every val image once per epoch, one MLflow run, the final
-checkpoint loads; the figures (recovery time, restarts, images trained twice) go to docs/reliability.md."""
+"""The S3 server stopped for 30 s in epoch 2, and epoch 3's checkpoint upload cut mid-transfer, in one run on
+the real SeaweedFS of `local_stack`: data and checkpoints on s3://, training in this process on a local Ray
+(MLflow in a SQLite file, so the faults are S3's alone). Nothing is lost: every epoch once, every val image
+once per epoch, one MLflow run, every checkpoint in S3 loads; figures go to docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -15,12 +15,16 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
+from s3_cut import UploadCut
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 30, 6
-EPOCHS, WORKERS, BATCH = 3, 2, 4
+EPOCHS, WORKERS, BATCH = 4, 2, 4
 THROTTLE = 3.0  # images/s per worker: 60 images per worker per epoch, ~20 s, less than the outage
 OUTAGE_S = 30.0
+CUT_REFUSE_S = 10.0  # after the upload's connections are reset, new ones are refused this long
+CUT_AT_REQUEST = 5  # of ~15 write requests a checkpoint takes (a multipart upload's parts): mid-transfer
 
 
 def train_worker_logs(since: float) -> list[str]:
@@ -102,12 +106,23 @@ class S3Outage:
 
 
 @pytest.fixture
-def s3_env(local_stack, monkeypatch):
-    """The stack's S3 for this process and the local Ray it starts (which its workers inherit); no Ray
-    address, no MLflow server."""
+def upload_cut(local_stack):
+    """The relay every client of this test's run reaches S3 through; armed by the test."""
+    host, port = local_stack.s3_endpoint.split("://", 1)[1].rsplit(":", 1)
+    relay = UploadCut((host, int(port)), refuse_s=CUT_REFUSE_S, cut_at_request=CUT_AT_REQUEST)
+    yield relay
+    relay.close()
+
+
+@pytest.fixture
+def s3_env(local_stack, upload_cut, monkeypatch):
+    """The stack's S3, through the relay, for this process and the local Ray it starts (which its workers
+    inherit); no Ray address, no MLflow server."""
     for key, value in local_stack.env().items():
         if key.startswith("AWS_"):
             monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", upload_cut.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", upload_cut.endpoint)
     for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
         monkeypatch.delenv(key, raising=False)
     return local_stack
@@ -128,7 +143,9 @@ def local_ray(s3_env):
         ray.shutdown()
 
 
-def test_s3_stopped_30s_mid_run_loses_nothing(s3_env, local_ray, tmp_path, fault_figures):
+def test_s3_stopped_30s_then_a_checkpoint_upload_cut_lose_nothing(
+    s3_env, upload_cut, local_ray, tmp_path, fault_figures
+):
     from imagenet_ray.config import load_config
     from imagenet_ray.data.prepare import PrepareOptions, prepare
     from imagenet_ray.data.synth import write_synthetic_imagenet
@@ -164,9 +181,12 @@ def test_s3_stopped_30s_mid_run_loses_nothing(s3_env, local_ray, tmp_path, fault
             "eval.crop=32",
             "data.local_shuffle_buffer=8",
             "mlflow.log_every_steps=1",  # a timestamped point per optimizer step: progress and retraining
+            f"train.checkpoints_to_keep={EPOCHS}",  # every checkpoint stays, the one cut short included
         ],
     )
     outage = S3Outage(stack, name, tracking, cfg.mlflow.experiment, into_epoch=3)
+    # Epoch 3's upload (the third checkpoint directory) is cut at its CUT_AT_REQUEST-th write request.
+    upload_cut.arm(f"/checkpoints/fault-s3/{name}/".encode(), cut_at=3)
     t0 = time.time()
     try:
         done = run_training(cfg)
@@ -226,6 +246,30 @@ def test_s3_stopped_30s_mid_run_loses_nothing(s3_env, local_ray, tmp_path, fault
         "val_images": val_images,
     }
     fault_figures.record("S3 stopped for 30 s mid-run", **figures)
+
+    # The cut upload: every checkpoint left in S3 is whole (a reset single PUT or an unfinished multipart
+    # upload leaves no object), and the run went on from the checkpoint of its epoch.
+    assert upload_cut.cut_at_time is not None, f"no upload was cut: {upload_cut.directories}"
+    listed = outage.client.list_objects_v2(Bucket="checkpoints", Prefix=f"fault-s3/{name}/checkpoint_")
+    objects = {o["Key"]: o for o in listed.get("Contents", []) if o["Key"].endswith("/state.pt")}
+    epochs_in_s3 = {k: int(read_checkpoint_url(f"s3://checkpoints/{k.rsplit('/', 1)[0]}")["epoch"]) for k in objects}
+    cut_directory = list(upload_cut.directories)[2].decode()
+    cut_state = next((o for k, o in objects.items() if f"/{cut_directory}/" in k), None)
+    cut_figures = {
+        "write_requests_per_checkpoint": list(upload_cut.directories.values()),
+        "connections_refused": upload_cut.refused,
+        "refused_for_s": CUT_REFUSE_S,
+        "cut_checkpoint_last_modified_s_after_cut": (
+            round(cut_state["LastModified"].timestamp() - upload_cut.cut_at_time, 1) if cut_state else None
+        ),
+        "checkpoint_epochs_in_s3": sorted(epochs_in_s3.values()),
+        "worker_groups_started": len(workers) / WORKERS,
+        "steps_trained_twice": retrained_steps,
+    }
+    fault_figures.record("a checkpoint upload cut mid-transfer", **cut_figures)
+    assert len(upload_cut.directories) == EPOCHS, upload_cut.directories  # one checkpoint per epoch, no retry
+    assert cut_state is not None and epochs_in_s3[cut_state["Key"]] == 3, (cut_directory, epochs_in_s3)
+    assert list(upload_cut.directories.values())[2] > CUT_AT_REQUEST  # the upload went on after the cut
 
     # The outage met S3 work, and it waited for S3: the checkpoint of epoch 2 appeared only once S3 was back.
     assert ended_inside or stalled_on_reads, (times, figures)

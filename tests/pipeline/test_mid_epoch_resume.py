@@ -1,29 +1,34 @@
-"""A preemption mid-epoch costs minutes, not the epoch: a job time-boxed after epoch 1, resubmitted, and
-a worker SIGKILLed after a mid-epoch checkpoint of epoch 2 resumes inside the epoch, trains every sample
-of it once (audited per sample), ends with an uninterrupted run's weights (deterministic mode), and the
-same MLflow run continues."""
+"""A preemption mid-epoch costs minutes, not the epoch. The driver SIGKILLed (its pod lost) after a mid-epoch
+checkpoint of epoch 2 and the job resubmitted, then a worker SIGKILLed after a later one: each resumes inside
+the epoch, every sample of it is trained once (audited per sample), the weights are an uninterrupted run's
+(deterministic mode), and the same MLflow run continues, each epoch logged once."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 
 from imagenet_ray.config import load_config
-from imagenet_ray.tracking import RunSink
+from imagenet_ray.runtime import LOOPBACK_ENV
+from imagenet_ray.tracking import RUN_NAME_TAG, RunSink
 from imagenet_ray.train.checkpoint import read_checkpoint_dir
 from imagenet_ray.train.sample_audit import AUDIT_ENV, read_audit
 from ray_processes import train_workers
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
 
 COMMON = (
     "data.deterministic=true",
@@ -44,17 +49,18 @@ COMMON = (
 )
 
 
-def _cfg(root, tmp_path, *overrides):
-    return load_config(
-        "configs/smoke.yaml",
-        [
-            f"data.url={root}",
-            f"train.storage_path={tmp_path / 'runs'}",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            *COMMON,
-            *overrides,
-        ],
-    )
+def _overrides(root, tmp_path, *extra) -> list[str]:
+    return [
+        f"data.url={root}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *COMMON,
+        *extra,
+    ]
+
+
+def _cfg(root, tmp_path, *extra):
+    return load_config("configs/smoke.yaml", _overrides(root, tmp_path, *extra))
 
 
 def _registered_mid_epoch(run_dir: Path, epoch: int) -> dict | None:
@@ -79,74 +85,104 @@ def _per_rank(rows, epoch):
     return out
 
 
-def test_killed_after_a_mid_epoch_checkpoint_resumes_inside_the_epoch_exactly(
+def _stitched(attempts: list[list[tuple[int, str]]]) -> tuple[list[int], list[tuple[int, str]]]:
+    """One rank's attempts at an epoch, ordered by the batch each started at: every attempt's batches up to
+    the next one's start (a killed attempt may have trained more that its successor trained again)."""
+    attempts = sorted(attempts, key=lambda a: min(b for b, _ in a))
+    starts = [min(b for b, _ in a) for a in attempts]
+    seen = []
+    for attempt, end in zip(attempts, [*starts[1:], None], strict=True):
+        seen += [r for r in attempt if end is None or r[0] < end]
+    return starts, seen
+
+
+def _wait_and_kill(run_dir: Path, after_images: int, pids, deadline_s: float = 300) -> dict:
+    """SIGKILL `pids()`'s processes once Ray Train registered a mid-epoch checkpoint of epoch 2 holding more
+    than `after_images`; what was killed, when, and that checkpoint's image count."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        mid = _registered_mid_epoch(run_dir, epoch=1)
+        victims = pids()
+        if mid is not None and mid["train/mid_epoch_images"] > after_images and victims:
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            return {"at": time.monotonic(), "images": int(mid["train/mid_epoch_images"]), "pids": victims}
+        time.sleep(0.1)
+    return {}
+
+
+def test_driver_then_worker_killed_after_mid_epoch_checkpoints_resume_inside_the_epoch_exactly(
     local_ray, prepared, tmp_path, monkeypatch, fault_figures
 ):
     from imagenet_ray.train.trainer import run_training
 
     root, manifest = prepared
     num_train = manifest["splits"]["train"]["num_images"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
     monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit-straight"))
     straight = run_training(_cfg(root, tmp_path, "name=straight"))
 
     monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit-killed"))
     run_dir = tmp_path / "runs" / "killed"
-    killed: dict = {}
+    mid_epoch = ("train.checkpoint_every_minutes=0.02", "train.max_failures=1")  # 1.2 s of training
 
-    def kill_after_a_mid_epoch_checkpoint_in_epoch_2():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            mid = _registered_mid_epoch(run_dir, epoch=1)
-            workers = train_workers()
-            if mid is not None and workers:
-                os.kill(workers[-1], signal.SIGKILL)
-                killed.update(at=time.monotonic(), images=mid["train/mid_epoch_images"], pid=workers[-1])
-                return
-            time.sleep(0.1)
+    # Job 1: a CLI driver on this Ray (as `ray job submit` runs one on the head), SIGKILLed with its whole
+    # process group once a mid-epoch checkpoint of epoch 2 is registered; Ray ends its workers with it.
+    cmd = [sys.executable, "-m", "imagenet_ray", "train", "--config", "configs/smoke.yaml"]
+    cmd += _overrides(root, tmp_path, "name=killed", *mid_epoch, "train.throttle_images_per_s=2")  # 1 s a step
+    # Our Ray listens on loopback only: the driver connects there, with the same switch (runtime.py).
+    port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
+    env = {**os.environ, **LOOPBACK_ENV, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    with open(tmp_path / "driver.log", "wb") as log:
+        driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        driver_killed = _wait_and_kill(run_dir, 0, lambda: _alive(driver, tmp_path))
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    assert driver_killed, "the driver ended before a mid-epoch checkpoint of epoch 2: " + _tail(tmp_path)
+    experiment_id = client.get_experiment_by_name("imagenet-ray-smoke").experiment_id
+    (killed_run,) = client.search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = 'killed'")
+    assert killed_run.info.status == "RUNNING"  # nobody could end it
+    assert [e for e, _ in RunSink(uri, killed_run.info.run_id).epoch_history("val/top1")] == [1]
+    while train_workers():  # Ray ends the dead driver's workers (its job's actors)
+        assert time.monotonic() - driver_killed["at"] < 60, "the dead driver's workers live on"
+        time.sleep(0.2)
 
-    # Job 1 stops after epoch 1 (a time box); job 2, resubmitted, resumes at the epoch boundary, and a
-    # worker is killed once a mid-epoch checkpoint of epoch 2 is registered.
-    first = run_training(_cfg(root, tmp_path, "name=killed", "train.stop_after_epochs=1"))
-    assert first["epoch"] == 1
-    killer = threading.Thread(target=kill_after_a_mid_epoch_checkpoint_in_epoch_2, daemon=True)
+    # Job 2, resubmitted: resumes at that checkpoint; a worker is killed after a later one.
+    worker_killed: dict = {}
+
+    def kill_a_worker():
+        worker_killed.update(_wait_and_kill(run_dir, driver_killed["images"], lambda: train_workers()[-1:]))
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
     t0 = time.monotonic()
-    resumed = run_training(
-        _cfg(
-            root,
-            tmp_path,
-            "name=killed",
-            "train.max_failures=1",
-            "train.checkpoint_every_minutes=0.02",  # 1.2 s of training
-            "train.throttle_images_per_s=3",  # per worker: 0.67 s a step, 6 s an epoch
-        )
-    )
+    resumed = run_training(_cfg(root, tmp_path, "name=killed", *mid_epoch, "train.throttle_images_per_s=3"))
     wall_s = time.monotonic() - t0
     killer.join(timeout=5)
-    assert killed, "no worker was killed after a mid-epoch checkpoint"
-    assert resumed["epoch"] == 2 and resumed["mlflow_run_id"] == first["mlflow_run_id"]
+    assert worker_killed, "no worker was killed after a second mid-epoch checkpoint"
+    assert resumed["epoch"] == 2 and resumed["mlflow_run_id"] == killed_run.info.run_id
 
-    # Per sample: the killed attempt's batches up to the checkpoint plus the resumed attempt's are, on
-    # every rank, the uninterrupted run's batches in the same order; every training image once.
+    # Per sample: on every rank, the three attempts at epoch 2, each cut where the next one resumed, are the
+    # uninterrupted run's batches in the same order; every training image once.
     reference = _per_rank(read_audit(tmp_path / "audit-straight"), epoch=1)
-    rows = read_audit(tmp_path / "audit-killed")
-    epoch_2 = _per_rank(rows, epoch=1)
-    starts = {name: min(b for b, _ in batches) for name, batches in epoch_2.items()}
-    first_attempt = {name for name, start in starts.items() if start == 0}  # job 2 before the kill
-    resumed_files = sorted(set(epoch_2) - first_attempt)
-    assert len(resumed_files) == 2 and len(reference) == 2, (sorted(epoch_2), sorted(reference))
-    resumed_at = {min(b for b, _ in epoch_2[f]) for f in resumed_files}
-    assert len(resumed_at) == 1, resumed_at
-    (skip,) = resumed_at
-    assert skip * 2 * 2 >= killed["images"] > 0, (skip, killed)  # 2 ranks, batches of 2
-    combined = []
+    epoch_2 = _per_rank(read_audit(tmp_path / "audit-killed"), epoch=1)
+    assert len(reference) == 2 and len(epoch_2) == 6, (sorted(reference), sorted(epoch_2))
+    combined, starts_per_rank = [], []
     for rank in (0, 1):
-        before = next(f for f in first_attempt if f.startswith(f"rank{rank}-"))
-        after = next(f for f in resumed_files if f.startswith(f"rank{rank}-"))
-        seen = [r for r in epoch_2.get(before, []) if r[0] < skip] + epoch_2[after]
+        starts, seen = _stitched([v for f, v in epoch_2.items() if f.startswith(f"rank{rank}-")])
         ref = next(v for f, v in reference.items() if f.startswith(f"rank{rank}-"))
         assert seen == ref, f"rank {rank}: resumed epoch differs from the uninterrupted one"
         combined += [d for _, d in seen]
+        starts_per_rank.append(starts)
+    assert starts_per_rank[0] == starts_per_rank[1], starts_per_rank
+    _, after_driver, after_worker = starts_per_rank[0]
+    assert 0 < after_driver < after_worker, starts_per_rank
+    assert after_driver * 2 * 2 >= driver_killed["images"] > 0  # 2 ranks, batches of 2
+    assert after_worker * 2 * 2 >= worker_killed["images"] > driver_killed["images"]
     counts = Counter(combined)
     assert len(counts) == num_train and set(counts.values()) == {1}
 
@@ -160,9 +196,7 @@ def test_killed_after_a_mid_epoch_checkpoint_resumes_inside_the_epoch_exactly(
     assert resumed["train/images"] == num_train
     assert resumed["train/epoch_loss"] == pytest.approx(straight["train/epoch_loss"], rel=1e-5)
 
-    # One MLflow run, each epoch once, no step-curve point twice.
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
+    # One MLflow run, FINISHED, each epoch once, no step-curve point twice.
     run = client.get_run(resumed["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert [e for e, _ in RunSink(uri, run.info.run_id).epoch_history("val/top1")] == [1, 2]
@@ -171,10 +205,27 @@ def test_killed_after_a_mid_epoch_checkpoint_resumes_inside_the_epoch_exactly(
     assert client.get_metric_history(run.info.run_id, "perf/checkpoint_s"), "mid-epoch checkpoints are timed"
     batches_per_rank = -(-num_train // 2 // 2)
     fault_figures.record(
+        "the driver SIGKILLed after a mid-epoch checkpoint, the job resubmitted",
+        resumed_at_batch=f"{after_driver}/{batches_per_rank}",
+        images_in_the_checkpoint=driver_killed["images"],
+        run_status_until_resubmitted="RUNNING",
+        weights_equal_uninterrupted=True,
+    )
+    fault_figures.record(
         "a train worker SIGKILLed after a mid-epoch checkpoint",
-        resumed_at_batch=f"{skip}/{batches_per_rank}",
-        images_in_the_checkpoint=int(killed["images"]),
-        batches_trained_again_per_rank=max(len({b for b, _ in epoch_2[f] if b >= skip}) for f in first_attempt),
+        resumed_at_batch=f"{after_worker}/{batches_per_rank}",
+        images_in_the_checkpoint=worker_killed["images"],
         resubmitted_job_s=round(wall_s),
         weights_equal_uninterrupted=True,
     )
+
+
+def _alive(driver: subprocess.Popen, tmp_path: Path) -> list[int]:
+    assert driver.poll() is None, f"the driver ended (code {driver.returncode}) before it was killed: " + _tail(
+        tmp_path
+    )
+    return [driver.pid]
+
+
+def _tail(tmp_path: Path) -> str:
+    return (tmp_path / "driver.log").read_text(errors="replace")[-3000:]

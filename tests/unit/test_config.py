@@ -77,7 +77,8 @@ def test_every_shipped_yaml_loads(path: Path):
     assert written, f"{path.name} is empty"
     for key, value in written.items():
         assert key in flat, f"{path.name}: {key} not in the loaded config"
-        assert flat[key] == value, f"{path.name}: {key} loaded as {flat[key]!r}, file says {value!r}"
+        loaded = yaml.safe_load(flat[key]) if isinstance(value, list) else flat[key]  # flatten writes lists as YAML
+        assert loaded == value, f"{path.name}: {key} loaded as {flat[key]!r}, file says {value!r}"
     # What the tool logs as config.yaml loads back to the same config.
     assert ExperimentConfig.model_validate(yaml.safe_load(to_yaml(cfg))) == cfg
 
@@ -203,6 +204,64 @@ def test_override_without_key_or_equals(override):
 def test_bad_values_name_the_key(override, key):
     msg = _config_error(None, [override])
     assert f"{key}:" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "override, key, says",
+    [
+        ("data.rrc_scale=[0.5, 0.2]", "data.rrc_scale", "0 < min ≤ max ≤ 1"),
+        ("data.rrc_scale=[0, 1]", "data.rrc_scale", "0 < min ≤ max ≤ 1"),
+        ("data.rrc_scale=[0.5, 1.5]", "data.rrc_scale", "0 < min ≤ max ≤ 1"),
+        ("data.rrc_scale=[-0.1, 0.5]", "data.rrc_scale", "0 < min ≤ max ≤ 1"),
+        ("data.rrc_scale=[true, true]", "data.rrc_scale", "not true/false"),
+        ("data.rrc_scale=0.3", "data.rrc_scale", "tuple"),
+        ("data.rrc_scale=[0.1, 0.5, 1.0]", "data.rrc_scale", "at most 2"),
+        ("data.rrc_ratio=[2.0, 1.0]", "data.rrc_ratio", "0 < min ≤ max"),
+        ("data.rrc_ratio=[0, 1]", "data.rrc_ratio", "0 < min ≤ max"),
+        ("data.rrc_ratio=[0.5, .inf]", "data.rrc_ratio.1", "finite"),
+    ],
+)
+def test_rrc_bounds_are_validated_in_one_line_naming_the_key(override, key, says):
+    msg = _config_error(None, [override])
+    assert msg.startswith(f"<defaults>: {key}: ") and says in msg, msg
+
+
+def test_rrc_defaults_are_torchvisions_and_ranges_are_accepted():
+    from imagenet_ray.data.transforms import RRC_RATIO, RRC_SCALE
+
+    d = load_config(None).data
+    assert d.rrc_scale == RRC_SCALE == (0.08, 1.0)
+    assert d.rrc_ratio == RRC_RATIO == (3 / 4, 4 / 3)
+    cfg = load_config(None, ["data.rrc_scale=[0.35, 1]", "data.rrc_ratio=[1, 1]"])
+    assert cfg.data.rrc_scale == (0.35, 1.0) and cfg.data.rrc_ratio == (1.0, 1.0)
+    assert load_config(None, ["data.rrc_ratio=[0.2, 5]"]).data.rrc_ratio == (0.2, 5.0)  # no upper bound
+    assert flatten(cfg)["data.rrc_scale"] == "[0.35, 1.0]"  # an MLflow param, as YAML
+    assert ExperimentConfig.model_validate(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.name=adam", "optim.name"),
+        ("optim.clip_grad_norm=0", "optim.clip_grad_norm"),
+        ("optim.clip_grad_norm=true", "optim.clip_grad_norm"),
+        ("optim.lars_trust_coeff=0", "optim.lars_trust_coeff"),
+        ("optim.lars_eps=-1e-8", "optim.lars_eps"),
+        ("optim.poly_power=0", "optim.poly_power"),
+        ("optim.poly_end_lr=-0.1", "optim.poly_end_lr"),
+    ],
+)
+def test_bad_large_batch_optim_values_name_the_key(override, key):
+    assert f"{key}:" in _config_error(None, [override])
+
+
+def test_large_batch_optim_keys_default_to_the_plain_sgd_recipe():
+    o = load_config(None).optim
+    assert (o.name, o.clip_grad_norm, o.schedule) == ("sgd", None, "cosine")
+    assert (o.lars_trust_coeff, o.lars_eps, o.poly_power, o.poly_end_lr) == (0.001, 1e-8, 2.0, 0.0)
+    o = load_config(None, ["optim.name=lars", "optim.schedule=poly", "optim.clip_grad_norm=2.5"]).optim
+    assert (o.name, o.schedule, o.clip_grad_norm) == ("lars", "poly", 2.5)
+    assert load_config(None, ["optim.clip_grad_norm=2.5", "optim.clip_grad_norm=null"]).optim.clip_grad_norm is None
 
 
 def test_bad_use_gpu_is_rejected():

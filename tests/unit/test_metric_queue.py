@@ -199,6 +199,22 @@ def test_interval_meter_reports_each_interval_one_cut_late():
     assert not meter.due(6) and not meter.due(0)
 
 
+def test_interval_meter_averages_the_pre_clip_grad_norms_of_its_steps():
+    import torch
+
+    meter = IntervalMeter(every_steps=2, device=torch.device("cpu"), clock=lambda: 0.0)
+    norms = {1: 3.0, 2: 5.0, 3: 1.0, 4: 2.0}
+    got = []
+    for step in range(1, 7):
+        # steps 5 and 6 took no clipped step (a batch without an optimizer step, or clipping off)
+        meter.add(8, 0.0, torch.tensor(1.0, dtype=torch.float64), torch.tensor(norms[step]) if step in norms else None)
+        if meter.due(step):
+            got.append(meter.cut(step))
+    got.append(meter.finish())
+    metrics = [r.metrics(lr=0.1) for r in got if r is not None]
+    assert [m.get("train/grad_norm") for m in metrics] == [pytest.approx(4.0), pytest.approx(1.5), None]
+
+
 def test_progress_line_has_step_rate_and_etas_and_is_rate_limited():
     now = [0.0]
     line = ProgressLine(epochs=3, steps_per_epoch=100, every_s=30, clock=lambda: now[0])

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and weight-decay parameter groups."""
+"""Learning-rate schedules, weight-decay parameter groups, and the optimizers built on them (SGD, timm's LARS)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from timm.optim import Lars
 
+from imagenet_ray.config import OptimSection
 from imagenet_ray.train.models import build_model
-from imagenet_ray.train.optim import build_sgd, lr_at, param_groups, scaled_lr, set_lr
+from imagenet_ray.train.optim import build_lars, build_optimizer, build_sgd, lr_at, param_groups, scaled_lr, set_lr
 
 
 def test_warmup_is_linear_and_reaches_peak_at_its_end():
@@ -158,3 +160,99 @@ def test_param_groups_without_exemption_skips_frozen_params():
     model[0].bias.requires_grad_(False)
     (group,) = param_groups(model, 0.5, no_decay_norm_and_bias=False)
     assert {id(p) for p in group["params"]} == {id(model[0].weight), id(model[1].weight), id(model[1].bias)}
+
+
+# ================================================================ LARS (timm's Lars)
+
+
+def _lars_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+
+
+def _set_grads(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def test_build_lars_groups_adapt_the_weights_and_exempt_norms_and_biases():
+    model = _lars_model()
+    opt = build_lars(model, lr=2.0, momentum=0.9, weight_decay=5e-5, trust_coeff=0.002, eps=1e-7)
+    assert isinstance(opt, Lars)
+    decay, exempt = opt.param_groups
+    assert _ids(decay["params"]) == {id(model[0].weight)}
+    assert _ids(exempt["params"]) == _ids([model[0].bias, model[1].weight, model[1].bias])
+    assert (decay["weight_decay"], decay["always_adapt"]) == (5e-5, True)
+    assert (exempt["weight_decay"], exempt["always_adapt"]) == (0.0, False)
+    for g in opt.param_groups:
+        assert (g["lr"], g["momentum"], g["trust_coeff"], g["eps"], g["nesterov"]) == (2.0, 0.9, 0.002, 1e-7, False)
+        assert g["trust_clip"] is False  # LARS, not LARC
+
+
+def test_one_lars_step_by_hand():
+    """MLPerf's LARS: the weight moves by lr·η‖w‖/(‖g‖ + wd‖w‖ + eps)·(g + wd·w); the exempt BatchNorm
+    weight and the bias by lr·g, neither adapted nor decayed (first step: momentum buffer = update)."""
+    lr, wd, eta, eps = 3.0, 0.01, 0.001, 1e-8
+    model = _lars_model()
+    opt = build_lars(model, lr=lr, momentum=0.9, weight_decay=wd, trust_coeff=eta, eps=eps)
+    _set_grads(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    opt.step()
+    w, g = before["0.weight"], grads["0.weight"]
+    trust = eta * w.norm() / (g.norm() + wd * w.norm() + eps)
+    assert torch.allclose(model[0].weight, w - lr * trust * (g + wd * w), atol=1e-7)
+    assert trust.item() < 0.01  # the weight's step really is scaled down
+    for name in ("0.bias", "1.weight", "1.bias"):
+        param = dict(model.named_parameters())[name]
+        assert torch.allclose(param, before[name] - lr * grads[name], atol=1e-6), name
+
+
+def test_lars_adapts_the_weights_without_weight_decay_too():
+    model = _lars_model()
+    opt = build_lars(model, lr=1.0, momentum=0.0, weight_decay=0.0)
+    _set_grads(model)
+    w, g = model[0].weight.detach().clone(), model[0].weight.grad.clone()
+    opt.step()
+    trust = 0.001 * w.norm() / (g.norm() + 1e-8)
+    assert torch.allclose(model[0].weight, w - trust * g, atol=1e-7)
+
+
+def test_lars_without_the_exemption_adapts_and_decays_everything():
+    model = _lars_model()
+    opt = build_lars(model, lr=1.0, momentum=0.9, weight_decay=1e-4, no_decay_norm_and_bias=False)
+    (group,) = opt.param_groups
+    assert group["always_adapt"] is True and group["weight_decay"] == 1e-4
+    assert _ids(group["params"]) == _ids(model.parameters())
+
+
+def test_build_optimizer_follows_optim_name():
+    model = _lars_model()
+    sgd = build_optimizer(model, OptimSection(), peak_lr=0.4)
+    assert type(sgd) is torch.optim.SGD
+    assert [g["weight_decay"] for g in sgd.param_groups] == [5e-5, 0.0] and sgd.param_groups[0]["lr"] == 0.4
+    o = OptimSection(name="lars", weight_decay=1e-4, lars_trust_coeff=0.02, lars_eps=0.0, momentum=0.8)
+    lars = build_optimizer(model, o, peak_lr=10.5)
+    assert isinstance(lars, Lars)
+    decay, exempt = lars.param_groups
+    assert (decay["lr"], decay["momentum"], decay["weight_decay"], decay["trust_coeff"], decay["eps"]) == (
+        10.5,
+        0.8,
+        1e-4,
+        0.02,
+        0.0,
+    )
+    assert exempt["weight_decay"] == 0.0 and exempt["always_adapt"] is False
+
+
+def test_lars_state_round_trips_through_a_checkpoint():
+    model = _lars_model()
+    opt = build_lars(model, lr=1.0, momentum=0.9, weight_decay=1e-4)
+    _set_grads(model)
+    opt.step()
+    again = build_lars(model, lr=1.0, momentum=0.9, weight_decay=1e-4)
+    again.load_state_dict(opt.state_dict())
+    buf = opt.state[model[0].weight]["momentum_buffer"]
+    assert torch.equal(again.state[model[0].weight]["momentum_buffer"], buf)
+    assert again.param_groups[1]["always_adapt"] is False

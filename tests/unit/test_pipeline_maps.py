@@ -83,3 +83,22 @@ def test_val_index_map_passes_the_bytes_through_with_the_val_index():
     assert set(out) == {"image", "label", "val_index"}
     assert out["val_index"].tolist() == [49_999, -1, 0]
     assert out["image"] is block["image"]
+
+
+def test_train_map_crops_with_the_configured_scale_and_ratio():
+    # Uniform images cannot show a crop: a left-dark / right-light one does. The whole area at the image's
+    # aspect (50 / 40) keeps both halves; the default's crops often land inside one half.
+    arr = np.zeros((40, 50, 3), np.uint8)
+    arr[:, 25:] = 250
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95)
+    block = {"image": np.array([buf.getvalue()] * 120, dtype=object), "label": np.arange(120, dtype=np.int64)}
+
+    def spread(out):
+        images = np.concatenate([o["image"] for o in out]).astype(np.float64)
+        return images.max(axis=(1, 2, 3)) - images.min(axis=(1, 2, 3))  # per image: both halves seen?
+
+    whole = spread(_train_map(block, size=16, scale=(1.0, 1.0), ratio=(50 / 40, 50 / 40)))
+    assert np.all(whole > 200)
+    default = spread(_train_map(block, size=16))
+    assert np.sum(default < 100) >= 1  # ~12 % of default crops see one half only (none of 120: p ≈ 2e-7)

@@ -2,7 +2,7 @@
 
 FFCV: libffcv/ffcv-imagenet rn50_configs/ and rn18_configs/ (lr for the global batch, ramp epochs, weight
 decay, batch size × world size) and its README results table. torchvision: references/classification,
-ResNet50_Weights.IMAGENET1K_V1 / IMAGENET1K_V2.
+ResNet50_Weights.IMAGENET1K_V1 / IMAGENET1K_V2. MLPerf: MLPERF_REFERENCE below.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -19,9 +20,18 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ffcv_reference import ffcv_resolution
 from imagenet_ray.config import ExperimentConfig, load_config, to_yaml
-from imagenet_ray.train.device import train_size_for_epoch
+from imagenet_ray.data.transforms import train_batch
+from imagenet_ray.train.device import to_model_input, train_size_for_epoch
 from imagenet_ray.train.models import BlurPool2d, build_model
-from imagenet_ray.train.optim import build_sgd, scaled_lr
+from imagenet_ray.train.optim import (
+    ResumedSchedule,
+    build_optimizer,
+    build_sgd,
+    scale_for_world,
+    scaled_lr,
+    schedule_from_config,
+)
+from imagenet_ray.train.step import TrainStep
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ALL = sorted(CONFIGS.glob("*.yaml"))
@@ -42,7 +52,34 @@ FFCV_REFERENCE = {
     "resnet18_fast_16ep": (16, 11, 13, 0.5, 1024, 1, 5e-5, 66.9),
     "resnet18_fast_88ep": (88, 65, 76, 0.5, 1024, 1, 5e-5, 72.4),
 }
-PUBLISHED_TOP1 = {**{k: v[-1] for k, v in FFCV_REFERENCE.items()}, "resnet50_v1_90ep": 76.13, "resnet50_v2": 80.858}
+# MLPerf Training ResNet-50, closed division: NVIDIA's DGX A100 submission (mlcommons/training_results_v2.0,
+# NVIDIA/benchmarks/resnet/implementations/mxnet/config_DGXA100.sh: BATCHSIZE 408 on 8 GPUs, LR 10.5,
+# WARMUP_EPOCHS 2, NUMEPOCHS 37, WD 5e-5, MOM 0.9, LARSETA 0.001, LABELSMOOTHING 0.1, LRSCHED pow2) and the
+# mlcommons/training reference, image_classification/tensorflow2 (lars_util.py: warmup from 0, end LR 1e-4,
+# power 2; README_tensorflow2.md: --lars_epsilon=0, target 0.759; imagenet_preprocessing.py: area_range
+# [0.05, 1.0], 224 px; eval resize 256, central 224).
+MLPERF_REFERENCE = {
+    "gpus": 8,
+    "batch_per_gpu": 408,
+    "lr": 10.5,  # for the global batch of 3,264
+    "warmup_epochs": 2,
+    "epochs": 37,
+    "weight_decay": 5e-5,
+    "momentum": 0.9,
+    "lars_eta": 0.001,
+    "lars_epsilon": 0.0,
+    "label_smoothing": 0.1,
+    "poly_power": 2.0,
+    "end_lr": 1e-4,
+    "min_area": 0.05,
+    "top1": 75.9,
+}
+PUBLISHED_TOP1 = {
+    **{k: v[-1] for k, v in FFCV_REFERENCE.items()},
+    "resnet50_v1_90ep": 76.13,
+    "resnet50_v2": 80.858,
+    "resnet50_mlperf": MLPERF_REFERENCE["top1"],
+}
 TARGET = re.compile(r"Published target:\s*(\d+(?:\.\d+)?)\s*%")
 
 
@@ -230,3 +267,89 @@ def test_v2_ema_forgets_the_initial_weights_like_torchvision():
     assert _ema_weight_of(torchvision_decay, updates) < 1e-6  # the reference forgets its start
     assert _ema_weight_of(o.ema_decay, updates) < 1e-3
     assert o.ema_decay == pytest.approx(torchvision_decay, abs=1e-6)
+
+
+# ---------------------------------------------------------------- MLPerf (LARS, polynomial decay)
+
+
+def test_mlperf_recipe_against_the_reference():
+    cfg = _load("resnet50_mlperf")
+    ref, o, d = MLPERF_REFERENCE, cfg.optim, cfg.data
+    assert cfg.model.name == "resnet50" and cfg.train.epochs == ref["epochs"]
+    assert (d.batch_size, cfg.train.num_workers) == (ref["batch_per_gpu"], ref["gpus"])
+    assert _global_batch(cfg) == 3264 and o.grad_accum_steps == 1
+    assert scaled_lr(o.lr, _global_batch(cfg)) == pytest.approx(ref["lr"], rel=1e-12)
+    assert o.name == "lars" and not o.nesterov
+    assert (o.lars_trust_coeff, o.lars_eps) == (pytest.approx(ref["lars_eta"]), ref["lars_epsilon"])
+    assert o.momentum == pytest.approx(ref["momentum"]) and o.weight_decay == pytest.approx(ref["weight_decay"])
+    assert o.no_decay_norm_and_bias is True  # skip_list ['batch_normalization', 'bias']
+    assert (o.schedule, o.poly_power, o.poly_end_lr) == ("poly", ref["poly_power"], pytest.approx(ref["end_lr"]))
+    assert o.warmup_epochs == ref["warmup_epochs"] and o.warmup_start_factor == 0
+    assert o.label_smoothing == pytest.approx(ref["label_smoothing"])
+    assert o.clip_grad_norm is None and o.ema_decay == 0  # neither is in the recipe
+    assert d.rrc_scale == (ref["min_area"], 1.0) and d.rrc_ratio == (3 / 4, 4 / 3)
+    assert (d.train_crop, cfg.eval.resize, cfg.eval.crop) == (224, 256, 224)
+    assert d.mixup_alpha == 0 and d.cutmix_alpha == 0 and d.auto_augment == "none" and d.random_erasing == 0
+    assert d.progressive is None and not cfg.model.blurpool and not cfg.eval.hflip
+
+
+def test_mlperf_recipe_names_its_sources():
+    text = (CONFIGS / "resnet50_mlperf.yaml").read_text()
+    assert "mlcommons/training_results_v2.0" in text and "config_DGXA100.sh" in text
+    assert "mlcommons/training reference" in text and "lars_util.py" in text
+
+
+def test_mlperf_mechanics_on_cpu(jpeg_bytes):
+    """A few steps of a tiny model with the recipe's optimizer, schedule, label smoothing and crops (plus
+    clipping, which the recipe leaves off): finite losses, the LR where the schedule puts it, capped norms."""
+    cfg = load_config(CONFIGS / "resnet50_mlperf.yaml", ["optim.clip_grad_norm=0.05", "data.batch_size=8"])
+    o, d = cfg.optim, cfg.data
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    scale = scale_for_world(num_train=64, world_size=1, batch_size=d.batch_size, grad_accum_steps=1, lr_per_256=o.lr)
+    assert scale.steps_per_epoch == 8 and scale.peak_lr == pytest.approx(10.5 * 8 / 3264)
+    optimizer = build_optimizer(model, o, scale.peak_lr)
+    assert type(optimizer).__name__ == "Lars" and [g["always_adapt"] for g in optimizer.param_groups] == [True, False]
+    schedule = schedule_from_config(o, scale.peak_lr, scale.steps_per_epoch, cfg.train.epochs)
+    lr_at = ResumedSchedule(schedule)
+    step = TrainStep(model, optimizer, lr_at, label_smoothing=o.label_smoothing, clip_grad_norm=o.clip_grad_norm)
+    stepped = []  # the global gradient norm the optimizer steps with
+    lars_step = optimizer.step
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def recording_step():
+        stepped.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).norm().item())
+        return lars_step()
+
+    optimizer.step = recording_step
+    encoded = np.array([jpeg_bytes(96, 72), jpeg_bytes(64, 80)] * 4, dtype=object)
+    rng = np.random.default_rng(0)
+    losses, norms, lrs = [], [], []
+    for i in range(5):
+        batch = train_batch(
+            {"image": encoded, "label": np.arange(8) % 4}, 32, rng, scale=d.rrc_scale, ratio=d.rrc_ratio
+        )
+        x, y = to_model_input(torch.from_numpy(batch["image"])), torch.from_numpy(batch["label"])
+        losses.append(step(x, y).item() / 8)
+        assert step.grad_norm is not None
+        norms.append(step.grad_norm.item())
+        lrs.append(optimizer.param_groups[0]["lr"])
+        assert lrs[-1] == pytest.approx(schedule(i))
+    assert all(math.isfinite(v) and 0 < v < 10 for v in losses), losses
+    assert max(norms) > o.clip_grad_norm  # the clipping had work to do ...
+    assert stepped == [pytest.approx(min(n, o.clip_grad_norm), rel=1e-4) for n in norms]  # ... and capped it
+    # the warmup: step i of 16 warmup steps (2 epochs × 8) at (i + 1) / 16 of the peak
+    assert lrs == pytest.approx([scale.peak_lr * (i + 1) / 16 for i in range(5)])
+    # and the decay at given points of progress: warmup end, half way, end
+    w, total = schedule.warmup_steps, schedule.total_steps
+    assert (w, total) == (16, 37 * 8)
+    assert schedule(w) == pytest.approx(scale.peak_lr)
+    assert schedule(w + (total - w) // 2) == pytest.approx(1e-4 + (scale.peak_lr - 1e-4) / 4)
+    assert schedule(total) == pytest.approx(1e-4)

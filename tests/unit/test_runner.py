@@ -150,10 +150,13 @@ def test_a_resumed_epoch_skips_the_batches_trained_without_decoding_them(monkeyp
     import imagenet_ray.train.runner as runner_module
 
     decoded: list[list[bytes]] = []
+    bounds_seen: list[tuple] = []  # RandomResizedCrop's scale and ratio, from the data section
     monkeypatch.setattr(
         runner_module,
         "train_batch_on_device",
-        lambda images, crop, device, rng: decoded.append(images) or torch.zeros(len(images), 3, crop, crop),
+        lambda images, crop, device, rng, *bounds: (
+            decoded.append(images) or bounds_seen.append(bounds) or torch.zeros(len(images), 3, crop, crop)
+        ),
     )
     audited: list[int] = []
     data = ExperimentConfig.model_validate({"data": {"decode_on": "gpu"}}).data
@@ -163,3 +166,4 @@ def test_a_resumed_epoch_skips_the_batches_trained_without_decoding_them(monkeyp
         )
     )
     assert [int(b["label"][0]) for b in batches] == [3] and len(decoded) == 1 and audited == [3]
+    assert bounds_seen == [(data.rrc_scale, data.rrc_ratio)]

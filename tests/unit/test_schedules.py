@@ -1,8 +1,9 @@
 """LrSchedule as a pure function of the optimizer step, and the schedules the shipped recipes build.
 
 References: FFCV's `get_cyclic_lr` (libffcv/ffcv-imagenet train_imagenet.py: np.interp over epochs through
-(0, 1e-4·lr), (lr_peak_epoch=2, lr), (epochs, 0), interpolated per iteration) and torchvision's V1 recipe
-(StepLR(step_size=30, gamma=0.1), no warmup).
+(0, 1e-4·lr), (lr_peak_epoch=2, lr), (epochs, 0), interpolated per iteration), torchvision's V1 recipe
+(StepLR(step_size=30, gamma=0.1), no warmup) and MLPerf's ResNet-50 PolynomialDecayWithWarmup
+(mlcommons/training image_classification/tensorflow2/lars_util.py).
 """
 
 from __future__ import annotations
@@ -132,6 +133,55 @@ def test_cosine_is_half_at_midpoint_of_post_warmup_span():
         assert s(w + 100 - k) + s(w + 100 + k) == pytest.approx(peak)
 
 
+def test_poly_at_warmup_end_mid_and_end():
+    # MLPerf's shape: peak 10.5, power 2, to 1e-4; a 100-step decay after 20 warmup steps
+    peak, end, w = 10.5, 1e-4, 20
+    s = LrSchedule(peak_lr=peak, total_steps=120, warmup_steps=w, schedule="poly", poly_power=2.0, poly_end_lr=end)
+    assert s(w - 1) == pytest.approx(peak)  # the warmup's last step reaches the peak ...
+    assert s(w) == pytest.approx(peak)  # ... and the decay starts there (progress 0)
+    assert s(w + 50) == pytest.approx(end + (peak - end) * 0.25)  # half way: (1 - 0.5)² of the range
+    assert s(w + 50) == pytest.approx(2.625075)
+    assert s(w + 90) == pytest.approx(end + (peak - end) * 0.01)
+    assert s(120) == pytest.approx(end, rel=1e-12)  # the end LR, not 0
+    assert s(500) == pytest.approx(end, rel=1e-12)  # clamped past the end
+    tail = [s(i) for i in range(w, 121)]
+    assert all(b < a for a, b in itertools.pairwise(tail)), "poly must decrease after the warmup"
+
+
+def test_poly_power_one_is_linear_to_the_end_lr():
+    s = LrSchedule(peak_lr=2.0, total_steps=100, schedule="poly", poly_power=1.0, poly_end_lr=0.5)
+    assert [s(0), s(25), s(50), s(100)] == pytest.approx([2.0, 1.625, 1.25, 0.5])
+
+
+def _mlperf_lr(step: int, base: float, end: float, warmup_steps: int, train_steps: int) -> float:
+    """MLPerf's reference PolynomialDecayWithWarmup (lars_util.py): base·step/W while step ≤ W, then
+    tf.keras PolynomialDecay(base, decay_steps = train_steps - W + 1, end, power 2) of step - W."""
+    if step <= warmup_steps:
+        return base * step / warmup_steps
+    decay_steps = train_steps - warmup_steps + 1
+    done = min(step - warmup_steps, decay_steps)
+    return (base - end) * (1 - done / decay_steps) ** 2 + end
+
+
+def test_schedule_from_config_mlperf_follows_the_reference():
+    """The MLPerf recipe at 8 × 408 (393 steps per epoch): the warmup leads the reference by one step (as
+    FFCV's does), and the decay, whose span here is one step shorter, stays within a step's change of it."""
+    cfg = load_config(CONFIGS / "resnet50_mlperf.yaml")
+    spe, epochs = 393, cfg.train.epochs
+    peak = scaled_lr(cfg.optim.lr, cfg.data.batch_size * cfg.train.num_workers)
+    assert peak == pytest.approx(10.5)
+    s = schedule_from_config(cfg.optim, peak, spe, epochs)
+    w, total = 2 * spe, epochs * spe
+    assert (s.schedule, s.warmup_steps, s.total_steps, s.poly_power, s.poly_end_lr) == ("poly", w, total, 2.0, 1e-4)
+    for step in range(w):
+        assert s(step) == pytest.approx(_mlperf_lr(step + 1, 10.5, 1e-4, w, total), rel=1e-9), step
+    one_step = 2 * 10.5 / (total - w)  # the most the squared decay moves in one step
+    for step in range(w, total):
+        assert abs(s(step) - _mlperf_lr(step, 10.5, 1e-4, w, total)) <= one_step, step
+    assert s(w + (total - w) // 2) == pytest.approx(1e-4 + (10.5 - 1e-4) / 4, rel=1e-3)
+    assert s(total) == pytest.approx(1e-4)
+
+
 def test_step_schedule_torchvision_v1():
     spe = 5005
     s = LrSchedule(
@@ -158,7 +208,7 @@ def test_constant_schedule():
     assert {s(i) for i in range(0, 300, 7)} == {0.3}
 
 
-@pytest.mark.parametrize("name", ["poly", "exponential", "Cosine"])
+@pytest.mark.parametrize("name", ["polynomial", "exponential", "Cosine"])
 def test_unknown_schedule_raises_naming_it(name):
     s = LrSchedule(peak_lr=0.1, total_steps=10, schedule=name)
     with pytest.raises(ValueError, match=name):
@@ -170,7 +220,7 @@ def test_unknown_schedule_raises_naming_it(name):
 # ---------------------------------------------------------------- purity
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear", "step", "constant"])
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "step", "constant", "poly"])
 def test_same_step_same_value_in_any_order(schedule):
     s = LrSchedule(
         peak_lr=1.3,
@@ -181,6 +231,7 @@ def test_same_step_same_value_in_any_order(schedule):
         step_epochs=5,
         step_gamma=0.3,
         warmup_start_factor=0.01,
+        poly_end_lr=0.002,
     )
     steps = list(range(0, 450))
     in_order = {i: s(i) for i in steps}
@@ -262,7 +313,7 @@ def test_schedule_from_config_rounds_fractional_warmup(warmup_epochs, spe, expec
 # ---------------------------------------------------------------- elastic restart
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear", "step"])
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "step", "poly"])
 @pytest.mark.parametrize("warmup_epochs", [0.0, 2.5])
 def test_resize_2_to_1_workers_gives_the_lr_of_an_uninterrupted_run_at_the_same_sample_count(schedule, warmup_epochs):
     """A 2-worker run checkpointed after 3 epochs and resumed on 1 worker: at every later sample count

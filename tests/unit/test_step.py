@@ -174,3 +174,96 @@ def test_step_starts_at_the_restored_step_and_takes_soft_targets():
         expected = F.cross_entropy(model.body(x), soft).item() * 4
     assert step(x, soft).item() == pytest.approx(expected, rel=1e-5)
     assert seen == [40] and step.step == 41
+
+
+# ================================================================ gradient clipping
+
+
+class _StepRecorder:
+    """Wraps an optimizer's step: the global gradient norm each step sees (after any clipping)."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.norms: list[float] = []
+        self._step = opt.step
+        opt.step = self
+        self._params = [p for g in opt.param_groups for p in g["params"]]
+
+    def __call__(self, *args, **kwargs):
+        grads = [p.grad.flatten() for p in self._params if p.grad is not None]
+        self.norms.append(torch.cat(grads).norm().item())
+        return self._step(*args, **kwargs)
+
+
+def _unclipped_norm(model: nn.Module, batches) -> float:
+    """The global norm of the mean gradient over `batches` (each micro-batch's loss / len(batches))."""
+    model.zero_grad(set_to_none=True)
+    for x, y in batches:
+        (loss_fn(model(x), y, 0.0) / len(batches)).backward()
+    norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    model.zero_grad(set_to_none=True)
+    return norm
+
+
+def test_clip_grad_norm_caps_the_norm_the_optimizer_sees_and_reports_the_norm_before():
+    model = _NoSyncRecorder()
+    (x, y), (x2, y2) = _batches(2)
+    before = _unclipped_norm(model, [(x, y)])
+    clip = before / 4
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    seen = _StepRecorder(opt)
+    step = TrainStep(model, opt, lambda _: 0.0, clip_grad_norm=clip)
+    step(x, y)
+    assert step.grad_norm is not None and step.grad_norm.item() == pytest.approx(before, rel=1e-5)
+    assert seen.norms == [pytest.approx(clip, rel=1e-5)]
+    # a norm already under the limit is left as it is
+    loose = TrainStep(model, opt, lambda _: 0.0, clip_grad_norm=1e6)
+    loose(x2, y2)
+    assert seen.norms[1] == pytest.approx(_unclipped_norm(model, [(x2, y2)]), rel=1e-5)
+    assert loose.grad_norm is not None and loose.grad_norm.item() == pytest.approx(seen.norms[1], rel=1e-5)
+
+
+def test_clipping_off_leaves_gradients_and_grad_norm_unset():
+    model = _NoSyncRecorder()
+    x, y = _batches(1)[0]
+    expected = _unclipped_norm(model, [(x, y)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    seen = _StepRecorder(opt)
+    step = TrainStep(model, opt, lambda _: 0.0)
+    step(x, y)
+    assert step.grad_norm is None
+    assert seen.norms == [pytest.approx(expected, rel=1e-6)]
+
+
+def test_clipping_with_accumulation_clips_the_accumulated_gradient_once():
+    """Two accumulated micro-batches with clipping train like one big batch with clipping: the norm is
+    taken once, of the mean gradient, when the optimizer steps (not per micro-batch)."""
+    (x1, y1), (x2, y2) = _batches(2)
+    big, small = _NoSyncRecorder(), _NoSyncRecorder()
+    mean_norm = _unclipped_norm(small, [(x1, y1), (x2, y2)])
+    clip = mean_norm / 3
+    big_opt = torch.optim.SGD(big.parameters(), lr=0.5, momentum=0.9)
+    small_opt = torch.optim.SGD(small.parameters(), lr=0.5, momentum=0.9)
+    seen = _StepRecorder(small_opt)
+    TrainStep(big, big_opt, lambda _: 0.5, clip_grad_norm=clip)(torch.cat([x1, x2]), torch.cat([y1, y2]))
+    step = TrainStep(small, small_opt, lambda _: 0.5, accum_steps=2, clip_grad_norm=clip)
+    step(x1, y1)
+    assert step.grad_norm is None and seen.norms == []  # no optimizer step yet: nothing clipped or reported
+    step(x2, y2)
+    assert step.grad_norm is not None and step.grad_norm.item() == pytest.approx(mean_norm, rel=1e-5)
+    assert seen.norms == [pytest.approx(clip, rel=1e-5)]
+    for a, b in zip(big.parameters(), small.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_flush_clips_a_partial_accumulation_too():
+    model = _NoSyncRecorder()
+    (x, y), (x2, y2) = _batches(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    seen = _StepRecorder(opt)
+    step = TrainStep(model, opt, lambda _: 0.0, accum_steps=3, clip_grad_norm=1e-4)
+    step(x, y)
+    step(x2, y2)
+    assert seen.norms == []
+    step.flush()
+    assert seen.norms == [pytest.approx(1e-4, rel=1e-4)] and step.step == 1
+    assert step.grad_norm is not None and step.grad_norm.item() > 1e-3

@@ -124,7 +124,8 @@ def test_throttled_epoch_with_slow_data_counts_the_wait():
     # 200 / (200 + 100) = 0.67 of the epoch is data wait (Ray Data prefetches: there, 1 - 20/40 = 0.5).
     metrics = _second_epoch(_runner(40.0, _Shard(batches=4, delay_s=0.2)))
     assert 0.5 < metrics["perf/epoch_data_wait_frac"] < 0.8
-    assert 0.05 < metrics["perf/throttle_sleep_frac"] < 0.4  # ~0.2 unloaded; a loaded machine steps slower
+    # ~0.2 unloaded; a loaded machine steps slower and sleeps less (0.04 seen with a benchmark beside it)
+    assert 0.0 < metrics["perf/throttle_sleep_frac"] < 0.4
     assert metrics["perf/epoch_images_per_s"] < 15  # 4 images per 300 ms
 
 

@@ -11,7 +11,18 @@ import torchvision.transforms as T
 from PIL import Image
 
 from imagenet_ray.data.decode import DecodeError, decode_rgb, image_size
-from imagenet_ray.data.transforms import eval_batch, eval_box, eval_image, sample_rrc_box, train_batch, train_image
+from imagenet_ray.data.transforms import (
+    RRC_RATIO,
+    RRC_SCALE,
+    KernelOptions,
+    _resize,
+    eval_batch,
+    eval_box,
+    eval_image,
+    sample_rrc_box,
+    train_batch,
+    train_image,
+)
 
 
 class ScriptedRng:
@@ -226,6 +237,90 @@ def test_rrc_fallback_whole_image_when_ratio_in_range():
     rng = ScriptedRng([1.0] * 20)
     assert sample_rrc_box(100, 100, rng) == (0, 0, 100, 100)
     assert rng.fractions == []  # all ten attempts were consumed
+
+
+# --- RandomResizedCrop scale and ratio (data.rrc_scale, data.rrc_ratio) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scale, ratio", [((0.35, 1.0), (3 / 4, 4 / 3)), ((0.05, 0.2), (0.5, 2.0)), ((0.9, 1.0), (1.2, 4 / 3))]
+)
+def test_rrc_scale_and_ratio_bound_the_boxes(scale, ratio):
+    width, height = 500, 375
+    rng = np.random.default_rng(1)
+    fracs, aspects = [], []
+    for _ in range(2000):
+        left, top, w, h = sample_rrc_box(width, height, rng, scale, ratio)
+        assert left >= 0 and top >= 0 and left + w <= width and top + h <= height
+        slack = 2.0 / min(w, h)  # rounding w and h to whole pixels
+        fracs.append(w * h / (width * height))
+        aspects.append(w / h)
+        assert scale[0] * (1 - slack) <= fracs[-1] <= scale[1] * (1 + slack)
+        assert ratio[0] - slack * 2 <= aspects[-1] <= ratio[1] + slack * 2
+    # the whole range is used, not only a corner of it
+    assert min(fracs) < scale[0] + 0.1 * (scale[1] - scale[0]) and max(fracs) > scale[1] - 0.1 * (scale[1] - scale[0])
+
+
+def test_rrc_with_custom_bounds_matches_torchvision():
+    width, height, n, scale, ratio = 500, 375, 3000, (0.35, 1.0), (0.5, 2.0)
+    rng = np.random.default_rng(7)
+    torch.manual_seed(7)
+    ours = np.array([sample_rrc_box(width, height, rng, scale, ratio) for _ in range(n)], dtype=np.float64)
+    img = torch.empty(3, height, width)
+    tv = [T.RandomResizedCrop.get_params(img, scale=scale, ratio=ratio) for _ in range(n)]
+    tv_boxes = np.array([(j, i, w, h) for i, j, h, w in tv], dtype=np.float64)
+    for boxes in (ours, tv_boxes):
+        assert (boxes[:, 2] * boxes[:, 3] / (width * height)).min() >= 0.34  # ≥ 0.35 up to rounding
+    area = [(b[:, 2] * b[:, 3] / (width * height)).mean() for b in (ours, tv_boxes)]
+    log_aspect = [np.log(b[:, 2] / b[:, 3]).mean() for b in (ours, tv_boxes)]
+    assert abs(area[0] - area[1]) < 0.02 and abs(log_aspect[0] - log_aspect[1]) < 0.05
+    default = np.array([sample_rrc_box(width, height, rng) for _ in range(n)], dtype=np.float64)
+    assert area[0] > (default[:, 2] * default[:, 3] / (width * height)).mean() + 0.1  # the bound matters
+
+
+def test_train_kernel_default_crops_are_unchanged_and_rrc_scale_changes_them(jpeg_bytes):
+    batch = {"image": np.array([jpeg_bytes(160, 120), jpeg_bytes(90, 140)] * 4, dtype=object), "label": np.arange(8)}
+    default = train_batch(batch, 32, np.random.default_rng(3))["image"]
+    explicit = train_batch(batch, 32, np.random.default_rng(3), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))["image"]
+    assert (RRC_SCALE, RRC_RATIO) == ((0.08, 1.0), (3 / 4, 4 / 3))  # torchvision's RandomResizedCrop defaults
+    assert np.array_equal(default, explicit)  # the config's defaults give the same crops, bit for bit
+    larger = train_batch(batch, 32, np.random.default_rng(3), scale=(0.9, 1.0))["image"]
+    assert larger.shape == default.shape
+    assert sum(not np.array_equal(a, b) for a, b in zip(default, larger, strict=True)) >= 6
+
+
+def test_train_kernel_with_the_whole_area_at_the_image_aspect_resizes_the_whole_image(jpeg_bytes):
+    from imagenet_ray.data.decode import decode_rgb_array
+
+    data, options = jpeg_bytes(160, 120), KernelOptions(dct_downscale=False)
+    whole = _resize(decode_rgb_array(data), 32, 32).numpy()
+    rng = np.random.default_rng(0)
+    outs = [train_image(data, 32, rng, options, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3)) for _ in range(12)]
+    assert all(np.array_equal(o, whole) or np.array_equal(o, whole[:, ::-1]) for o in outs)
+    assert any(np.array_equal(o, whole) for o in outs) and any(np.array_equal(o, whole[:, ::-1]) for o in outs)
+    default = [train_image(data, 32, rng, options) for _ in range(12)]
+    assert sum(np.array_equal(o, whole) or np.array_equal(o, whole[:, ::-1]) for o in default) <= 2
+
+
+def test_device_decode_path_takes_the_same_bounds(jpeg_bytes, monkeypatch):
+    from imagenet_ray.data import device_decode
+
+    encoded = [jpeg_bytes(160, 120)] * 8
+    out = device_decode.train_batch_on_device(
+        encoded, 32, torch.device("cpu"), np.random.default_rng(0), (1.0, 1.0), (4 / 3, 4 / 3)
+    )
+    # every crop is the whole image, mirrored or not: two distinct pictures
+    assert len({out[i].numpy().tobytes() for i in range(8)}) == 2
+    seen = []
+    real = device_decode.sample_rrc_box
+    monkeypatch.setattr(
+        device_decode, "sample_rrc_box", lambda w, h, rng, s, r: seen.append((s, r)) or real(w, h, rng, s, r)
+    )
+    device_decode.train_batch_on_device(encoded[:2], 32, torch.device("cpu"), np.random.default_rng(0))
+    device_decode.train_batch_on_device(
+        encoded[:1], 32, torch.device("cpu"), np.random.default_rng(0), (0.5, 0.9), (1.0, 2.0)
+    )
+    assert seen == [(RRC_SCALE, RRC_RATIO)] * 2 + [((0.5, 0.9), (1.0, 2.0))]
 
 
 # --- batches ---------------------------------------------------------------------------------------------------
