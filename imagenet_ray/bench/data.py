@@ -1,9 +1,8 @@
 """`imagenet-ray bench data`: how fast the data pipeline is, against torchvision's, in one run.
 
-Sections: 1. kernel (per core, ours vs torchvision vs the decode-only ceiling, in fresh processes),
-2. e2e (Ray Data → Ray Train vs DataLoader(ImageFolder) on the same cores), 3. gpu (nvJPEG decode).
-Table to stdout, everything to --json; the method is in docs/benchmarks.md.
-"""
+Sections: 1. kernel (per core, ours vs torchvision vs the decode-only ceiling, in fresh processes), 2. e2e (Ray
+Data → Ray Train vs DataLoader(ImageFolder) on the same cores), 3. gpu (nvJPEG decode), 4. variants (bytes and
+per-core kernel rates of each stored max side × quality: bench/variants.py). Method: docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -23,10 +22,11 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
+from imagenet_ray.bench import variants as stored_variants
 from imagenet_ray.errors import UserError
 from imagenet_ray.runtime import start_local_ray
 
@@ -37,6 +37,7 @@ DEFAULT_SHARD_MB = 128.0  # = PrepareOptions.shard_mb: the bench's read tasks ar
 WNID_PREFIX = re.compile(r"^(n\d{8})_")
 FALLBACK_WNID = "n00000000"  # class of images whose names do not start with a wnid
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+Item = TypeVar("Item")  # what `interleaved` times its sides on: image bytes, or image indices (variants)
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def _with_fallback(fn: Callable[[bytes], Any], fallbacks: list[int]) -> Callable
 
 
 def interleaved(
-    sides: dict[str, Callable[[Sequence[bytes]], Any]], datas: Sequence[bytes], chunk: int, passes: int
+    sides: dict[str, Callable[[Sequence[Item]], Any]], datas: Sequence[Item], chunk: int, passes: int
 ) -> dict[str, dict[str, Any]]:
     """Throughput (images/s) of each side, interleaved chunk by chunk in rotating order, per pass.
 
@@ -506,6 +507,27 @@ def kernel_process(params_path: str, result_path: str) -> None:
         p["with_breakdown"],
     )
     Path(result_path).write_text(json.dumps(result))
+
+
+def run_variants(
+    originals: Sequence[bytes],
+    grid: Sequence[stored_variants.Variant],
+    core: int,
+    crops: Sequence[int],
+    resize: int,
+    eval_crop: int,
+    batch: int,
+    passes: int,
+    gpu_rates: dict[int, float],
+) -> dict[str, Any]:
+    """Section 4: every stored variant's train (per crop) and eval kernel, all interleaved on one pinned core."""
+    stored = stored_variants.make_variants(originals, grid)
+    sides = stored_variants.kernel_sides(stored, crops, resize, eval_crop)
+    with pinned({core}, threads=1), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        timed = interleaved(sides, range(len(originals)), batch, passes)
+    out = {"core": core, "batch": batch, "passes": passes, "resize": resize, "eval_crop": eval_crop}
+    return out | stored_variants.summarise(grid, stored, timed, crops, gpu_rates)
 
 
 # --- section 2: end to end --------------------------------------------------------------------------------------
@@ -997,6 +1019,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"\n3. GPU decode (torchvision.io.decode_jpeg on {g['device']}, batch {g['batch']}), images/s")
         for name, v in g["variants"].items():
             lines.append(f"{name:24s}{v['best']:10.0f}")
+    if report.get("variants"):
+        lines += stored_variants.format_table(report["variants"])
     return "\n".join(lines)
 
 
@@ -1011,8 +1035,8 @@ def add_bench_data_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--eval-crop", type=int, default=224, help="eval: center crop")
     p.add_argument("--max-side", type=int, default=256, help="re-encoded variant: longer side at most N")
     p.add_argument("--quality", type=int, default=90, help="re-encoded variant: JPEG quality")
-    p.add_argument("--passes", type=int, default=3, help="kernel: timed passes per side (best is reported)")
-    p.add_argument("--core", type=int, default=None, help="kernel: the core to pin to (default: the last one)")
+    p.add_argument("--passes", type=int, default=3, help="kernel, variants: timed passes per side (best reported)")
+    p.add_argument("--core", type=int, default=None, help="kernel, variants: the core to pin to (default: last)")
     p.add_argument(
         "--kernel-processes",
         type=int,
@@ -1044,9 +1068,29 @@ def add_bench_data_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "127.0.0.1 (no URL), or at this s3:// URL (server and credentials from the AWS_* "
         "environment; use a fresh prefix per run)",
     )
+    p.add_argument(
+        "--variants",
+        default=",".join(map(str, stored_variants.DEFAULT_MAX_SIDES)),
+        metavar="N,N,...",
+        help="variants: the max sides to re-encode (with each --variant-qualities) next to the originals",
+    )
+    p.add_argument(
+        "--variant-qualities",
+        default=",".join(map(str, stored_variants.DEFAULT_QUALITIES)),
+        metavar="Q,Q,...",
+        help="variants: JPEG qualities",
+    )
+    p.add_argument(
+        "--variant-gpu-rates",
+        default=",".join(f"{c}={r:g}" for c, r in stored_variants.DEFAULT_GPU_IMAGES_PER_S.items()),
+        metavar="CROP=IMG_S,...",
+        help="variants: images/s one GPU consumes per train crop, for cores per GPU (default: round figures for "
+        "an H100-class GPU training ResNet-50, assumed; other crops: time per image affine in pixels)",
+    )
     p.add_argument("--skip-kernel", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-gpu", action="store_true")
+    p.add_argument("--skip-variants", action="store_true")
     p.add_argument("--work-dir", default=None, help="keep the layout and shards here (default: a temp dir)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the full report as JSON")
     return p
@@ -1076,6 +1120,11 @@ def run_data_bench(
     work_dir: str | None = None,
     kernel_batch: int | None = None,
     kernel_processes: int = 1,
+    variants: bool = True,
+    variant_max_sides: Sequence[int] = stored_variants.DEFAULT_MAX_SIDES,
+    variant_qualities: Sequence[int] = stored_variants.DEFAULT_QUALITIES,
+    variant_crops: Sequence[int] | None = None,
+    variant_gpu_rates: dict[int, float] | None = None,
 ) -> dict[str, Any]:
     """Run the sections and return the report (see the module doc)."""
     from imagenet_ray.data.pipeline import DECODE_BATCH_ROWS
@@ -1085,25 +1134,25 @@ def run_data_bench(
     if kernel_processes < 1:
         raise UserError(f"bench data --kernel-processes {kernel_processes}: must be at least 1")
     allowed = sorted(os.sched_getaffinity(0))
-    if kernel and core is not None and core not in allowed:
+    if (kernel or variants) and core is not None and core not in allowed:
         raise UserError(f"bench data --core {core}: not one of the cores this process may use {allowed}")
     loaded = load_images(images, limit)
     paths, originals = [p for p, _ in loaded], [d for _, d in loaded]
-    variants = kernel_variants(originals, max_side, quality)
+    kernel_sets = kernel_variants(originals, max_side, quality)
     report: dict[str, Any] = {
         "command": " ".join(sys.argv),
         "machine": machine_info(),
         "images": {
             "folder": str(images),
             "count": len(originals),
-            "mean_bytes": {k: float(np.mean([len(d) for d in v])) for k, v in variants.items()},
+            "mean_bytes": {k: float(np.mean([len(d) for d in v])) for k, v in kernel_sets.items()},
         },
         "settings": {"crop": crop, "resize": resize, "eval_crop": eval_crop, "max_side": max_side, "quality": quality},
     }
     if kernel:
         kernel_core, batch_rows = allowed[-1] if core is None else core, kernel_batch or DECODE_BATCH_ROWS
         if kernel_processes == 1:
-            report["kernel"] = run_kernel(variants, kernel_core, crop, resize, eval_crop, batch_rows, passes)
+            report["kernel"] = run_kernel(kernel_sets, kernel_core, crop, resize, eval_crop, batch_rows, passes)
         else:
             report["kernel"] = run_kernel_processes(
                 images,
@@ -1143,7 +1192,19 @@ def run_data_bench(
                 if tmp is not None:
                     tmp.cleanup()
     if gpu:
-        report["gpu"] = run_gpu(variants, 64, passes)
+        report["gpu"] = run_gpu(kernel_sets, 64, passes)
+    if variants:
+        report["variants"] = run_variants(
+            originals,
+            stored_variants.variant_grid(variant_max_sides, variant_qualities),
+            allowed[-1] if core is None else core,
+            variant_crops or stored_variants.train_crops(crop),
+            resize,
+            eval_crop,
+            kernel_batch or DECODE_BATCH_ROWS,
+            passes,
+            variant_gpu_rates or stored_variants.DEFAULT_GPU_IMAGES_PER_S,
+        )
     return report
 
 
@@ -1171,6 +1232,10 @@ def run_bench_data(args: argparse.Namespace) -> int:
         gpu=not args.skip_gpu,
         work_dir=args.work_dir,
         kernel_processes=args.kernel_processes,
+        variants=not args.skip_variants,
+        variant_max_sides=stored_variants.parse_int_list(args.variants, "--variants", 1),
+        variant_qualities=stored_variants.parse_int_list(args.variant_qualities, "--variant-qualities", 1, 100),
+        variant_gpu_rates=stored_variants.parse_gpu_rates(args.variant_gpu_rates),
     )
     print(format_report(report))  # the command's result (stdout); messages go through logging
     if args.json:

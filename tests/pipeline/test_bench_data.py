@@ -54,6 +54,9 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
         shard_mb=0.02,
         s3=LOCAL_S3,
         work_dir=str(tmp_path / "work"),
+        variant_max_sides=(64,),
+        variant_qualities=(90,),
+        variant_crops=(32,),
     )
 
     kernel = report["kernel"]["variants"]
@@ -84,6 +87,10 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
     assert e2e["ray_vs_dataloader"] > 0 and e2e["ray_s3_vs_dataloader"] > 0
     assert not any(k.startswith("AWS_") and k not in aws_before for k in os.environ)  # environment restored
 
+    stored = report["variants"]["variants"]
+    assert set(stored) == {"original", "max_side_64_q90"}
+    assert all(v["train"]["32"]["best"] > 0 and v["eval"]["best"] > 0 and v["mean_bytes"] > 0 for v in stored.values())
+
     gpu = report["gpu"]
     assert gpu.get("skipped") == "no CUDA device" or all(v["best"] > 0 for v in gpu["variants"].values())
 
@@ -100,6 +107,7 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
         "Ray (S3) / DataLoader",
         "Parquet on S3",
         "object store peak",
+        "4. stored variants",
     ):
         assert heading in text
     json.dumps(report)  # the --json payload
@@ -123,6 +131,10 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
             "1",
             "--skip-e2e",
             "--skip-gpu",
+            "--variants",
+            "256,512",
+            "--variant-qualities",
+            "90",
             "--json",
             str(out),
         ]
@@ -130,6 +142,7 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
     assert run_bench_data(args) == 0
     saved = json.loads(out.read_text())
     assert saved["images"]["count"] == 6 and "e2e" not in saved and "kernel" in saved
+    assert list(saved["variants"]["variants"]) == ["original", "max_side_256_q90", "max_side_512_q90"]
 
 
 def test_kernel_in_fresh_processes_reports_each_and_the_median(jpeg_folder, tmp_path, capsys):
@@ -155,6 +168,7 @@ def test_kernel_in_fresh_processes_reports_each_and_the_median(jpeg_folder, tmp_
                 "2",
                 "--skip-e2e",
                 "--skip-gpu",
+                "--skip-variants",
                 "--json",
                 str(out),
             ]
