@@ -239,7 +239,10 @@ def train_with_node_losses(
     spot notice, as KubeRay's autoscaler passes it on) and kills it once the notice's checkpoint is written.
     Then it starts the host again like a recreated pod."""
     argv = [*shlex.split(manifest_entrypoint("rayjob-train.yaml")), *TEST_SCALE, f"train.epochs={epochs}"]
-    argv += [f"train.preemption_check_s={PREEMPTION_CHECK_S}"]
+    # A notice takes seconds to arrive (the drain call, Ray's 5 s watcher poll, the ranks' next check):
+    # training paced to ~25 s an epoch leaves the preempted epoch room for it; a check at every step.
+    argv += [f"train.preemption_check_s={PREEMPTION_CHECK_S}", "train.throttle_images_per_s=16"]
+    argv += ["mlflow.log_every_steps=1"]
     submission_id = submit(cluster, client_env, [*argv, f"name={name}"])
     killed: dict[str, dict[str, Any]] = {}
 
