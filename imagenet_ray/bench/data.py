@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
+from imagenet_ray.bench import peers as peer_readers
 from imagenet_ray.bench import variants as stored_variants
 from imagenet_ray.errors import UserError
 from imagenet_ray.runtime import start_local_ray
@@ -618,6 +619,7 @@ def consume(batches_for_epoch: Callable[[int], Any], epochs: int, step_s: float)
         out.append(
             {
                 "epoch": epoch,
+                "started_at": t0,  # perf_counter: CLOCK_MONOTONIC, shared by processes (the S3 meter's clock)
                 "images": n,
                 "wall_s": time.perf_counter() - t0,
                 "wait_s": wait,
@@ -819,6 +821,8 @@ def run_e2e(
     s3: str | None,
     repeat: int = 1,
     val_images: int = 50,
+    peer_sides: Sequence[str] = (),
+    peer_decoders: Sequence[str] = peer_readers.DECODERS,
 ) -> dict[str, Any]:
     """Ray Data → Ray Train from local Parquet (and from S3 with --s3) vs DataLoader, same cores."""
     import ray
@@ -861,11 +865,25 @@ def run_e2e(
             result["ray"] = run_ray_side(local_url, crop, epochs, batch_size, step_s, str(work / "ray_results"))
             if s3_url:
                 result["s3_copy_s"] = copy_tree(local_url, s3_url)  # the same shards, byte for byte
-                result["ray_s3"] = run_ray_side(s3_url, crop, epochs, batch_size, step_s, str(work / "ray_results_s3"))
+                result["ray_s3"] = peer_readers.observed(  # + its S3 bytes and CPU split
+                    lambda: run_ray_side(s3_url, crop, epochs, batch_size, step_s, str(work / "ray_results_s3"))
+                )
                 result["s3_server"] = "SeaweedFS started by the benchmark" if s3 == LOCAL_S3 else "AWS_* environment"
         finally:
             if started_ray:
                 ray.shutdown()
+        if s3_url and peer_sides:  # after Ray is gone, while the S3 server is up
+            result["peers"] = peer_readers.run_peer_sides(
+                local_url,
+                s3_url,
+                work,
+                crop,
+                batch_size,
+                dataloader_workers,
+                lambda batches: _summarise(consume(batches, epochs, step_s), batch_size),
+                peer_sides,
+                peer_decoders,
+            )
     with pinned(cores, threads=1):  # after Ray and the S3 server are gone: the same cores, to itself
         result["dataloader"] = run_dataloader_side(train_dir, crop, epochs, batch_size, dataloader_workers, step_s)
     for side in ("ray", "ray_s3"):
@@ -874,6 +892,8 @@ def run_e2e(
         for suffix, key in (("", "images_per_s"), ("_in_epoch", "in_epoch_images_per_s")):
             theirs = result["dataloader"][key]
             result[f"{side}_vs_dataloader{suffix}"] = result[side][key] / theirs if theirs else 0.0
+    if "peers" in result:
+        result["peers"]["summary"] = peer_readers.summarise(result)
     return result
 
 
@@ -1010,7 +1030,9 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(
                     f"{label:40s}{e[f'{side}_vs_dataloader']:9.2f}x{e[f'{side}_vs_dataloader_in_epoch']:9.2f}x"
                 )
-    elif "e2e_skipped" in report:
+    if e and "peers" in e:
+        lines += peer_readers.format_table(e)
+    if "e2e_skipped" in report:
         lines.append(f"\n2. end to end: skipped: {report['e2e_skipped']}")
     g = report.get("gpu", {})
     if "skipped" in g:
@@ -1087,6 +1109,7 @@ def add_bench_data_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="variants: images/s one GPU consumes per train crop, for cores per GPU (default: round figures for "
         "an H100-class GPU training ResNet-50, assumed; other crops: time per image affine in pixels)",
     )
+    peer_readers.add_peer_args(p)
     p.add_argument("--skip-kernel", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-gpu", action="store_true")
@@ -1125,6 +1148,8 @@ def run_data_bench(
     variant_qualities: Sequence[int] = stored_variants.DEFAULT_QUALITIES,
     variant_crops: Sequence[int] | None = None,
     variant_gpu_rates: dict[int, float] | None = None,
+    peer_sides: Sequence[str] = peer_readers.SIDES,
+    peer_decoders: Sequence[str] = peer_readers.DECODERS,
 ) -> dict[str, Any]:
     """Run the sections and return the report (see the module doc)."""
     from imagenet_ray.data.pipeline import DECODE_BATCH_ROWS
@@ -1187,6 +1212,8 @@ def run_data_bench(
                     shard_mb or DEFAULT_SHARD_MB,
                     s3,
                     repeat,
+                    peer_sides=peer_sides,
+                    peer_decoders=peer_decoders,
                 )
             finally:
                 if tmp is not None:
@@ -1236,6 +1263,7 @@ def run_bench_data(args: argparse.Namespace) -> int:
         variant_max_sides=stored_variants.parse_int_list(args.variants, "--variants", 1),
         variant_qualities=stored_variants.parse_int_list(args.variant_qualities, "--variant-qualities", 1, 100),
         variant_gpu_rates=stored_variants.parse_gpu_rates(args.variant_gpu_rates),
+        **peer_readers.peer_options(args),
     )
     print(format_report(report))  # the command's result (stdout); messages go through logging
     if args.json:

@@ -86,6 +86,27 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
     assert e2e["ray_s3"]["shards_url"].startswith("s3://") and e2e["s3_copy_s"] > 0
     assert e2e["ray_vs_dataloader"] > 0 and e2e["ray_s3_vs_dataloader"] > 0
     assert not any(k.startswith("AWS_") and k not in aws_before for k in os.environ)  # environment restored
+    assert e2e["ray_s3"]["s3_read"]["steady_bytes_per_image"] > 0  # through the byte counter
+    assert e2e["ray_s3"]["cpu"]["cores_used"] > 0 and "driver" in e2e["ray_s3"]["cpu"]["groups"]
+
+    # Peers from the same S3 server: the floor (DataLoader over our Parquet, our kernel) always runs; Mosaic and
+    # LitData run where their packages are installed (the bench extra), else they are skip records.
+    from imagenet_ray.bench import peers
+
+    sides = e2e["peers"]["sides"]
+    floor = sides["parquet:ours"]
+    assert [e["images"] for e in floor["epochs"]] == [24, 24] and floor["images_per_s"] > 0
+    assert floor["decode_errors"] == 0 and floor["s3_read"]["first_epoch_bytes_per_image"] > 0
+    for peer in ("mosaic", "litdata"):
+        for decoder in ("ours", "default"):
+            s = sides[f"{peer}:{decoder}"]
+            if peers.missing_package(peer):
+                assert s["skipped"] == "not installed" and s["package"] == peers.PACKAGES[peer]
+            else:
+                assert [e["images"] for e in s["epochs"]] == [24, 24]
+                assert s["s3_read"]["first_epoch_bytes_per_image"] > 0  # cold cache: read from S3
+    goals = e2e["peers"]["summary"]["goals"]
+    assert goals["ray_vs_floor"]["value"] > 0 and goals["ray_vs_floor"]["met"] in (True, False)
 
     stored = report["variants"]["variants"]
     assert set(stored) == {"original", "max_side_64_q90"}
@@ -108,6 +129,9 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
         "Parquet on S3",
         "object store peak",
         "4. stored variants",
+        "2b. readers from S3",
+        "DataLoader(our Parquet), our kernel",
+        "goal ray_vs_floor",
     ):
         assert heading in text
     json.dumps(report)  # the --json payload
