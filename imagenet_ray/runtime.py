@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from imagenet_ray.errors import UserError
@@ -52,19 +54,31 @@ def start_local_ray(**init_kwargs: Any) -> None:
     import ray
     import ray._private.ray_constants as ray_constants
 
-    before_env, before_flag = {k: os.environ.get(k) for k in LOOPBACK_ENV}, ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.update(LOOPBACK_ENV)
+    before_flag = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # Both restored after: a later connection to a real cluster (after ray.shutdown) must advertise a
+    # reachable address.
     try:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **init_kwargs)
+        with temporary_env(LOOPBACK_ENV):
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **init_kwargs)
     finally:
-        # A later connection to a real cluster (after ray.shutdown) must advertise a reachable address.
-        for key, value in before_env.items():
+        ray_constants.ENABLE_RAY_CLUSTER = before_flag
+
+
+@contextlib.contextmanager
+def temporary_env(values: Mapping[str, str]) -> Iterator[None]:
+    """`values` in os.environ inside the block (child processes inherit them); each variable is as it was
+    (or absent) after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        ray_constants.ENABLE_RAY_CLUSTER = before_flag
 
 
 def cluster_has_gpu() -> bool:

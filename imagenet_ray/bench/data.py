@@ -29,7 +29,7 @@ import numpy as np
 from imagenet_ray.bench import peers as peer_readers
 from imagenet_ray.bench import variants as stored_variants
 from imagenet_ray.errors import UserError
-from imagenet_ray.runtime import start_local_ray
+from imagenet_ray.runtime import start_local_ray, temporary_env
 
 log = logging.getLogger(__name__)
 
@@ -758,16 +758,10 @@ def s3_location(s3: str | None, work: Path) -> Iterator[str | None]:
 
     stack = start_stack(work / "services", buckets=("imagenet",), only=("s3",))
     aws = {k: v for k, v in stack.env().items() if k.startswith("AWS_")}
-    saved = {k: os.environ.get(k) for k in aws}
-    os.environ.update(aws)  # the driver builds the S3 filesystem; Ray ships it to the read tasks
     try:
-        yield "s3://imagenet/bench-data"
+        with temporary_env(aws):  # the driver builds the S3 filesystem; Ray ships it to the read tasks
+            yield "s3://imagenet/bench-data"
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         stack.stop()
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from imagenet_ray.bench.parquet_loader import Measure, run_parquet_loader_side
 from imagenet_ray.bench.s3_meter import S3Meter, epoch_bytes, upstream_of
 from imagenet_ray.errors import UserError
+from imagenet_ray.runtime import temporary_env
 
 log = logging.getLogger(__name__)
 
@@ -287,27 +288,13 @@ def shard_rows(path: str) -> Iterator[dict[str, Any]]:
         yield {"image": image, "label": int(label)}
 
 
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def write_mds(local_url: str, remote: str) -> dict[str, Any]:
     """The train split as MDS shards at `remote` (MDSWriter's defaults: 64 MiB shards, no compression)."""
     from streaming import MDSWriter
 
     t0, n = time.perf_counter(), 0
     with (
-        _env(S3_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"]),
+        temporary_env({"S3_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}),
         MDSWriter(out=remote, columns={"image": "bytes", "label": "int"}, progress_bar=False) as writer,
     ):
         for path in train_shard_paths(local_url):
@@ -383,7 +370,7 @@ def run_mosaic_side(
 
     shutil.rmtree(cache, ignore_errors=True)
     clean_stale_shared_memory()
-    with _env(S3_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"]):
+    with temporary_env({"S3_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}):
         dataset = Decoded(remote=remote, local=str(cache), shuffle=True, batch_size=batch_size)
         loader: Any = DataLoader(dataset, **_loader_kwargs(batch_size, workers))
         out = measure(lambda _e: loader)

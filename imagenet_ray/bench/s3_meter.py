@@ -20,6 +20,7 @@ from typing import IO, Any
 from urllib.parse import urlparse
 
 from imagenet_ray.errors import UserError
+from imagenet_ray.runtime import temporary_env
 
 CHUNK = 1 << 20  # bytes moved per splice/recv: large enough that the relay's CPU stays small
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "S3_ENDPOINT_URL")  # ours, boto3's, Mosaic's
@@ -82,16 +83,8 @@ class S3Meter:
     @contextlib.contextmanager
     def routed(self) -> Iterator[S3Meter]:
         """This process's S3 endpoint variables point at the relay meanwhile (children inherit them)."""
-        saved = {k: os.environ.get(k) for k in ENDPOINT_VARS}
-        os.environ.update(dict.fromkeys(ENDPOINT_VARS, self.endpoint))
-        try:
+        with temporary_env(dict.fromkeys(ENDPOINT_VARS, self.endpoint)):
             yield self
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def epoch_bytes(meter: S3Meter, epochs: Sequence[dict[str, Any]], started: float) -> dict[str, Any]:

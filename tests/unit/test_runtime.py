@@ -64,3 +64,19 @@ def test_configure_worker_logging_prints_plain_info_once(monkeypatch, capsys):
     logging.getLogger("imagenet_ray.train.runner").info("[epoch 1/2] x")
     assert capsys.readouterr().out == "[epoch 1/2] x\n"
     assert len(package.handlers) == 1 and package.propagate is False
+
+
+def test_temporary_env_sets_and_restores_each_variable(monkeypatch):
+    import os
+
+    from imagenet_ray.runtime import temporary_env
+
+    monkeypatch.setenv("IR_TEST_KEPT", "before")
+    monkeypatch.delenv("IR_TEST_NEW", raising=False)
+    try:
+        with temporary_env({"IR_TEST_KEPT": "inside", "IR_TEST_NEW": "inside"}):
+            assert os.environ["IR_TEST_KEPT"] == os.environ["IR_TEST_NEW"] == "inside"
+            raise RuntimeError("restored on errors too")
+    except RuntimeError:
+        pass
+    assert os.environ["IR_TEST_KEPT"] == "before" and "IR_TEST_NEW" not in os.environ
