@@ -250,7 +250,10 @@ def train_with_node_losses(
         loss: dict[str, Any] = {"epochs_logged": _epochs_logged(mlflow, name)}
         if how == "preempt":
             drained_at = time.monotonic()
+            progress = [ln for ln in job_logs(cluster, submission_id).splitlines() if "] step " in ln]
+            loss["progress_at_drain"] = progress[-1][-120:] if progress else None  # for a failure's message
             loss["node_id"] = local.drain_node(cluster, host, PREEMPTION_DEADLINE_S)
+            loss["drain_call_s"] = round(time.monotonic() - drained_at, 1)
             while time.monotonic() < drained_at + PREEMPTION_DEADLINE_S:
                 saved = [ln for ln in job_logs(cluster, submission_id).splitlines() if "mid-epoch checkpoint af" in ln]
                 if saved:
@@ -330,7 +333,7 @@ def test_decode_node_lost_then_train_node_preempted_mid_epoch(
     assert result["info"]["status"] == "SUCCEEDED", logs[-6000:]
     # The notice reached the ranks through Ray Train's barrier, they checkpointed inside epoch 3, and the
     # restarted group continued from there, not from epoch 2's end.
-    assert "preemption notice for ranks [0]" in logs, logs[-6000:]
+    assert "preemption notice for ranks [0]" in logs, (train, logs[-6000:])
     assert "checkpoint_line" in train, f"no mid-epoch checkpoint within {PREEMPTION_DEADLINE_S} s of the notice"
     assert "[epoch 3] mid-epoch checkpoint after" in train["checkpoint_line"], train
     assert "restored from the checkpoint of epoch 2" in logs and "inside epoch 3, after" in logs, logs[-6000:]

@@ -20,7 +20,7 @@ from s3_cut import UploadCut
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 30, 6
-EPOCHS, WORKERS, BATCH = 4, 2, 4
+EPOCHS, WORKERS, BATCH = 3, 2, 4  # epoch 3's checkpoint, the last, is the one cut
 THROTTLE = 3.0  # images/s per worker: 60 images per worker per epoch, ~20 s, less than the outage
 OUTAGE_S = 30.0
 CUT_REFUSE_S = 10.0  # after the upload's connections are reset, new ones are refused this long
