@@ -77,6 +77,15 @@ class DataSection(_Strict):
     batch_size: int = Field(32, gt=0, description="images per worker per step")
     local_shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's shuffle buffer (0 = off)")
     prefetch_batches: int = Field(2, ge=0)
+    shard_cache_dir: str | None = Field(
+        None,
+        description="keep a remote (s3://, gs://) prepared dataset's shards in this directory on each node's own "
+        "disk after their first read, so later epochs read no object storage; an absolute local path (on KubeRay "
+        "an emptyDir or local NVMe mounted there); null = off",
+    )
+    shard_cache_max_gb: float = Field(
+        100.0, gt=0, description="at most this many GiB under data.shard_cache_dir; beyond it shards read through"
+    )
     auto_augment: Literal["none", "trivialaugment"] = Field("none", description="TrivialAugmentWide per image")
     random_erasing: float = Field(0.0, ge=0, lt=1, description="probability of erasing a rectangle per image")
     mixup_alpha: float = Field(0.0, ge=0, description="Mixup Beta(α, α); 0 = off")
@@ -90,6 +99,19 @@ class DataSection(_Strict):
         description="order-preserving data, augmentation seeded by (seed, epoch) "
         "on the worker: resume is exact at epoch boundaries (needs decode_on=gpu; slower)",
     )
+
+    @field_validator("shard_cache_dir")
+    @classmethod
+    def _local_directory(cls, value: str | None) -> str | None:
+        # Each node writes its own copy: a URL or a shared path is no node-local disk, and a relative path
+        # would resolve against each Ray worker's own working directory.
+        if value is None:
+            return value
+        if "://" in value:
+            raise ValueError("must be a local directory on each node (a path such as /mnt/shard-cache), not a URL")
+        if "\0" in value or not os.path.isabs(value):
+            raise ValueError("must be an absolute local path (such as /mnt/shard-cache)")
+        return value
 
     @field_validator("rrc_scale", "rrc_ratio", mode="before")
     @classmethod

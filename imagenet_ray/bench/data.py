@@ -1,8 +1,8 @@
 """`imagenet-ray bench data`: how fast the data pipeline is, against torchvision's, in one run.
 
-Sections: 1. kernel (per core, ours vs torchvision vs the decode-only ceiling, in fresh processes), 2. e2e (Ray
-Data → Ray Train vs DataLoader(ImageFolder) on the same cores), 3. gpu (nvJPEG decode), 4. variants (bytes and
-per-core kernel rates of each stored max side × quality: bench/variants.py). Method: docs/benchmarks.md."""
+Sections: 1. kernel (per core, ours vs torchvision vs decode-only, fresh processes), 2. e2e (Ray Data → Ray Train
+vs DataLoader(ImageFolder), same cores), 3. gpu (nvJPEG), 4. variants (bytes and kernel rates per stored max side ×
+quality: bench/variants.py), 5. scaling (cores, shards, prefetch: bench/scaling.py). Method: docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from imagenet_ray.bench import peers as peer_readers
+from imagenet_ray.bench import scaling as sweeps
 from imagenet_ray.bench import variants as stored_variants
 from imagenet_ray.errors import UserError
 from imagenet_ray.runtime import start_local_ray, temporary_env
@@ -704,9 +705,11 @@ def run_ray_side(
     storage_dir: str,
     local_shuffle_buffer: int = 256,
     prefetch_batches: int = 2,
+    shard_cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """The pipeline exactly as the training job builds it (build_train_dataset, exact_val_data_config,
-    iteration as train/runner.py with the default config's shuffle buffer and prefetch) into one worker."""
+    iteration as train/runner.py with the default config's shuffle buffer and prefetch) into one worker;
+    with `shard_cache_dir` (emptied first: epoch 1 is cold), an s3:// dataset's shards through the node cache."""
     import ray.train
     from ray.data import DataContext
     from ray.train.torch import TorchTrainer
@@ -718,6 +721,14 @@ def run_ray_side(
     result_path = str(Path(storage_dir) / "ray_side_epochs.json")
     Path(storage_dir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    cache = None
+    if shard_cache_dir is not None:
+        from imagenet_ray.data.shard_cache import ShardCache
+
+        shutil.rmtree(shard_cache_dir, ignore_errors=True)
+        cache = ShardCache(shard_cache_dir)
+    train = build_train_dataset(open_prepared(url, cache), crop, 0)  # lazy: the manifest, the read's plan
+    open_s = time.perf_counter() - t0
     trainer = TorchTrainer(
         _ray_bench_loop,
         train_loop_config={
@@ -730,13 +741,13 @@ def run_ray_side(
         },
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name="bench-data", storage_path=storage_dir),
-        datasets={"train": build_train_dataset(open_prepared(url), crop, 0)},
+        datasets={"train": train},
         dataset_config=exact_val_data_config(),  # as the training job splits its datasets
     )
     with ObjectStoreMonitor() as store:
         trainer.fit()
     out = _summarise(json.loads(Path(result_path).read_text()), batch_size)
-    out["fit_wall_s"] = time.perf_counter() - t0
+    out["fit_wall_s"], out["dataset_open_s"] = time.perf_counter() - t0, open_s
     out["shards_url"] = url
     out["object_store"] = store.result
     return out
@@ -862,6 +873,17 @@ def run_e2e(
                 result["ray_s3"] = peer_readers.observed(  # + its S3 bytes and CPU split
                     lambda: run_ray_side(s3_url, crop, epochs, batch_size, step_s, str(work / "ray_results_s3"))
                 )
+                result["ray_s3_cached"] = peer_readers.observed(  # shards on local disk after epoch 1, as the peers
+                    lambda: run_ray_side(
+                        s3_url,
+                        crop,
+                        epochs,
+                        batch_size,
+                        step_s,
+                        str(work / "ray_results_s3_cached"),
+                        shard_cache_dir=str(work / "shard-cache"),
+                    )
+                )
                 result["s3_server"] = "SeaweedFS started by the benchmark" if s3 == LOCAL_S3 else "AWS_* environment"
         finally:
             if started_ray:
@@ -880,7 +902,7 @@ def run_e2e(
             )
     with pinned(cores, threads=1):  # after Ray and the S3 server are gone: the same cores, to itself
         result["dataloader"] = run_dataloader_side(train_dir, crop, epochs, batch_size, dataloader_workers, step_s)
-    for side in ("ray", "ray_s3"):
+    for side in ("ray", "ray_s3", "ray_s3_cached"):
         if side not in result:
             continue
         for suffix, key in (("", "images_per_s"), ("_in_epoch", "in_epoch_images_per_s")):
@@ -1001,6 +1023,7 @@ def format_report(report: dict[str, Any]) -> str:
         sides = [
             ("ray", "Ray Data -> Ray Train, local Parquet"),
             ("ray_s3", "Ray Data -> Ray Train, Parquet on S3"),
+            ("ray_s3_cached", "  the same, shards cached on the node"),
             ("dataloader", f"DataLoader(ImageFolder), {e['dataloader']['workers']} workers"),
         ]
         for side, label in sides:
@@ -1011,7 +1034,7 @@ def format_report(report: dict[str, Any]) -> str:
                 f"{label:40s}{s['images_per_s']:10.0f}{s['in_epoch_images_per_s']:10.0f}"
                 f"{s['epoch_start_s']:15.2f}{s['time_to_first_batch_s']:13.2f}{s['data_wait_frac']:11.2f}"
             )
-        for side in ("ray", "ray_s3"):
+        for side in ("ray", "ray_s3", "ray_s3_cached"):
             if side in e:
                 o = e[side]["object_store"]
                 lines.append(
@@ -1019,7 +1042,8 @@ def format_report(report: dict[str, Any]) -> str:
                     f"spilled {o['spilled_mib']:.0f} MiB ({o['spilled_objects']} objects), "
                     f"restored {o['restored_mib']:.0f} MiB"
                 )
-        for side, label in (("ray", "  Ray (local) / DataLoader"), ("ray_s3", "  Ray (S3) / DataLoader")):
+        ratio_rows = [("ray", "  Ray (local) / DataLoader"), ("ray_s3", "  Ray (S3) / DataLoader")]
+        for side, label in [*ratio_rows, ("ray_s3_cached", "  Ray (S3, node cache) / DataLoader")]:
             if f"{side}_vs_dataloader" in e:
                 lines.append(
                     f"{label:40s}{e[f'{side}_vs_dataloader']:9.2f}x{e[f'{side}_vs_dataloader_in_epoch']:9.2f}x"
@@ -1037,6 +1061,8 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"{name:24s}{v['best']:10.0f}")
     if report.get("variants"):
         lines += stored_variants.format_table(report["variants"])
+    if report.get("scaling"):
+        lines += sweeps.format_scaling(report["scaling"])
     return "\n".join(lines)
 
 
@@ -1060,7 +1086,6 @@ def add_bench_data_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="kernel: run it in N fresh processes, one after another, and report the median ratios "
         "(the reference's speed differs between processes); 1 = in this process",
     )
-    p.add_argument("--cores", type=int, default=2, help="e2e: cores given to each side")
     p.add_argument("--epochs", type=int, default=3, help="e2e: epochs per side (epoch 1 is warm-up)")
     p.add_argument("--batch-size", type=int, default=64, help="e2e: training batch size")
     p.add_argument(
@@ -1104,6 +1129,7 @@ def add_bench_data_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "an H100-class GPU training ResNet-50, assumed; other crops: time per image affine in pixels)",
     )
     peer_readers.add_peer_args(p)
+    sweeps.add_scaling_args(p)
     p.add_argument("--skip-kernel", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-gpu", action="store_true")
@@ -1144,6 +1170,7 @@ def run_data_bench(
     variant_gpu_rates: dict[int, float] | None = None,
     peer_sides: Sequence[str] = peer_readers.SIDES,
     peer_decoders: Sequence[str] = peer_readers.DECODERS,
+    scaling: sweeps.ScalingPlan | None = None,
 ) -> dict[str, Any]:
     """Run the sections and return the report (see the module doc)."""
     from imagenet_ray.data.pipeline import DECODE_BATCH_ROWS
@@ -1157,6 +1184,8 @@ def run_data_bench(
         raise UserError(f"bench data --core {core}: not one of the cores this process may use {allowed}")
     loaded = load_images(images, limit)
     paths, originals = [p for p, _ in loaded], [d for _, d in loaded]
+    if scaling is not None and scaling.wanted:  # before the other sections, not after them
+        sweeps.check_plan(scaling, len(paths) * repeat)
     kernel_sets = kernel_variants(originals, max_side, quality)
     report: dict[str, Any] = {
         "command": " ".join(sys.argv),
@@ -1212,6 +1241,16 @@ def run_data_bench(
             finally:
                 if tmp is not None:
                     tmp.cleanup()
+    if scaling is not None and scaling.wanted:
+        harness = sweeps.Harness(
+            pinned,
+            build_folder_layout,
+            run_ray_side,
+            lambda b: _summarise(consume(b, epochs, step_ms / 1000.0), batch_size),
+        )
+        report["scaling"] = sweeps.run_scaling(
+            paths, scaling, harness, work_dir, crop, epochs, batch_size, step_ms, shard_mb or DEFAULT_SHARD_MB, repeat
+        )
     if gpu:
         report["gpu"] = run_gpu(kernel_sets, 64, passes)
     if variants:
@@ -1240,7 +1279,6 @@ def run_bench_data(args: argparse.Namespace) -> int:
         quality=args.quality,
         passes=args.passes,
         core=args.core,
-        cores=args.cores,
         epochs=args.epochs,
         batch_size=args.batch_size,
         dataloader_workers=args.dataloader_workers,
@@ -1258,6 +1296,7 @@ def run_bench_data(args: argparse.Namespace) -> int:
         variant_qualities=stored_variants.parse_int_list(args.variant_qualities, "--variant-qualities", 1, 100),
         variant_gpu_rates=stored_variants.parse_gpu_rates(args.variant_gpu_rates),
         **peer_readers.peer_options(args),
+        **sweeps.scaling_options(args),
     )
     print(format_report(report))  # the command's result (stdout); messages go through logging
     if args.json:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from imagenet_ray import storage
+from imagenet_ray.data.shard_cache import DEFAULT_MAX_GB, ShardCache
 from imagenet_ray.errors import UserError, describe_error
 from imagenet_ray.redact import redact_url
 
@@ -132,6 +133,7 @@ class DatasetSource(Protocol):
 class PreparedDataset:
     url: str
     manifest: dict[str, Any]
+    shard_cache: ShardCache | None = None  # `read` keeps the shards on each node's disk (shard_cache.py)
 
     @property
     def num_classes(self) -> int:
@@ -168,6 +170,9 @@ class PreparedDataset:
         from imagenet_ray.data.shard_reader import read_shards
 
         fs, paths = self.shard_paths(split)
+        if self.shard_cache is not None:
+            root = storage.resolve(self.url)
+            fs = self.shard_cache.wrap(fs, root.path, root.child(MANIFEST_NAME).path, self.manifest)
         shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True) if seed is not None else None
         # Ray's V1 Parquet reader (read_parquet's with DataContext.use_datasource_v2 = False): its default
         # reader (DataSourceV2) is much slower to start each epoch at tens of shards (docs/benchmarks.md).
@@ -176,8 +181,29 @@ class PreparedDataset:
         return read_shards(paths, fs, self.shard_urls(split), self.url, shuffle, blocks).select_columns(columns)
 
 
-def open_prepared(url: str) -> PreparedDataset:
-    return PreparedDataset(url, read_manifest(url))
+def open_prepared(url: str, shard_cache: ShardCache | None = None) -> PreparedDataset:
+    """The prepared dataset at `url`; with `shard_cache`, its reads keep the shards on each node's disk when
+    the dataset is remote (a local one is read directly: a copy on the same kind of disk gains nothing)."""
+    manifest = read_manifest(url)
+    if shard_cache is not None:
+        if storage.is_remote(url):
+            log.info(
+                "shards of %s cached on each node under %s (at most %g GiB)",
+                redact_url(url),
+                shard_cache.directory,
+                shard_cache.max_gb,
+            )
+        else:
+            log.info("%s is local: its shards are read directly, not cached (data.shard_cache_dir)", redact_url(url))
+            shard_cache = None
+    return PreparedDataset(url, manifest, shard_cache)
+
+
+def cached_url_filesystem(url: str, cache_dir: str, max_gb: float = DEFAULT_MAX_GB) -> pafs.FileSystem:
+    """The filesystem of the prepared dataset at `url` (remote or not) with its shards read through a cache
+    under `cache_dir`, for readers of `shard_paths` (the benchmarks'); the pipeline's: open_prepared's `shard_cache`."""
+    root = storage.resolve(url)
+    return ShardCache(cache_dir, max_gb).wrap(root.fs, root.path, root.child(MANIFEST_NAME).path, read_manifest(url))
 
 
 def check_shard_sizes(data: PreparedDataset, splits: Iterable[str] | None = None) -> None:

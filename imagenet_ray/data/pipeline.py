@@ -18,6 +18,7 @@ from imagenet_ray import storage
 from imagenet_ray.data import transforms
 from imagenet_ray.data.format import DatasetSource, check_shard_sizes, open_prepared
 from imagenet_ray.data.layouts import ImageRecord, LayoutListing, detect_and_list, read_records, val_index_of
+from imagenet_ray.data.shard_cache import DEFAULT_MAX_GB, ShardCache
 
 if TYPE_CHECKING:
     import ray.data
@@ -83,14 +84,18 @@ def _read_raw(batch: dict[str, np.ndarray], root_url: str) -> dict[str, np.ndarr
     return {"image": np.array(images, dtype=object), "label": batch["label"], "key": batch["key"]}
 
 
-def open_source(url: str, source: str) -> DatasetSource:
+def open_source(
+    url: str, source: str, shard_cache_dir: str | None = None, shard_cache_max_gb: float = DEFAULT_MAX_GB
+) -> DatasetSource:
     """`source` = "prepared" (Parquet shards + manifest) or "raw" (an ILSVRC layout, see layouts.py).
 
     A prepared dataset with a missing shard, or one of another size than the manifest records, is refused
-    here (one line naming the shard), before any Ray worker starts."""
+    here (one line naming the shard), before any Ray worker starts. `shard_cache_dir` (data.shard_cache_dir):
+    a remote prepared dataset's shards are kept there on each node after their first read."""
     if source == "raw":
         return RawLayoutDataset(url, detect_and_list(url))
-    data = open_prepared(url)
+    cache = ShardCache(shard_cache_dir, shard_cache_max_gb) if shard_cache_dir is not None else None
+    data = open_prepared(url, cache)
     check_shard_sizes(data)
     return data
 

@@ -36,6 +36,8 @@ SAFE_TO_CHANGE = (
     "data.node_labels",
     "data.decode_on",
     "data.deterministic",
+    "data.shard_cache_dir",  # where the same bytes are kept between epochs: the rows read are the same
+    "data.shard_cache_max_gb",
     "model.compile",
     "model.channels_last",
     "eval.batch_size",

@@ -176,7 +176,8 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
         )
         return done
     data_url = absolute_url(cfg.data.url)
-    prepared = open_source(data_url, cfg.data.source)  # fails early, naming the URL, if the data is missing
+    # Fails early, naming the URL, if the data is missing; s3:// shards are cached on each node if asked.
+    prepared = open_source(data_url, cfg.data.source, cfg.data.shard_cache_dir, cfg.data.shard_cache_max_gb)
     ensure_ray(cfg.train.max_workers * cfg.train.cpus_per_worker)
     plan = plan_run(cfg, prepared, decide_use_gpu(cfg))
     # The driver creates (or finds) the run and tags it; during fit() rank 0 is its only writer.

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -235,6 +237,8 @@ def test_prepare_and_train_through_ray_jobs(local_stack, raw_url):
     assert manifest["splits"]["val"]["num_images"] == CLASSES * VAL_PER_CLASS
 
     run_name = f"smoke-{uuid.uuid4().hex[:8]}"
+    # The node-local shard cache (the Ray head is this machine): epoch 1 copies the shards, epoch 2 reads them.
+    shard_cache = Path(tempfile.mkdtemp(prefix="irray-shard-cache-"))
     client = MlflowClient(local_stack.mlflow_uri)
     # MLflow is stopped once epoch 1 is logged and started again 20 s later: the job trains on (rank 0's
     # queue holds its writes) and everything checked below arrives, each epoch once.
@@ -254,8 +258,13 @@ def test_prepare_and_train_through_ray_jobs(local_stack, raw_url):
             "mlflow.log_model=true",
             "mlflow.system_metrics=true",
             "train.throttle_images_per_s=20",  # per worker: epoch 2 trains ≥ 15 s, into the outage
+            f"data.shard_cache_dir={shard_cache}",
         ],
     )
+    cached = {p.relative_to(p.parents[1]).as_posix() for p in shard_cache.glob("*/*/*.parquet")}
+    shutil.rmtree(shard_cache, ignore_errors=True)
+    listed_shards = {sh["path"] for split in ("train", "val") for sh in manifest["splits"][split]["shards"]}
+    assert cached == listed_shards, (cached, listed_shards)  # every shard once, under one manifest key
     outage["thread"].join(timeout=120)
     assert {"stopped", "started"} <= set(outage), outage
     assert train.returncode == 0, train.stdout[-5000:] + train.stderr[-3000:]

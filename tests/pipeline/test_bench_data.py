@@ -75,7 +75,7 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
 
     e2e = report["e2e"]
     assert e2e["prepare"]["train_images"] == 24 and e2e["prepare"]["shards"] > 1
-    for side in ("ray", "ray_s3", "dataloader"):
+    for side in ("ray", "ray_s3", "ray_s3_cached", "dataloader"):
         s = e2e[side]
         assert s["images_per_s"] > 0 and s["time_to_first_batch_s"] > 0
         assert [e["images"] for e in s["epochs"]] == [24, 24]  # every image, every epoch
@@ -87,6 +87,11 @@ def test_bench_data_reports_every_section(local_ray, jpeg_folder, tmp_path):
     assert e2e["ray_vs_dataloader"] > 0 and e2e["ray_s3_vs_dataloader"] > 0
     assert not any(k.startswith("AWS_") and k not in aws_before for k in os.environ)  # environment restored
     assert e2e["ray_s3"]["s3_read"]["steady_bytes_per_image"] > 0  # through the byte counter
+    # The node cache: the shards are copied from S3 once (the dataset's build already opens them: sampling, the
+    # schema), later epochs read none of them again.
+    cached = e2e["ray_s3_cached"]["s3_read"]
+    assert cached["setup_bytes"] + cached["epoch_bytes"][0] > 0
+    assert cached["steady_bytes_per_image"] < 0.05 * e2e["ray_s3"]["s3_read"]["steady_bytes_per_image"], cached
     assert e2e["ray_s3"]["cpu"]["cores_used"] > 0 and "driver" in e2e["ray_s3"]["cpu"]["groups"]
 
     # Peers from the same S3 server: the floor (DataLoader over our Parquet, our kernel) always runs; Mosaic and
@@ -208,3 +213,56 @@ def test_kernel_in_fresh_processes_reports_each_and_the_median(jpeg_folder, tmp_
         assert len(ratios) == 2 and all(r > 0 for r in ratios) and ratios[0] == first["train"]["ours_vs_torchvision"]
         assert min(ratios) <= v["train_ours_vs_torchvision"]["median"] <= max(ratios)
     assert "over 2 fresh processes" in capsys.readouterr().out
+
+
+def test_scaling_sections_report_cores_shards_prefetch_and_the_plot(jpeg_folder, tmp_path):
+    """`--cores 1,2 --shard-counts 2,4 --prefetch 1,2 --plot`, through the command in a process of its own: the
+    section starts a Ray per core count, and this process may hold the package's Ray (one per process)."""
+    import subprocess
+    import sys
+
+    cores = "1,2" if len(os.sched_getaffinity(0)) >= 2 else "1"
+    out, png = tmp_path / "scaling.json", tmp_path / "plots" / "scaling.png"
+    argv = ["--images", str(jpeg_folder), "--crop", "32", "--epochs", "2", "--batch-size", "8", "--repeat", "1"]
+    argv += ["--shard-mb", "0.02", "--cores", cores, "--shard-counts", "2,4", "--prefetch", "1,2"]
+    argv += ["--skip-kernel", "--skip-e2e", "--skip-gpu", "--skip-variants", "--work-dir", str(tmp_path / "work")]
+    argv += ["--plot", str(png), "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "imagenet_ray", "bench", "data", *argv], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "5. scaling" in done.stdout and "log-log slope" in done.stdout
+
+    section = json.loads(out.read_text())["scaling"]
+    assert section["settings"]["images_per_epoch"] == 24 and section["plot"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def measured(side):
+        assert [e["images"] for e in side["epochs"]] == [24, 24] and side["decode_errors"] == 0  # every image, twice
+        assert side["images_per_s"] > 0 and side["time_to_first_batch_s"] > 0 and side["epoch_start_s"] > 0
+
+    measured(section["base"]["ray"])
+    assert section["base"]["ray"]["dataset_open_s"] > 0 and section["base"]["prepare"]["shards"] > 1
+    if cores == "1,2":
+        rows = section["cores"]["points"]
+        assert [r["cores"] for r in rows] == [1, 2] and rows[0]["ray_efficiency"] == rows[0]["floor_efficiency"] == 1
+        for r in rows:
+            measured(r["ray"])
+            measured(r["floor"])
+            assert r["ray_efficiency"] > 0 and r["floor_efficiency"] > 0 and len(r["core_ids"]) == r["cores"]
+        assert rows[1]["ray"] == section["base"]["ray"]  # the largest count's point is the base point
+
+    shards = section["shards"]
+    assert [r["requested"] for r in shards["points"]] == [2, 4]
+    for r in shards["points"]:
+        measured(r["ray"])
+        assert abs(r["actual"] - r["requested"]) <= 1 and r["train_images"] == 24  # same images in every cut
+        assert r["image_bytes"] == shards["points"][0]["image_bytes"] and r["dataset_open_s"] > 0
+    assert set(shards["loglog_slope"]) == {"epoch_start_s", "time_to_first_batch_s", "dataset_open_s"}
+
+    prefetch = section["prefetch"]["points"]
+    assert [r["prefetch_batches"] for r in prefetch] == [1, 2]
+    for r in prefetch:
+        measured(r["ray"])
+        assert r["object_store_peak_mib"] >= 0 and r["object_store_capacity_mib"] > 0
+    assert prefetch[1]["ray"] == section["base"]["ray"]  # prefetch 2 is the default: the base point

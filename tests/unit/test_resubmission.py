@@ -61,6 +61,14 @@ def test_more_epochs_workers_and_logging_are_allowed_and_listed():
     assert len(record("x" * 4990, changes)) <= 5000  # MLflow's tag limit: the latest kept
 
 
+def test_the_shard_cache_settings_may_change():
+    new = flatten(load_config(None, ["data.shard_cache_dir=/mnt/shard-cache", "data.shard_cache_max_gb=500"]))
+    assert [str(c) for c in check_resubmission("abc123", _params(), new)] == [
+        "data.shard_cache_dir: None -> /mnt/shard-cache",
+        "data.shard_cache_max_gb: 100.0 -> 500.0",
+    ]
+
+
 def test_identity_keys_and_keys_the_old_run_never_logged_are_not_compared():
     old = _params()
     del old["eval.hflip"]  # a key added to the config after that run started
