@@ -127,7 +127,8 @@ def test_ratios_and_goals():
         },
     }
     summary = peers.summarise(e2e)
-    assert summary["ratios"]["parquet:ours"] == {"ray_s3": 0.8, "ray_local": 0.88}
+    assert summary["ratios"]["parquet:ours"] == {"ray_s3": 0.8, "ray_local": 0.88, "ray_s3_cached": None}
+    assert summary["peer_goals_ray_side"] == "ray_s3"  # no cached side measured: the peers against plain S3
     assert "litdata:default" not in summary["ratios"]
     goals = summary["goals"]
     assert goals["ray_vs_floor"] == {"value": 0.8, "target": ">= 0.9", "met": False}
@@ -139,6 +140,14 @@ def test_ratios_and_goals():
     text = "\n".join(peers.format_table(e2e))
     assert "skipped: not installed" in text and "goal ray_vs_floor: 0.80 (target >= 0.9): MISSED" in text
     assert "goal further_ahead_of_litdata_default: — " in text and "not measured" in text
+    # With Ray's node cache measured, the peers (who cache locally too) are compared with it.
+    e2e["ray_s3_cached"] = _side(1200.0)
+    cached = peers.summarise(e2e)
+    assert cached["peer_goals_ray_side"] == "ray_s3_cached"
+    assert cached["goals"]["ahead_of_mosaic_same_kernel"]["value"] == 1.5  # 1200 / 800
+    assert cached["goals"]["ray_vs_floor"]["value"] == 0.8  # the floor is still against plain S3 reads
+    e2e["peers"]["summary"] = cached
+    assert "the same, shards cached on the node" in "\n".join(peers.format_table(e2e))
 
 
 def test_process_groups():
