@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -177,7 +178,8 @@ class PreparedDataset:
         # Ray's V1 Parquet reader (read_parquet's with DataContext.use_datasource_v2 = False): its default
         # reader (DataSourceV2) is much slower to start each epoch at tens of shards (docs/benchmarks.md).
         # select_columns is pushed down into the Parquet read.
-        blocks = read_blocks(len(paths), _cluster_cpus())
+        total_bytes = sum(int(sh.get("bytes", 0)) for sh in self._split(split)["shards"])
+        blocks = read_blocks(len(paths), _cluster_cpus(), total_bytes)
         return read_shards(paths, fs, self.shard_urls(split), self.url, shuffle, blocks).select_columns(columns)
 
 
@@ -249,16 +251,24 @@ def _listed_sizes(folder: storage.Location, rel: str) -> dict[str, int | None]:
     return {posixpath.join(rel, i.base_name): i.size for i in infos if i.type == pafs.FileType.File}
 
 
-def read_blocks(num_files: int, cluster_cpus: float) -> int | None:
-    """How many blocks to ask the Parquet read for: one per shard when there are enough shards.
+MIN_READ_TASK_BYTES = 16 * 2**20  # smaller shards are grouped: each read task costs ~10-20 ms of Ray's own
+
+
+def read_blocks(num_files: int, cluster_cpus: float, total_bytes: int = 0) -> int | None:
+    """How many blocks to ask the Parquet read for: one per shard when there are enough shards, fewer
+    (several shards per read task) when the shards are smaller than MIN_READ_TASK_BYTES.
 
     Ray fuses the read with the decode map into one task only when the read is not split into more
     blocks than files, and splits by itself below 200 files; a split read only pays when there are
-    too few shards to keep every CPU busy (docs/architecture.md).
+    too few shards to keep every CPU busy (docs/architecture.md). Per-task overhead made 1,024 shards of
+    0.6 MB read at a quarter of the rate of 16 shards of the same images (docs/benchmarks.md).
     """
-    if num_files >= 2 * max(1.0, cluster_cpus):
-        return num_files
-    return None
+    floor = 2 * max(1.0, cluster_cpus)
+    if num_files < floor:
+        return None
+    if total_bytes > 0 and total_bytes / num_files < MIN_READ_TASK_BYTES:
+        return int(min(num_files, max(floor, math.ceil(total_bytes / MIN_READ_TASK_BYTES))))
+    return num_files
 
 
 def _cluster_cpus() -> float:

@@ -60,6 +60,11 @@ def test_read_blocks_asks_for_one_block_per_shard_only_when_shards_can_fill_the_
     assert read_blocks(8, 4) == 8
     assert read_blocks(7, 4) is None  # too few shards: let Ray split the read for parallelism
     assert read_blocks(1, 0) is None
+    mib = 2**20
+    assert read_blocks(1100, 64, 1100 * 128 * mib) == 1100  # ImageNet's 128 MB shards: one task each
+    assert read_blocks(1024, 2, 1024 * 600_000) == 37  # 0.6 MB shards: ~16 MiB a task (1,024 tasks cost 4x)
+    assert read_blocks(1024, 64, 1024 * 600_000) == 128  # but never fewer than 2 per CPU
+    assert read_blocks(10, 2, 10 * mib) == 4
 
 
 def test_manifest_round_trip_and_the_prepared_dataset_view(tmp_path):
