@@ -452,9 +452,14 @@ def run_peer_sides(
         run = run_mosaic_side if side == "mosaic" else run_litdata_side
         cache = work / f"{side}-cache"
         for d in decoders:
-            out["sides"][f"{side}:{d}"] = observed(
-                functools.partial(run, remote, cache, d, crop, batch_size, workers, measure)
-            )
+            try:
+                out["sides"][f"{side}:{d}"] = observed(
+                    functools.partial(run, remote, cache, d, crop, batch_size, workers, measure)
+                )
+            except Exception as exc:  # a peer's own failure is its side's result, not the whole benchmark's
+                reason = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+                log.warning(f"bench data: the {side}:{d} side {reason}")
+                out["sides"][f"{side}:{d}"] = skip_record(side, reason)
             shutil.rmtree(cache, ignore_errors=True)
     return out
 

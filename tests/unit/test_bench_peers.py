@@ -162,3 +162,23 @@ def test_process_groups():
     assert peers.process_group("python", "python .../ray/dashboard/agent.py", 1, own).startswith("ray: dashboard")
     worker = "python .../ray/_private/workers/default_worker.py --metrics-agent-port=1"  # before its ray:: title
     assert peers.process_group("python", worker, 1, own) == "ray: task workers (read + decode)"
+
+
+def test_a_failing_peer_side_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    calls = []
+
+    def failing(remote, cache, decoder, *rest):
+        calls.append(decoder)
+        if decoder == "ours":
+            raise IndexError("index 0 is out of bounds for axis 0 with size 0\n(more lines)")
+        return {"images_per_s": 1.0, "epochs": []}
+
+    monkeypatch.setattr(peers, "missing_package", lambda side: None)
+    monkeypatch.setattr(peers, "write_mds", lambda local, remote: {"s": 0})
+    monkeypatch.setattr(peers, "run_mosaic_side", failing)
+    monkeypatch.setattr(peers, "observed", lambda run: run())
+    out = peers.run_peer_sides("local", "s3://b/p", tmp_path, 32, 8, 1, lambda b: {}, ("mosaic",), ("ours", "default"))
+    assert calls == ["ours", "default"]
+    failed = out["sides"]["mosaic:ours"]
+    assert failed["skipped"] == "failed: IndexError: index 0 is out of bounds for axis 0 with size 0"
+    assert out["sides"]["mosaic:default"] == {"images_per_s": 1.0, "epochs": []}
