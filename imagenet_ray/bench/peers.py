@@ -505,7 +505,8 @@ def summarise(e2e: dict[str, Any]) -> dict[str, Any]:
     return {"ratios": ratios, "goals": goals, "peer_goals_ray_side": like_peers}
 
 
-def _cell(x: float | None, fmt: str) -> str:
+def format_or_dash(x: float | None, fmt: str) -> str:
+    """A report cell: `x` formatted, or a dash where it was not measured."""
     return "—" if x is None else format(x, fmt)
 
 
@@ -532,12 +533,12 @@ def format_table(e2e: dict[str, Any]) -> list[str]:
             ratio = _ratio(e2e.get("ray_s3"), s)
         lines.append(
             f"{label:44s}{s['first_epoch_images_per_s']:9.0f}{s['images_per_s']:9.0f}"
-            f"{_cell(read.get('first_epoch_bytes_per_image'), ',.0f'):>12s}"
-            f"{_cell(read.get('steady_bytes_per_image'), ',.0f'):>12s}{_cell(ratio, '.2f'):>12s}x"
+            f"{format_or_dash(read.get('first_epoch_bytes_per_image'), ',.0f'):>12s}"
+            f"{format_or_dash(read.get('steady_bytes_per_image'), ',.0f'):>12s}{format_or_dash(ratio, '.2f'):>12s}x"
         )
     for name, goal in p.get("summary", {}).get("goals", {}).items():
         met = {True: "met", False: "MISSED", None: "not measured"}[goal["met"]]
-        lines.append(f"  goal {name}: {_cell(goal['value'], '.2f')} (target {goal['target']}): {met}")
+        lines.append(f"  goal {name}: {format_or_dash(goal['value'], '.2f')} (target {goal['target']}): {met}")
     for name, s in (("ray_s3", e2e.get("ray_s3")), ("parquet:ours", p["sides"].get("parquet:ours"))):
         if s and "cpu" in s:
             groups = ", ".join(f"{g} {v['cores']:.2f}" for g, v in s["cpu"]["groups"].items() if v["cores"] >= 0.01)

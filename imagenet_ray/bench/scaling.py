@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from imagenet_ray.bench.parquet_loader import Measure, run_parquet_loader_side
+from imagenet_ray.bench.peers import format_or_dash
 from imagenet_ray.bench.variants import parse_int_list
 from imagenet_ray.errors import UserError
 
@@ -430,10 +431,6 @@ def prefetch_sweep(cores: int, runs: Sequence[tuple[int, dict[str, Any]]]) -> di
 # --- report -----------------------------------------------------------------------------------------------------
 
 
-def _cell(x: float | None, fmt: str) -> str:
-    return "—" if x is None else format(x, fmt)
-
-
 def format_scaling(section: Mapping[str, Any]) -> list[str]:
     """The printed tables (every number, with each side's epochs, is in the JSON)."""
     s = section["settings"]
@@ -467,8 +464,8 @@ def format_scaling(section: Mapping[str, Any]) -> list[str]:
             slope = sh["loglog_slope"][key]
             verdict = "—" if slope is None else ("at most linear" if slope <= 1.0 else "WORSE THAN LINEAR")
             lines.append(
-                f"  {key} vs shards: log-log slope {_cell(slope, '.2f')} ({verdict}), "
-                f"{_cell(sh['ms_per_shard'][key], '.2f')} ms per extra shard"
+                f"  {key} vs shards: log-log slope {format_or_dash(slope, '.2f')} ({verdict}), "
+                f"{format_or_dash(sh['ms_per_shard'][key], '.2f')} ms per extra shard"
             )
     if "prefetch" in section:
         pf = section["prefetch"]
